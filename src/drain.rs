@@ -1,0 +1,406 @@
+//! Draining: after [`Upgrader::exit`](crate::Upgrader::exit), finish what is
+//! in flight and lose no request.
+//!
+//! Closing idle keep-alive connections at the hand-over loses about one
+//! request per connection per upgrade: a client that sends on a connection
+//! at the moment the server closes it gets a reset. So the HTTP/1.1 drain
+//! announces instead: every response after the drain starts carries
+//! `Connection: close` (the client then closes after reading it), in-flight
+//! requests finish, and a connection is closed by the server only after it
+//! has been quiet for [`DrainOptions::quiet_period`]. A hard deadline bounds
+//! it all.
+//!
+//! For raw TCP, [`Drain::track`] counts connections; [`Drain::wait`]
+//! resolves when they are all gone or the deadline passes, and
+//! [`Drain::deadline_passed`] tells connection tasks to give up.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+/// How long a drain may take.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainOptions {
+    /// A keep-alive connection with no request for this long is closed by
+    /// the server once draining. Default: 1 s.
+    pub quiet_period: Duration,
+    /// Connections still open this long after the drain started are cut.
+    /// Default: 30 s.
+    pub deadline: Duration,
+}
+
+impl Default for DrainOptions {
+    fn default() -> Self {
+        DrainOptions {
+            quiet_period: Duration::from_secs(1),
+            deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every connection finished on its own.
+    Complete,
+    /// The deadline passed with this many connections still open.
+    DeadlinePassed {
+        /// Connections that were still open.
+        remaining: usize,
+    },
+}
+
+/// Tracks a generation's connections and drains them. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    options: DrainOptions,
+    /// `Some(deadline)` once draining.
+    deadline: watch::Sender<Option<Instant>>,
+    active: AtomicUsize,
+    all_closed: Notify,
+}
+
+/// Held for as long as a connection is open; see [`Drain::track`].
+#[derive(Debug)]
+#[must_use = "the connection counts as open only while the guard lives"]
+pub struct ConnectionGuard {
+    inner: Arc<Inner>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.inner.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.all_closed.notify_waiters();
+        }
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain::new(DrainOptions::default())
+    }
+}
+
+impl Drain {
+    /// A drain that has not started.
+    pub fn new(options: DrainOptions) -> Drain {
+        Drain {
+            inner: Arc::new(Inner {
+                options,
+                deadline: watch::channel(None).0,
+                active: AtomicUsize::new(0),
+                all_closed: Notify::new(),
+            }),
+        }
+    }
+
+    /// Counts a connection as open until the guard is dropped.
+    pub fn track(&self) -> ConnectionGuard {
+        self.inner.active.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
+    /// Connections open now.
+    pub fn active(&self) -> usize {
+        self.inner.active.load(Ordering::Acquire)
+    }
+
+    /// Starts draining (once; later calls change nothing).
+    pub fn start(&self) {
+        let deadline = Instant::now() + self.inner.options.deadline;
+        self.inner.deadline.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(deadline);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Whether [`start`](Self::start) was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.deadline.borrow().is_some()
+    }
+
+    /// Resolves once draining has started; returns the deadline.
+    pub fn draining(&self) -> impl Future<Output = Instant> + Send + 'static {
+        let mut deadline = self.inner.deadline.subscribe();
+        async move {
+            match deadline.wait_for(Option::is_some).await {
+                Ok(value) => value.unwrap_or_else(Instant::now),
+                // The sender lives in `Inner`, which this future does not
+                // hold: if it is gone, nothing is left to drain.
+                Err(_) => Instant::now(),
+            }
+        }
+    }
+
+    /// Resolves when the drain deadline has passed.
+    pub fn deadline_passed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let draining = self.draining();
+        async move { tokio::time::sleep_until(draining.await).await }
+    }
+
+    /// Starts draining if needed and waits until every tracked connection is
+    /// closed or the deadline passes.
+    pub async fn wait(&self) -> DrainOutcome {
+        self.start();
+        let deadline = self.draining().await;
+        loop {
+            let all_closed = self.inner.all_closed.notified();
+            tokio::pin!(all_closed);
+            all_closed.as_mut().enable();
+            let remaining = self.active();
+            if remaining == 0 {
+                return DrainOutcome::Complete;
+            }
+            tokio::select! {
+                _ = &mut all_closed => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return match self.active() {
+                        0 => DrainOutcome::Complete,
+                        remaining => DrainOutcome::DeadlinePassed { remaining },
+                    };
+                }
+            }
+        }
+    }
+
+    fn quiet_period(&self) -> Duration {
+        self.inner.options.quiet_period
+    }
+}
+
+/// Request activity on one connection.
+#[derive(Debug)]
+struct Activity {
+    in_flight: AtomicUsize,
+    last: Mutex<Instant>,
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last: Mutex::new(Instant::now()),
+            changed: Notify::new(),
+        }
+    }
+
+    fn touch(&self, delta: isize) {
+        if delta > 0 {
+            self.in_flight.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once no request has been in flight for `period`.
+    async fn quiet(&self, period: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            let quiet_since = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+            if quiet_since.elapsed() >= period {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(quiet_since + period) => {}
+                _ = &mut changed => {}
+            }
+        }
+    }
+}
+
+#[cfg(feature = "hyper")]
+mod http {
+    use std::error::Error as StdError;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
+
+    use hyper::body::{Body, Incoming};
+    use hyper::header::{CONNECTION, HeaderValue};
+    use hyper::service::Service;
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncRead, AsyncWrite};
+
+    use super::{Activity, Drain};
+
+    type BoxError = Box<dyn StdError + Send + Sync>;
+
+    impl Drain {
+        /// Serves one HTTP/1.1 connection with keep-alive and drains it
+        /// without losing a request: once the drain starts, each response
+        /// says `Connection: close`, and the connection is closed by the
+        /// server only after [`quiet_period`](super::DrainOptions::quiet_period)
+        /// without a request, or at the deadline.
+        ///
+        /// ```no_run
+        /// # async fn example(listener: tokio::net::TcpListener, drain: handover::drain::Drain) {
+        /// use http_body_util::Full;
+        /// use hyper::{Request, Response, body::{Bytes, Incoming}, service::service_fn};
+        /// let (stream, _) = listener.accept().await.unwrap();
+        /// let drain = drain.clone();
+        /// tokio::spawn(async move {
+        ///     let hello = service_fn(|_: Request<Incoming>| async {
+        ///         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hello"))))
+        ///     });
+        ///     let _ = drain.serve_http1(stream, hello).await;
+        /// });
+        /// # }
+        /// ```
+        ///
+        /// # Errors
+        /// The connection's error (a malformed request, an I/O error).
+        pub async fn serve_http1<I, S, B>(&self, io: I, service: S) -> Result<(), hyper::Error>
+        where
+            I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+            S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+            S::Future: Send + 'static,
+            S::Error: Into<BoxError>,
+            B: Body + Send + 'static,
+            B::Data: Send,
+            B::Error: Into<BoxError>,
+        {
+            let _open = self.track();
+            let activity = Arc::new(Activity::new());
+            let service = Announce {
+                inner: service,
+                drain: self.clone(),
+                activity: Arc::clone(&activity),
+            };
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(io), service);
+            tokio::pin!(connection);
+            let deadline = tokio::select! {
+                result = connection.as_mut() => return result,
+                deadline = self.draining() => deadline,
+            };
+            tokio::select! {
+                result = connection.as_mut() => return result,
+                _ = activity.quiet(self.quiet_period()) => connection.as_mut().graceful_shutdown(),
+                // Dropping the connection closes it.
+                _ = tokio::time::sleep_until(deadline) => return Ok(()),
+            }
+            tokio::select! {
+                result = connection.as_mut() => result,
+                _ = tokio::time::sleep_until(deadline) => Ok(()),
+            }
+        }
+    }
+
+    /// Wraps a service: counts its requests and, once draining, announces
+    /// `Connection: close` on every response.
+    struct Announce<S> {
+        inner: S,
+        drain: Drain,
+        activity: Arc<Activity>,
+    }
+
+    impl<S, B> Service<Request<Incoming>> for Announce<S>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>>,
+        S::Future: Send + 'static,
+    {
+        type Response = Response<B>;
+        type Error = S::Error;
+        type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
+
+        fn call(&self, request: Request<Incoming>) -> Self::Future {
+            self.activity.touch(1);
+            let response = self.inner.call(request);
+            let drain = self.drain.clone();
+            let activity = Arc::clone(&self.activity);
+            Box::pin(async move {
+                let result = response.await;
+                activity.touch(-1);
+                result.map(|mut response| {
+                    if drain.is_draining() {
+                        response
+                            .headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    response
+                })
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_completes_when_the_last_connection_closes() {
+        let drain = Drain::default();
+        let first = drain.track();
+        let second = drain.track();
+        let waiter = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(drain.is_draining());
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(second);
+        assert_eq!(waiter.await.unwrap(), DrainOutcome::Complete);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_gives_up_at_the_deadline_and_counts_what_is_left() {
+        let drain = Drain::new(DrainOptions {
+            quiet_period: Duration::from_millis(10),
+            deadline: Duration::from_secs(5),
+        });
+        let _stuck = drain.track();
+        let started = Instant::now();
+        assert_eq!(
+            drain.wait().await,
+            DrainOutcome::DeadlinePassed { remaining: 1 }
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_waits_for_in_flight_requests_and_the_period() {
+        let activity = Arc::new(Activity::new());
+        activity.touch(1);
+        let quiet = tokio::spawn({
+            let activity = Arc::clone(&activity);
+            async move {
+                activity.quiet(Duration::from_secs(1)).await;
+                Instant::now()
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!quiet.is_finished(), "quiet while a request is in flight");
+        activity.touch(-1);
+        let finished_at = Instant::now();
+        assert_eq!(quiet.await.unwrap() - finished_at, Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,83 @@
+//! Zero-downtime upgrades for network services, after Go's `tableflip`.
+//!
+//! The running process (a *generation*) starts its successor, hands it every
+//! listening socket and named descriptor, waits until the successor says it
+//! is ready, and then leaves. The listening sockets are never closed, so the
+//! kernel's accept queue just gets a new reader: no client sees a refused or
+//! reset connection.
+//!
+//! What it guarantees:
+//! - **No old code after success**: once the successor is ready,
+//!   [`Upgrader::exit`] resolves in the old generation.
+//! - **A grace period for init**: the successor has
+//!   [`Options::upgrade_timeout`] to call [`Upgrader::ready`], or it is
+//!   killed and the upgrade fails.
+//! - **Crashing during init is harmless**: the old generation keeps serving,
+//!   learns the exit status, and can upgrade again.
+//! - **One upgrade at a time**, and none while the parent generation is
+//!   still draining: at most two generations run at once.
+//! - **Signals are safe from the first instruction**: the upgrade signal
+//!   (SIGHUP) is blocked when a successor starts and held until it can act.
+//!
+//! It does not restart crashed services (that is the service manager's
+//! job), and it does not move established connections: the old generation
+//! finishes them (see [`drain`]).
+//!
+//! # The life of a generation
+//!
+//! ```no_run
+//! use handover::{Options, Upgrader, drain::Drain};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // First thing: read what the parent handed over.
+//!     let upgrader = Upgrader::new(Options::default().pid_file("/tmp/service.pid"))?;
+//!     // The parent's listener if there is one, else a new one.
+//!     let listener = upgrader.tcp_listener("http", "127.0.0.1:8080".parse()?)?;
+//!     let listener = tokio::net::TcpListener::from_std(listener)?;
+//!     // ... load configuration, warm caches: the parent serves meanwhile ...
+//!     upgrader.ready()?; // the parent now exits; SIGHUP upgrades us
+//!
+//!     let drain = Drain::default();
+//!     let exit = upgrader.exit();
+//!     tokio::pin!(exit);
+//!     loop {
+//!         tokio::select! {
+//!             _ = &mut exit => break,
+//!             Ok((stream, _)) = listener.accept() => {
+//!                 let _connection = drain.track();
+//!                 // ... serve `stream`, e.g. with drain.serve_http1(...) ...
+//!             }
+//!         }
+//!     }
+//!     drop(listener); // accept nothing new
+//!     drain.wait().await; // finish what is in flight
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Only the upgrade is the library's; which signal stops the service, and
+//! how, is the service's (see `examples/http_server.rs`).
+#![deny(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unsafe_code
+)]
+
+pub mod drain;
+mod error;
+mod machine;
+mod pidfile;
+mod registry;
+mod supervisor;
+#[allow(unsafe_code)]
+mod sys;
+mod upgrader;
+mod wire;
+
+pub use error::{Error, ExitStatus, Result};
+pub use nix::sys::signal::Signal;
+pub use registry::Kind;
+pub use upgrader::{ExitReason, Options, Upgraded, Upgrader};
+pub use wire::WireError;

@@ -1,0 +1,370 @@
+//! Named descriptors: what a generation hands to its successor.
+//!
+//! Invariant: every descriptor held here is close-on-exec, and the registry
+//! owns it until the process exits or the name is removed; callers get
+//! duplicates. A name maps to exactly one kind for its whole life: asking for
+//! it as another kind is an error, never a mix-up.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::error::{Error, Result};
+use crate::sys;
+use crate::wire::{self, InheritedFd};
+
+/// The kind of object a named descriptor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Kind {
+    /// A listening TCP socket (IPv4 or IPv6).
+    TcpListener,
+    /// A UDP socket (IPv4 or IPv6).
+    Udp,
+    /// A listening Unix stream socket.
+    UnixListener,
+    /// A Unix datagram socket.
+    UnixDatagram,
+    /// Any other descriptor: a file, a pipe, an established connection.
+    Fd,
+}
+
+impl Kind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [Kind; 5] = [
+        Kind::TcpListener,
+        Kind::Udp,
+        Kind::UnixListener,
+        Kind::UnixDatagram,
+        Kind::Fd,
+    ];
+
+    pub(crate) fn token(self) -> &'static str {
+        match self {
+            Kind::TcpListener => "tcp",
+            Kind::Udp => "udp",
+            Kind::UnixListener => "unix",
+            Kind::UnixDatagram => "unixgram",
+            Kind::Fd => "fd",
+        }
+    }
+
+    pub(crate) fn from_token(token: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| kind.token() == token)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::TcpListener => "tcp listener",
+            Kind::Udp => "udp socket",
+            Kind::UnixListener => "unix listener",
+            Kind::UnixDatagram => "unix datagram socket",
+            Kind::Fd => "descriptor",
+        })
+    }
+}
+
+struct Entry {
+    kind: Kind,
+    fd: OwnedFd,
+    /// Inherited and not yet asked for by this generation.
+    unclaimed: bool,
+    /// The socket path this generation bound itself (removed on a final stop).
+    unix_path: Option<PathBuf>,
+}
+
+/// The named descriptors of one generation.
+#[derive(Default)]
+pub(crate) struct Registry {
+    entries: BTreeMap<String, Entry>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(
+                self.entries
+                    .iter()
+                    .map(|(name, e)| (name, (e.kind, e.fd.as_raw_fd()))),
+            )
+            .finish()
+    }
+}
+
+impl Registry {
+    /// Adopts the handshake link and the descriptors the parent named,
+    /// checking that each is open and of the kind the parent claims. On error
+    /// nothing has been adopted and nothing is closed: a tampered environment
+    /// may name descriptors this process uses for something else.
+    pub(crate) fn adopt(inherited: &[InheritedFd], link: RawFd) -> Result<(Registry, OwnedFd)> {
+        sys::check_inherited(link, Kind::Fd).map_err(|problem| Error::InheritedDescriptor {
+            name: "(handshake link)".into(),
+            fd: link,
+            problem,
+        })?;
+        for entry in inherited {
+            sys::check_inherited(entry.fd, entry.kind).map_err(|problem| {
+                Error::InheritedDescriptor {
+                    name: entry.name.clone(),
+                    fd: entry.fd,
+                    problem,
+                }
+            })?;
+        }
+        let link = sys::adopt(link)
+            .map_err(|e| Error::io("marking the handshake link close-on-exec", e))?;
+        let mut registry = Registry::default();
+        for entry in inherited {
+            let fd = sys::adopt(entry.fd)
+                .map_err(|e| Error::io("marking an inherited descriptor close-on-exec", e))?;
+            // A final stop in this generation removes the path it now serves.
+            let unix_path = matches!(entry.kind, Kind::UnixListener | Kind::UnixDatagram)
+                .then(|| {
+                    sys::local_addr(&fd)
+                        .ok()?
+                        .as_pathname()
+                        .map(Path::to_path_buf)
+                })
+                .flatten();
+            registry.entries.insert(
+                entry.name.clone(),
+                Entry {
+                    kind: entry.kind,
+                    fd,
+                    unclaimed: true,
+                    unix_path,
+                },
+            );
+        }
+        Ok((registry, link))
+    }
+
+    /// Descriptors to hand to a successor, in a fixed order.
+    pub(crate) fn handed_on(&self) -> impl Iterator<Item = (&str, Kind, RawFd)> {
+        self.entries
+            .iter()
+            .map(|(name, e)| (name.as_str(), e.kind, e.fd.as_raw_fd()))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Closes what the parent handed over but this generation never asked
+    /// for (a listener its new configuration no longer has). Returns the names.
+    pub(crate) fn close_unclaimed(&mut self) -> Vec<String> {
+        let unclaimed: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.unclaimed)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &unclaimed {
+            self.entries.remove(name);
+        }
+        unclaimed
+    }
+
+    /// The Unix socket paths this registry serves, for removal on a final stop.
+    pub(crate) fn unix_paths(&self) -> Vec<PathBuf> {
+        self.entries
+            .values()
+            .filter_map(|e| e.unix_path.clone())
+            .collect()
+    }
+
+    /// The inherited descriptor under `name`, if it is of `kind` and passes
+    /// `matches`; else `None` (it is then replaced by the caller).
+    fn claim(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        matches: impl FnOnce(&OwnedFd) -> bool,
+    ) -> Result<Option<OwnedFd>> {
+        wire::check_name(name).map_err(|problem| Error::InvalidName {
+            name: name.into(),
+            problem,
+        })?;
+        let Some(entry) = self.entries.get_mut(name) else {
+            return Ok(None);
+        };
+        if entry.kind != kind {
+            return Err(Error::WrongKind {
+                name: name.into(),
+                expected: kind,
+                found: entry.kind,
+            });
+        }
+        if !matches(&entry.fd) {
+            tracing::info!(
+                name,
+                "address changed: binding a new socket instead of the inherited one"
+            );
+            self.entries.remove(name);
+            return Ok(None);
+        }
+        entry.unclaimed = false;
+        duplicate(&entry.fd).map(Some)
+    }
+
+    fn insert(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        fd: OwnedFd,
+        unix_path: Option<PathBuf>,
+    ) -> Result<OwnedFd> {
+        let copy = duplicate(&fd)?;
+        self.entries.insert(
+            name.into(),
+            Entry {
+                kind,
+                fd,
+                unclaimed: false,
+                unix_path,
+            },
+        );
+        Ok(copy)
+    }
+
+    pub(crate) fn tcp_listener(&mut self, name: &str, addr: SocketAddr) -> Result<OwnedFd> {
+        if let Some(fd) = self.claim(name, Kind::TcpListener, |fd| same_inet_addr(fd, addr))? {
+            return Ok(fd);
+        }
+        let bind_err = |source| Error::Bind {
+            name: name.into(),
+            addr: addr.to_string(),
+            source,
+        };
+        let socket =
+            Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(bind_err)?;
+        socket.set_reuse_address(true).map_err(bind_err)?;
+        socket.bind(&addr.into()).map_err(bind_err)?;
+        socket.listen(LISTEN_BACKLOG).map_err(bind_err)?;
+        socket.set_nonblocking(true).map_err(bind_err)?;
+        self.insert(name, Kind::TcpListener, socket.into(), None)
+    }
+
+    pub(crate) fn udp_socket(&mut self, name: &str, addr: SocketAddr) -> Result<OwnedFd> {
+        if let Some(fd) = self.claim(name, Kind::Udp, |fd| same_inet_addr(fd, addr))? {
+            return Ok(fd);
+        }
+        let bind_err = |source| Error::Bind {
+            name: name.into(),
+            addr: addr.to_string(),
+            source,
+        };
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None).map_err(bind_err)?;
+        socket.bind(&addr.into()).map_err(bind_err)?;
+        socket.set_nonblocking(true).map_err(bind_err)?;
+        self.insert(name, Kind::Udp, socket.into(), None)
+    }
+
+    pub(crate) fn unix_socket(&mut self, name: &str, kind: Kind, path: &Path) -> Result<OwnedFd> {
+        if let Some(fd) = self.claim(name, kind, |fd| same_unix_path(fd, path))? {
+            return Ok(fd);
+        }
+        let bind_err = |source| Error::Bind {
+            name: name.into(),
+            addr: path.display().to_string(),
+            source,
+        };
+        let ty = if kind == Kind::UnixListener {
+            Type::STREAM
+        } else {
+            Type::DGRAM
+        };
+        let socket = Socket::new(Domain::UNIX, ty, None).map_err(bind_err)?;
+        let addr = SockAddr::unix(path).map_err(bind_err)?;
+        if let Err(err) = socket.bind(&addr) {
+            if err.kind() != std::io::ErrorKind::AddrInUse || !is_stale_socket(path, ty) {
+                return Err(bind_err(err));
+            }
+            // A socket file left behind by a process that is gone: nobody
+            // answers on it, so it is safe to replace.
+            tracing::info!(name, path = %path.display(), "removing stale socket file");
+            std::fs::remove_file(path).map_err(bind_err)?;
+            socket.bind(&addr).map_err(bind_err)?;
+        }
+        if kind == Kind::UnixListener {
+            socket.listen(LISTEN_BACKLOG).map_err(bind_err)?;
+        }
+        socket.set_nonblocking(true).map_err(bind_err)?;
+        self.insert(name, kind, socket.into(), Some(path.to_path_buf()))
+    }
+
+    pub(crate) fn add_fd(&mut self, name: &str, fd: &impl AsFd) -> Result<()> {
+        wire::check_name(name).map_err(|problem| Error::InvalidName {
+            name: name.into(),
+            problem,
+        })?;
+        if let Some(existing) = self.entries.get(name) {
+            if existing.kind != Kind::Fd {
+                return Err(Error::WrongKind {
+                    name: name.into(),
+                    expected: Kind::Fd,
+                    found: existing.kind,
+                });
+            }
+        }
+        let owned = duplicate(fd)?;
+        self.insert(name, Kind::Fd, owned, None).map(drop)
+    }
+
+    pub(crate) fn fd(&mut self, name: &str) -> Result<Option<OwnedFd>> {
+        self.claim(name, Kind::Fd, |_| true)
+    }
+
+    pub(crate) fn remove(&mut self, name: &str) -> bool {
+        self.entries.remove(name).is_some()
+    }
+}
+
+/// Backlog for listeners the library creates: the kernel caps it at
+/// `somaxconn`; a deep queue is what carries clients through a handover.
+const LISTEN_BACKLOG: i32 = 4096;
+
+fn duplicate(fd: &impl AsFd) -> Result<OwnedFd> {
+    fd.as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("duplicating a descriptor", e))
+}
+
+fn same_inet_addr(fd: &OwnedFd, wanted: SocketAddr) -> bool {
+    let Ok(local) = sys::local_addr(fd) else {
+        return false;
+    };
+    let Some(local) = local.as_socket() else {
+        return false;
+    };
+    // Port 0 asks for any port: the inherited one is as good as a new one.
+    local.ip() == wanted.ip() && (wanted.port() == 0 || local.port() == wanted.port())
+}
+
+fn same_unix_path(fd: &OwnedFd, wanted: &Path) -> bool {
+    sys::local_addr(fd)
+        .ok()
+        .and_then(|addr| addr.as_pathname().map(Path::to_path_buf))
+        .is_some_and(|path| path == wanted)
+}
+
+fn is_stale_socket(path: &Path, ty: Type) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        return false;
+    }
+    let Ok(probe) = Socket::new(Domain::UNIX, ty, None) else {
+        return false;
+    };
+    let Ok(addr) = SockAddr::unix(path) else {
+        return false;
+    };
+    matches!(probe.connect(&addr), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}

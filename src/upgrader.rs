@@ -1,0 +1,444 @@
+//! The public face of the library: one [`Upgrader`] per process.
+//!
+//! It reads the inheritance at startup, lends out named descriptors, and
+//! forwards `ready()`, `upgrade()` and `stop()` to the supervisor thread,
+//! which does the waiting. Every method works from async and blocking code.
+
+use std::ffi::OsString;
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::{Arc, Mutex, mpsc};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use signal_hook::SigId;
+use tokio::sync::{oneshot, watch};
+
+use crate::error::{Error, Result};
+use crate::registry::{Kind, Registry};
+use crate::supervisor::{self, Channels, Command, Config, Supervisor, lock};
+use crate::{sys, wire};
+
+/// How an [`Upgrader`] behaves. Build it with the setters:
+///
+/// ```
+/// use std::time::Duration;
+/// let options = handover::Options::default()
+///     .upgrade_timeout(Duration::from_secs(30))
+///     .pid_file("/run/my-service.pid");
+/// ```
+#[derive(Debug, Clone)]
+pub struct Options {
+    upgrade_timeout: Duration,
+    pid_file: Option<PathBuf>,
+    executable: Option<PathBuf>,
+    upgrade_signal: Option<Signal>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            upgrade_timeout: Duration::from_secs(60),
+            pid_file: None,
+            executable: None,
+            upgrade_signal: Some(Signal::SIGHUP),
+        }
+    }
+}
+
+impl Options {
+    /// How long a successor has to call [`Upgrader::ready`] before it is
+    /// killed and the upgrade fails. Default: 60 s, as tableflip.
+    pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
+        self.upgrade_timeout = timeout;
+        self
+    }
+
+    /// A PID file, replaced atomically by each generation when it becomes
+    /// ready. Default: none.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+
+    /// The executable to start as the successor. Default: this process's
+    /// executable as resolved at startup, so that a deploy that replaces the
+    /// file on disk starts the new binary.
+    pub fn executable(mut self, path: impl Into<PathBuf>) -> Self {
+        self.executable = Some(path.into());
+        self
+    }
+
+    /// The signal that asks for an upgrade (default SIGHUP), or `None` to
+    /// upgrade only through [`Upgrader::upgrade`]. A successor is started
+    /// with this signal blocked, and the library holds it until the
+    /// generation is ready and its parent is gone: it never kills a
+    /// starting generation and is never lost.
+    pub fn upgrade_signal(mut self, signal: Option<Signal>) -> Self {
+        self.upgrade_signal = signal;
+        self
+    }
+}
+
+/// A successful upgrade.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgraded {
+    /// The successor's process id.
+    pub pid: i32,
+    /// The successor's generation number.
+    pub generation: u64,
+    /// From the start of the upgrade to the successor's readiness.
+    pub duration: Duration,
+}
+
+/// Why [`Upgrader::exit`] resolved: this generation must stop accepting,
+/// drain, and exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// A successor is ready and serves the same sockets.
+    Upgraded(Upgraded),
+    /// [`Upgrader::stop`] was called: a final stop.
+    Stopped,
+}
+
+/// Runs graceful upgrades for one process. Create it once, first thing in
+/// `main`; see the [crate documentation](crate) for the life of a generation.
+#[derive(Debug)]
+pub struct Upgrader {
+    generation: u64,
+    parent: Option<i32>,
+    registry: Arc<Mutex<Registry>>,
+    commands: mpsc::Sender<Command>,
+    wake: UnixStream,
+    exit: watch::Receiver<Option<ExitReason>>,
+    parent_gone: watch::Receiver<bool>,
+    signal_ids: Vec<SigId>,
+    supervisor: Option<JoinHandle<()>>,
+}
+
+impl Upgrader {
+    /// Reads what the parent handed over (if this process is a successor),
+    /// takes charge of the upgrade signal, and starts the supervisor thread.
+    ///
+    /// Call it at startup, before the service starts threads of its own that
+    /// read the environment: it removes the inheritance variables from it,
+    /// so that no other child of the service sees them.
+    ///
+    /// # Errors
+    /// [`Error::Inheritance`] for a malformed inheritance environment and
+    /// [`Error::InheritedDescriptor`] for a descriptor in it that is not open
+    /// or not of the kind claimed. Nothing is closed on error.
+    pub fn new(options: Options) -> Result<Upgrader> {
+        let inheritance = match std::env::var(wire::VAR) {
+            Ok(text) => Some(wire::decode(&text).map_err(|source| Error::Inheritance {
+                var: wire::VAR,
+                source,
+            })?),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(Error::Inheritance {
+                    var: wire::VAR,
+                    source: wire::WireError::new(0, "not UTF-8"),
+                });
+            }
+        };
+        let (registry, parent_link) = match &inheritance {
+            Some(inheritance) => {
+                let (registry, link) = Registry::adopt(&inheritance.fds, inheritance.link)?;
+                let link = UnixStream::from(link);
+                link.set_nonblocking(true)
+                    .map_err(|e| Error::io("configuring the handshake link", e))?;
+                (registry, Some(link))
+            }
+            None => (Registry::default(), None),
+        };
+        sys::remove_env(&supervisor::STALE_VARS);
+
+        let executable = match options.executable {
+            Some(path) => path,
+            None => current_executable()?,
+        };
+        let generation = inheritance.as_ref().map_or(0, |i| i.generation);
+        let parent = inheritance.as_ref().map(|i| i.parent);
+
+        let self_pipe = || -> Result<(UnixStream, UnixStream)> {
+            let (read, write) =
+                UnixStream::pair().map_err(|e| Error::io("creating a self-pipe", e))?;
+            read.set_nonblocking(true)
+                .map_err(|e| Error::io("creating a self-pipe", e))?;
+            write
+                .set_nonblocking(true)
+                .map_err(|e| Error::io("creating a self-pipe", e))?;
+            Ok((read, write))
+        };
+        let mut signal_ids = Vec::new();
+        let register = |signal: Signal, write: UnixStream, ids: &mut Vec<SigId>| -> Result<()> {
+            let id = signal_hook::low_level::pipe::register(signal as i32, write)
+                .map_err(|e| Error::io("installing a signal handler", e))?;
+            ids.push(id);
+            Ok(())
+        };
+        let (child_signal, child_signal_write) = self_pipe()?;
+        register(Signal::SIGCHLD, child_signal_write, &mut signal_ids)?;
+        let upgrade_signal = match options.upgrade_signal {
+            Some(signal) => {
+                let (read, write) = self_pipe()?;
+                // The handler first: a successor may already have this signal
+                // pending, and unblocking it without one would kill it.
+                register(signal, write, &mut signal_ids)?;
+                sys::unblock(signal).map_err(|e| Error::io("unblocking the upgrade signal", e))?;
+                Some(read)
+            }
+            None => None,
+        };
+
+        let (wake_read, wake) = self_pipe()?;
+        let (commands, commands_rx) = mpsc::channel();
+        let (exit_tx, exit) = watch::channel(None);
+        let (parent_gone_tx, parent_gone) = watch::channel(parent_link.is_none());
+        let registry = Arc::new(Mutex::new(registry));
+        let config = Config {
+            generation,
+            parent,
+            executable,
+            args: std::env::args_os().collect::<Vec<OsString>>(),
+            upgrade_timeout: options.upgrade_timeout,
+            pid_file: options.pid_file,
+            upgrade_signal: options.upgrade_signal,
+        };
+        let channels = Channels {
+            commands: commands_rx,
+            wake: wake_read,
+            upgrade_signal,
+            child_signal,
+            parent_link,
+            exit: exit_tx,
+            parent_gone: parent_gone_tx,
+        };
+        let supervisor = Supervisor::new(config, channels, Arc::clone(&registry));
+        let supervisor = thread::Builder::new()
+            .name(format!("handover-gen{generation}"))
+            .spawn(move || supervisor.run())
+            .map_err(|e| Error::io("starting the supervisor thread", e))?;
+        tracing::info!(generation, parent, pid = sys::pid(), "generation started");
+        Ok(Upgrader {
+            generation,
+            parent,
+            registry,
+            commands,
+            wake,
+            exit,
+            parent_gone,
+            signal_ids,
+            supervisor: Some(supervisor),
+        })
+    }
+
+    /// This generation's number: 0 for the first, the parent's plus one after.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether this process was started by an upgrade.
+    pub fn has_parent(&self) -> bool {
+        self.parent.is_some()
+    }
+
+    /// The process id of the generation that started this one, if any.
+    pub fn parent_pid(&self) -> Option<i32> {
+        self.parent
+    }
+
+    /// The TCP listener named `name`: the parent's if it handed one over on
+    /// the same address, else a new one bound to `addr` (with SO_REUSEADDR
+    /// and a deep backlog). Port 0 accepts the inherited listener's port.
+    ///
+    /// The listener is non-blocking (a flag shared by every generation, as
+    /// they share the socket): pass it to [`tokio::net::TcpListener::from_std`].
+    /// Accept on it only after [`ready`](Self::ready), so that a successor
+    /// that fails during init takes no connection with it.
+    pub fn tcp_listener(&self, name: &str, addr: SocketAddr) -> Result<std::net::TcpListener> {
+        Ok(lock(&self.registry).tcp_listener(name, addr)?.into())
+    }
+
+    /// The UDP socket named `name`, inherited or newly bound to `addr`;
+    /// non-blocking, for [`tokio::net::UdpSocket::from_std`].
+    pub fn udp_socket(&self, name: &str, addr: SocketAddr) -> Result<std::net::UdpSocket> {
+        Ok(lock(&self.registry).udp_socket(name, addr)?.into())
+    }
+
+    /// The Unix stream listener named `name`, inherited or newly bound to
+    /// `path` (a stale socket file nobody answers on is replaced). The path
+    /// is left in place when a successor takes over and removed on a final
+    /// [`stop`](Self::stop). Non-blocking.
+    pub fn unix_listener(&self, name: &str, path: impl AsRef<Path>) -> Result<UnixListener> {
+        Ok(lock(&self.registry)
+            .unix_socket(name, Kind::UnixListener, path.as_ref())?
+            .into())
+    }
+
+    /// The Unix datagram socket named `name`, inherited or newly bound to
+    /// `path`. Non-blocking.
+    pub fn unix_datagram(&self, name: &str, path: impl AsRef<Path>) -> Result<UnixDatagram> {
+        Ok(lock(&self.registry)
+            .unix_socket(name, Kind::UnixDatagram, path.as_ref())?
+            .into())
+    }
+
+    /// Hands any other descriptor (a file, a pipe, a connection) to the next
+    /// generations under `name`; the library keeps its own duplicate.
+    pub fn add_fd(&self, name: &str, fd: &impl AsFd) -> Result<()> {
+        lock(&self.registry).add_fd(name, fd)
+    }
+
+    /// A duplicate of the descriptor added under `name` by this generation or
+    /// an earlier one, if there is one.
+    pub fn fd(&self, name: &str) -> Result<Option<OwnedFd>> {
+        lock(&self.registry).fd(name)
+    }
+
+    /// Stops handing `name` to successors. Returns whether it was there.
+    pub fn remove(&self, name: &str) -> bool {
+        lock(&self.registry).remove(name)
+    }
+
+    /// Declares this generation ready to serve: closes inherited descriptors
+    /// it did not ask for, writes the PID file, then tells the parent, which
+    /// then exits. Start accepting after this returns.
+    ///
+    /// If the parent is already gone (killed while this generation started),
+    /// this still succeeds: this generation is then the only one.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyReady`] on a second call, [`Error::PidFile`] if the
+    /// PID file cannot be written (the parent is then not told).
+    pub fn ready(&self) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Ready(reply))?;
+        block_on(answer).unwrap_or(Err(Error::Exiting))
+    }
+
+    /// Starts a successor and resolves when it is ready (this generation must
+    /// then exit: [`exit`](Self::exit) resolves too) or has failed (this
+    /// generation serves on and may try again).
+    ///
+    /// The upgrade runs to its end even if this future is dropped.
+    ///
+    /// # Errors
+    /// [`Error::InProgress`], [`Error::NotReady`], [`Error::ParentAlive`] and
+    /// [`Error::Exiting`] when no upgrade may start now; [`Error::Spawn`],
+    /// [`Error::SuccessorExited`], [`Error::Timeout`] and
+    /// [`Error::Handshake`] when the successor failed.
+    pub fn upgrade(&self) -> impl Future<Output = Result<Upgraded>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.send(Command::Upgrade(reply));
+        async move {
+            sent?;
+            answer.await.unwrap_or(Err(Error::Exiting))
+        }
+    }
+
+    /// [`upgrade`](Self::upgrade) for blocking code.
+    pub fn upgrade_blocking(&self) -> Result<Upgraded> {
+        block_on(self.upgrade())
+    }
+
+    /// Resolves when this generation must exit: its successor is ready, or
+    /// [`stop`](Self::stop) was called. From then on, accept nothing new,
+    /// finish what is in flight (see [`crate::drain`]) and return from `main`.
+    pub fn exit(&self) -> impl Future<Output = ExitReason> + Send + 'static {
+        let mut exit = self.exit.clone();
+        async move {
+            match exit.wait_for(Option::is_some).await {
+                Ok(reason) => reason.clone().unwrap_or(ExitReason::Stopped),
+                Err(_) => ExitReason::Stopped,
+            }
+        }
+    }
+
+    /// [`exit`](Self::exit) for blocking code.
+    pub fn exit_blocking(&self) -> ExitReason {
+        block_on(self.exit())
+    }
+
+    /// A final stop: [`exit`](Self::exit) resolves with
+    /// [`ExitReason::Stopped`], a starting successor is killed, and the Unix
+    /// socket paths this generation serves are removed.
+    pub fn stop(&self) {
+        let _ = self.send(Command::Stop);
+    }
+
+    /// Resolves once the parent generation has exited (at once if there is
+    /// none). Useful before work that must not overlap with the old code.
+    pub fn wait_for_parent(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut gone = self.parent_gone.clone();
+        async move {
+            let _ = gone.wait_for(|gone| *gone).await;
+        }
+    }
+
+    /// [`wait_for_parent`](Self::wait_for_parent) for blocking code.
+    pub fn wait_for_parent_blocking(&self) {
+        block_on(self.wait_for_parent())
+    }
+
+    fn send(&self, command: Command) -> Result<()> {
+        self.commands.send(command).map_err(|_| Error::Exiting)?;
+        // A full pipe already wakes the supervisor.
+        let _ = (&self.wake).write(&[1]);
+        Ok(())
+    }
+}
+
+impl Drop for Upgrader {
+    fn drop(&mut self) {
+        let _ = self.send(Command::Shutdown);
+        if let Some(supervisor) = self.supervisor.take() {
+            let _ = supervisor.join();
+        }
+        for id in self.signal_ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}
+
+/// The executable as the kernel resolved it at startup. On Linux, a binary
+/// replaced on disk after it started reads as "PATH (deleted)": the new file
+/// at PATH is the one to start.
+fn current_executable() -> Result<PathBuf> {
+    let path =
+        std::env::current_exe().map_err(|e| Error::io("resolving the current executable", e))?;
+    if let Some(text) = path.to_str() {
+        if let Some(original) = text.strip_suffix(" (deleted)") {
+            return Ok(PathBuf::from(original));
+        }
+    }
+    Ok(path)
+}
+
+/// Runs a future on this thread. The futures given to it wait on channels
+/// only, which need no runtime.
+fn block_on<F: Future>(future: F) -> F::Output {
+    struct Unpark(Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(thread::current())));
+    let mut context = Context::from_waker(&waker);
+    let mut future = pin!(future);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return output;
+        }
+        thread::park();
+    }
+}
