@@ -1,0 +1,164 @@
+//! The faults a generation of the subject can play, chosen per generation.
+//!
+//! `SUBJECT_FAULTS="1=crash-before-ready,2=slow-init:300"` gives generation 1
+//! a crash before `ready()` and generation 2 a 300 ms init. Every other
+//! generation plays `none`.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The variable that carries the faults; successors inherit it.
+pub const VAR: &str = "SUBJECT_FAULTS";
+/// A file with the same content, read by each generation when it starts,
+/// so that a test can change the fault between two attempts at an upgrade.
+pub const FILE_VAR: &str = "SUBJECT_FAULTS_FILE";
+
+/// One generation's fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    /// Behave.
+    #[default]
+    None,
+    /// Exit with code 3 before asking for any listener.
+    CrashBeforeListen,
+    /// Exit with code 4 after taking the listeners, before `ready()`.
+    CrashBeforeReady,
+    /// Panic during init (exit code 101).
+    Panic,
+    /// Exit with code 0 before `ready()`.
+    ExitZero,
+    /// Never call `ready()`.
+    Hang,
+    /// Take this long to initialise, then call `ready()`.
+    SlowInit(Duration),
+    /// Abort (SIGABRT) during init.
+    Abort,
+    /// Exit with code 5 right after `ready()`.
+    CrashAfterReady,
+}
+
+impl FromStr for Fault {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Fault, String> {
+        Ok(match text {
+            "none" => Fault::None,
+            "crash-before-listen" => Fault::CrashBeforeListen,
+            "crash-before-ready" => Fault::CrashBeforeReady,
+            "panic" => Fault::Panic,
+            "exit-zero" => Fault::ExitZero,
+            "hang" => Fault::Hang,
+            "abort" => Fault::Abort,
+            "crash-after-ready" => Fault::CrashAfterReady,
+            other => match other.strip_prefix("slow-init:").map(str::parse::<u64>) {
+                Some(Ok(millis)) => Fault::SlowInit(Duration::from_millis(millis)),
+                _ => return Err(format!("unknown fault {other:?}")),
+            },
+        })
+    }
+}
+
+impl Fault {
+    /// Plays the part of the fault that comes before the listeners.
+    pub fn before_listen(self) {
+        if self == Fault::CrashBeforeListen {
+            std::process::exit(3);
+        }
+    }
+
+    /// Plays the part of the fault that comes between listeners and `ready()`.
+    pub async fn before_ready(self) {
+        match self {
+            Fault::CrashBeforeReady => std::process::exit(4),
+            Fault::Panic => panic!("fault: panic during init"),
+            Fault::ExitZero => std::process::exit(0),
+            Fault::Abort => std::process::abort(),
+            Fault::Hang => std::future::pending().await,
+            Fault::SlowInit(duration) => tokio::time::sleep(duration).await,
+            Fault::None | Fault::CrashBeforeListen | Fault::CrashAfterReady => {}
+        }
+    }
+
+    /// Plays the part of the fault that comes after `ready()`.
+    pub fn after_ready(self) {
+        if self == Fault::CrashAfterReady {
+            std::process::exit(5);
+        }
+    }
+}
+
+/// The faults of every generation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults(BTreeMap<u64, Fault>);
+
+impl Faults {
+    /// Reads [`FILE_VAR`]'s file if set, else [`VAR`]; neither means no faults.
+    pub fn from_env() -> Result<Faults, String> {
+        if let Some(path) = std::env::var_os(FILE_VAR) {
+            return match std::fs::read_to_string(&path) {
+                Ok(text) => text.parse(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Faults::default()),
+                Err(e) => Err(format!("{}: {e}", path.to_string_lossy())),
+            };
+        }
+        match std::env::var(VAR) {
+            Ok(text) => text.parse(),
+            Err(_) => Ok(Faults::default()),
+        }
+    }
+
+    /// The fault of generation `generation`.
+    pub fn for_generation(&self, generation: u64) -> Fault {
+        self.0.get(&generation).copied().unwrap_or_default()
+    }
+}
+
+impl FromStr for Faults {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Faults, String> {
+        let mut faults = BTreeMap::new();
+        for item in text
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+        {
+            let (generation, fault) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{item:?} is not <generation>=<fault>"))?;
+            let generation: u64 = generation
+                .parse()
+                .map_err(|_| format!("{generation:?} is not a generation number"))?;
+            faults.insert(generation, fault.parse()?);
+        }
+        Ok(Faults(faults))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_fault_per_generation() {
+        let faults: Faults = "1=crash-before-ready, 3=slow-init:250".parse().unwrap();
+        assert_eq!(faults.for_generation(0), Fault::None);
+        assert_eq!(faults.for_generation(1), Fault::CrashBeforeReady);
+        assert_eq!(
+            faults.for_generation(3),
+            Fault::SlowInit(Duration::from_millis(250))
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_faults() {
+        assert!(
+            "1=explode"
+                .parse::<Faults>()
+                .unwrap_err()
+                .contains("explode")
+        );
+        assert!("x=hang".parse::<Faults>().is_err());
+    }
+}
