@@ -3,6 +3,7 @@
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod fault;
+pub mod load;
 pub mod process;
 
 /// How many descriptors this process has open, counted portably from

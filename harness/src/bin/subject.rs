@@ -177,13 +177,23 @@ async fn serve(
     });
     let identity: Bytes = format!("pid={} gen={generation}\n", std::process::id()).into();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(accept_http(http, drain.clone(), identity, upgrader.exit()));
+    tasks.spawn(accept_http(
+        generation,
+        http,
+        drain.clone(),
+        identity,
+        upgrader.exit(),
+    ));
     tasks.spawn(accept_echo(tcp, drain.clone(), upgrader.exit()));
     if let Some(unix) = unix {
         tasks.spawn(accept_echo(unix, drain.clone(), upgrader.exit()));
     }
     tasks.spawn(echo_udp(udp, upgrader.exit()));
-    tasks.spawn(accept_control(control, Arc::clone(&upgrader)));
+    tasks.spawn(accept_control(
+        control,
+        Arc::clone(&upgrader),
+        drain.clone(),
+    ));
     tasks.spawn(stop_on_signals(Arc::clone(&upgrader)));
     let parent_gone = upgrader.wait_for_parent();
     if upgrader.has_parent() {
@@ -227,6 +237,7 @@ impl Accept for UnixListener {
 /// Accepts until `exit` resolves, then drops the listener: the successor's
 /// copy of the same socket takes every connection from then on.
 async fn accept_http(
+    generation: u64,
     listener: TcpListener,
     drain: Drain,
     identity: Bytes,
@@ -245,7 +256,7 @@ async fn accept_http(
         let drain = drain.clone();
         let identity = identity.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| respond(request, identity.clone()));
+            let service = service_fn(move |request| respond(request, identity.clone(), generation));
             let _ = drain.serve_http1(stream, service).await;
         });
     }
@@ -254,6 +265,7 @@ async fn accept_http(
 async fn respond(
     request: Request<Incoming>,
     identity: Bytes,
+    generation: u64,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = request.uri().path();
     let query = request.uri().query().unwrap_or("");
@@ -264,6 +276,7 @@ async fn respond(
                 .strip_prefix("ms=")
                 .and_then(|ms| ms.parse().ok())
                 .unwrap_or(1000);
+            event(format_args!("slow-request gen={generation} ms={millis}"));
             // The fault itself: a request that takes this long to answer.
             tokio::time::sleep(Duration::from_millis(millis)).await;
             identity
@@ -334,9 +347,9 @@ async fn echo_udp(socket: UdpSocket, exit: impl std::future::Future<Output = Exi
     }
 }
 
-/// The control port stays open while the generation drains, so that an
-/// upgrade asked of a draining generation gets its answer (refused).
-async fn accept_control(listener: TcpListener, upgrader: Arc<Upgrader>) {
+/// A control session counts as a connection to drain: the answer to the
+/// upgrade that ends this generation is written before it exits.
+async fn accept_control(listener: TcpListener, upgrader: Arc<Upgrader>, drain: Drain) {
     let exit = upgrader.exit();
     tokio::pin!(exit);
     loop {
@@ -348,10 +361,22 @@ async fn accept_control(listener: TcpListener, upgrader: Arc<Upgrader>) {
             },
         };
         let upgrader = Arc::clone(&upgrader);
+        let open = drain.track();
+        let draining = drain.draining();
         tokio::spawn(async move {
+            let _open = open;
+            tokio::pin!(draining);
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            loop {
+                // Once draining, finish the command being answered and close.
+                let line = tokio::select! {
+                    line = lines.next_line() => match line {
+                        Ok(Some(line)) => line,
+                        _ => return,
+                    },
+                    _ = &mut draining => return,
+                };
                 let answer = match line.trim() {
                     "upgrade" => match upgrader.upgrade().await {
                         Ok(up) => format!(

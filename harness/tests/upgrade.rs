@@ -1,0 +1,417 @@
+//! The contract of `handover`, on real processes: the subject service is
+//! started, upgraded, faulted and signalled for real, and every test checks
+//! counts and states, never timings.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::Command;
+
+use handover_harness::load::{HttpLoad, Mode};
+use handover_harness::process::{Subject, SubjectConfig, is_running, read_pid_file};
+use nix::sys::signal::Signal;
+use rstest::rstest;
+
+fn subject_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_handover-subject"))
+}
+
+fn config() -> SubjectConfig {
+    SubjectConfig {
+        binary: subject_binary(),
+        // A short quiet period keeps the tests quick; the drain logic is the same.
+        args: vec!["--quiet-period-ms".into(), "100".into()],
+        ..SubjectConfig::default()
+    }
+}
+
+/// Checks the subject's answer names generation `generation`.
+fn assert_served_by(subject: &Subject, generation: u64) {
+    let (status, body) = subject.http_get("/").expect("an HTTP answer");
+    assert_eq!(status, 200);
+    assert!(body.contains(&format!("gen={generation}")), "{body:?}");
+}
+
+#[test]
+fn successor_serves_when_the_old_generation_is_killed_during_its_init() {
+    let mut subject = Subject::start(&SubjectConfig {
+        faults: Some("1=slow-init:1500".into()),
+        ..config()
+    })
+    .unwrap();
+    let first = subject.first_pid();
+    subject.signal(first, Signal::SIGHUP).unwrap();
+    subject.wait_for(|e| e.is("started", 1)).unwrap();
+    subject.signal(first, Signal::SIGKILL).unwrap();
+    subject.wait_exit(first).unwrap();
+
+    subject.wait_for(|e| e.is("ready", 1)).unwrap();
+    assert_served_by(&subject, 1);
+    let live = subject.live_pids();
+    assert_eq!(live.len(), 1, "{live:?}");
+}
+
+#[test]
+fn upgrade_signal_before_ready_is_held_not_fatal() {
+    let mut subject = Subject::start(&SubjectConfig {
+        faults: Some("1=slow-init:500".into()),
+        ..config()
+    })
+    .unwrap();
+    subject.signal(subject.first_pid(), Signal::SIGHUP).unwrap();
+    let second = subject.wait_for(|e| e.is("started", 1)).unwrap().pid;
+    // Before it is ready: SIGHUP's default action would kill it.
+    for _ in 0..3 {
+        subject.signal(second, Signal::SIGHUP).unwrap();
+    }
+    subject.wait_for(|e| e.is("ready", 1)).unwrap();
+    // Held, not lost: once its parent is gone, it upgrades once.
+    subject.wait_for(|e| e.is("ready", 2)).unwrap();
+    subject.wait_for(|e| e.is("exiting", 1)).unwrap();
+    assert_served_by(&subject, 2);
+    subject.collect_events();
+    assert!(
+        !subject.history.iter().any(|e| e.generation >= 3),
+        "signals coalesce into one upgrade"
+    );
+}
+
+#[rstest]
+#[case::keep_alive(Mode::KeepAlive)]
+#[case::new_connection_per_request(Mode::NewConnection)]
+fn clients_lose_no_request_across_50_upgrades(#[case] mode: Mode) {
+    let mut subject = Subject::start(&config()).unwrap();
+    let load = HttpLoad::start(subject.addresses.http, 8, mode);
+    for generation in 0..50 {
+        subject.upgrade_and_settle(generation).unwrap();
+    }
+    let report = load.finish();
+    assert_eq!(report.failed(), 0, "{report:#?}");
+    assert!(report.ok > 500, "{report:#?}");
+    assert!(report.generations.len() > 10, "{report:#?}");
+    assert_served_by(&subject, 50);
+}
+
+#[test]
+fn hands_over_tcp_udp_and_unix_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("echo.sock");
+    let mut subject = Subject::start(&SubjectConfig {
+        unix: Some(path.clone()),
+        ..config()
+    })
+    .unwrap();
+    let first = subject.first_pid();
+    let before = subject.addresses;
+    subject.upgrade_and_settle(0).unwrap();
+    subject.wait_exit(first).unwrap();
+    // Every socket now answers from generation 1 alone, on the same address.
+    let ready = subject.wait_for(|e| e.is("ready", 1)).unwrap();
+    assert_eq!(ready.fields["http"], before.http.to_string());
+    assert_eq!(ready.fields["udp"], before.udp.to_string());
+    assert_served_by(&subject, 1);
+
+    let mut tcp = TcpStream::connect(subject.addresses.tcp).unwrap();
+    tcp.write_all(b"over tcp").unwrap();
+    let mut echoed = [0u8; 8];
+    tcp.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"over tcp");
+
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(handover_harness::process::EVENT_TIMEOUT))
+        .unwrap();
+    udp.send_to(b"over udp", subject.addresses.udp).unwrap();
+    let mut datagram = [0u8; 16];
+    let (n, _) = udp.recv_from(&mut datagram).unwrap();
+    assert_eq!(&datagram[..n], b"over udp");
+
+    let mut unix = UnixStream::connect(&path).unwrap();
+    unix.write_all(b"over unix").unwrap();
+    let mut echoed = [0u8; 9];
+    unix.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"over unix");
+}
+
+/// Each fault in generation 1's init: the upgrade fails with the reason,
+/// generation 0 serves on, and the next attempt (without the fault) succeeds.
+#[rstest]
+#[case::crash_before_listening("crash-before-listen", "exited with code 3")]
+#[case::crash_before_ready("crash-before-ready", "exited with code 4")]
+#[case::panic_during_init("panic", "exited with code 101")]
+#[case::exit_zero_before_ready("exit-zero", "exited with code 0")]
+#[case::abort_during_init("abort", "killed by SIGABRT")]
+#[case::init_timeout("hang", "was not ready within 500ms")]
+fn failed_init_keeps_the_parent_serving(#[case] fault: &str, #[case] detail: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = dir.path().join("faults");
+    let pid_file = dir.path().join("subject.pid");
+    std::fs::write(&faults, format!("1={fault}")).unwrap();
+    let mut subject = Subject::start(&SubjectConfig {
+        faults_file: Some(faults.clone()),
+        pid_file: Some(pid_file.clone()),
+        args: vec![
+            "--quiet-period-ms".into(),
+            "100".into(),
+            "--upgrade-timeout-ms".into(),
+            "500".into(),
+        ],
+        ..config()
+    })
+    .unwrap();
+    let load = HttpLoad::start(subject.addresses.http, 4, Mode::KeepAlive);
+
+    let answer = subject.upgrade().unwrap_err();
+    let reason = if fault == "hang" {
+        "timeout"
+    } else {
+        "successor_exited"
+    };
+    assert!(
+        answer.starts_with(&format!("err reason={reason} ")),
+        "{answer}"
+    );
+    assert!(answer.contains(detail), "{answer}");
+    assert_served_by(&subject, 0);
+    assert_eq!(read_pid_file(&pid_file), Some(subject.first_pid()));
+    assert_eq!(subject.zombie_children().unwrap(), Vec::<i32>::new());
+
+    std::fs::write(&faults, "").unwrap();
+    let successor = subject.upgrade_and_settle(0).unwrap();
+    assert_eq!(read_pid_file(&pid_file), Some(successor));
+    let report = load.finish();
+    assert_eq!(report.failed(), 0, "{report:#?}");
+    assert_served_by(&subject, 1);
+}
+
+#[rstest]
+#[case::missing("missing", "No such file or directory")]
+#[case::not_executable("not-executable", "Permission denied")]
+#[case::not_a_program("garbage", "Exec format error")]
+fn unusable_executable_fails_cleanly_then_a_good_one_succeeds(
+    #[case] state: &str,
+    #[case] detail: &str,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let executable = dir.path().join("service");
+    match state {
+        "missing" => {}
+        "not-executable" => std::fs::copy(subject_binary(), &executable)
+            .map(drop)
+            .unwrap(),
+        _ => {
+            std::fs::write(&executable, b"\x7fELF but not really").unwrap();
+            std::fs::set_permissions(&executable, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+    if state == "not-executable" {
+        std::fs::set_permissions(&executable, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let mut config = config();
+    config
+        .args
+        .extend(["--executable".into(), executable.display().to_string()]);
+    let mut subject = Subject::start(&config).unwrap();
+
+    let answer = subject.upgrade().unwrap_err();
+    assert!(answer.starts_with("err reason=spawn_failed "), "{answer}");
+    assert!(
+        answer.contains(&executable.display().to_string()),
+        "{answer}"
+    );
+    assert!(answer.contains(detail), "{answer}");
+    assert_served_by(&subject, 0);
+
+    // The deploy puts a good binary in place: the next upgrade starts it.
+    let _ = std::fs::remove_file(&executable);
+    std::fs::copy(subject_binary(), &executable).unwrap();
+    std::fs::set_permissions(&executable, std::fs::Permissions::from_mode(0o755)).unwrap();
+    subject.upgrade_and_settle(0).unwrap();
+    assert_served_by(&subject, 1);
+}
+
+#[test]
+fn concurrent_upgrades_exactly_one_proceeds() {
+    let mut subject = Subject::start(&SubjectConfig {
+        faults: Some("1=slow-init:300".into()),
+        ..config()
+    })
+    .unwrap();
+    // Connect all first, so generation 0 alone accepts them, then ask at once.
+    let connections: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(subject.addresses.control).unwrap())
+        .collect();
+    let answers: Vec<String> = std::thread::scope(|scope| {
+        let asks: Vec<_> = connections
+            .into_iter()
+            .map(|mut stream| {
+                scope.spawn(move || {
+                    stream.write_all(b"upgrade\n").unwrap();
+                    let mut answer = String::new();
+                    std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut answer)
+                        .unwrap();
+                    answer.trim().to_owned()
+                })
+            })
+            .collect();
+        asks.into_iter().map(|ask| ask.join().unwrap()).collect()
+    });
+    let succeeded = answers.iter().filter(|a| a.starts_with("ok ")).count();
+    let refused = answers
+        .iter()
+        .filter(|a| a.starts_with("err reason=in_progress "))
+        .count();
+    assert_eq!((succeeded, refused), (1, 7), "{answers:#?}");
+    subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
+    subject.collect_events();
+    let started = subject
+        .history
+        .iter()
+        .filter(|e| e.kind == "started")
+        .count();
+    assert_eq!(started, 2, "one successor only: {:#?}", subject.history);
+}
+
+#[test]
+fn a_generation_cannot_upgrade_while_its_parent_lives() {
+    let mut subject = Subject::start(&config()).unwrap();
+    // An in-flight request keeps generation 0 draining after the upgrade.
+    let slow = std::thread::spawn({
+        let addr = subject.addresses.http;
+        move || handover_harness::process::http_get(addr, "/slow?ms=1500")
+    });
+    subject.wait_for(|e| e.is("slow-request", 0)).unwrap();
+    subject.upgrade().unwrap();
+    subject.wait_for(|e| e.is("exiting", 0)).unwrap();
+
+    let answer = subject.upgrade().unwrap_err();
+    assert!(answer.starts_with("err reason=parent_alive "), "{answer}");
+    assert!(
+        answer.contains(&subject.first_pid().to_string()),
+        "{answer}"
+    );
+
+    let (status, body) = slow.join().unwrap().unwrap();
+    assert_eq!(
+        (status, body.contains("gen=0")),
+        (200, true),
+        "the old generation finishes its request"
+    );
+    subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
+    subject.upgrade_and_settle(1).unwrap();
+    assert_served_by(&subject, 2);
+}
+
+#[test]
+fn unix_socket_path_survives_the_handover_and_goes_on_a_final_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("service.sock");
+    let mut subject = Subject::start(&SubjectConfig {
+        unix: Some(path.clone()),
+        ..config()
+    })
+    .unwrap();
+    let first = subject.first_pid();
+    subject.upgrade_and_settle(0).unwrap();
+    subject.wait_exit(first).unwrap();
+    assert!(
+        path.exists(),
+        "the old generation left the path to its successor"
+    );
+    let mut stream = UnixStream::connect(&path).unwrap();
+    stream.write_all(b"ping").unwrap();
+    let mut echoed = [0u8; 4];
+    stream.read_exact(&mut echoed).unwrap();
+    drop(stream);
+
+    subject.terminate().unwrap();
+    assert!(!path.exists(), "a final stop removes the path");
+}
+
+#[test]
+fn pid_file_names_the_serving_process_after_every_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("subject.pid");
+    let mut subject = Subject::start(&SubjectConfig {
+        pid_file: Some(pid_file.clone()),
+        ..config()
+    })
+    .unwrap();
+    assert_eq!(read_pid_file(&pid_file), Some(subject.first_pid()));
+    for generation in 0..5 {
+        let answer = subject.upgrade().unwrap();
+        let pid = subject.pid_of(generation + 1).unwrap();
+        assert!(answer.contains(&format!("pid={pid}")), "{answer}");
+        // Written before the old generation was told to exit.
+        assert_eq!(read_pid_file(&pid_file), Some(pid));
+        assert!(is_running(pid));
+        subject
+            .wait_for(|e| e.is("parent-gone", generation + 1))
+            .unwrap();
+    }
+}
+
+/// A soak: part of `cargo test --features chaos`.
+#[cfg(feature = "chaos")]
+#[test]
+fn hundred_upgrades_leak_no_descriptor_and_leave_no_zombie() {
+    let mut subject = Subject::start(&config()).unwrap();
+    let fds = |subject: &Subject| -> usize {
+        let info = subject.control("info").unwrap();
+        info.split_whitespace()
+            .find_map(|w| w.strip_prefix("fds="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no fds in {info:?}"))
+    };
+    let first = fds(&subject);
+    for generation in 0..100 {
+        subject.upgrade_and_settle(generation).unwrap();
+    }
+    assert_eq!(
+        fds(&subject),
+        first,
+        "descriptors of the first and the last generation"
+    );
+    assert_eq!(subject.live_pids().len(), 1);
+    assert_eq!(subject.zombie_children().unwrap(), Vec::<i32>::new());
+}
+
+/// A successor started with a bad inheritance exits non-zero with one line
+/// that says what is wrong and where; it does not panic.
+#[rstest]
+#[case::garbage("garbage", "unknown version")]
+#[case::truncated("v1;gen=1;parent=1;li", "has no '='")]
+#[case::not_open("v1;gen=1;parent=1;link=900", "(fd 900) is unusable: it is not open")]
+#[case::wrong_kind(
+    "v1;gen=1;parent=1;link=8;fd=7,tcp,http",
+    "\"http\" (fd 7) is unusable: expected a tcp listener, found a regular file"
+)]
+#[case::duplicate(
+    "v1;gen=1;parent=1;link=7;fd=7,tcp,http",
+    "descriptor 7 is listed twice"
+)]
+#[case::enormous("v1;gen=1;parent=1;link=99999999999999999999", "out of range")]
+fn bad_inheritance_environment_is_a_one_line_error(#[case] value: &str, #[case] detail: &str) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    // fd 7 is a regular file, fd 8 a socket, as a tampered parent might leave them.
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            r#"exec 7<"{}" 8<>/dev/null; exec "$0""#,
+            file.path().display()
+        ))
+        .arg(subject_binary())
+        .env("HANDOVER", value)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("malformed inheritance environment")
+            || stderr.contains("inherited descriptor"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(detail), "{stderr}");
+}
