@@ -257,24 +257,30 @@ mod http {
         /// server only after [`quiet_period`](super::DrainOptions::quiet_period)
         /// without a request, or at the deadline.
         ///
+        /// The connection counts as open from this call, not from the first
+        /// poll of the returned future: call it in the accept loop and spawn
+        /// the future, so that a connection accepted just before the drain
+        /// starts is waited for.
+        ///
         /// ```no_run
         /// # async fn example(listener: tokio::net::TcpListener, drain: handover::drain::Drain) {
         /// use http_body_util::Full;
         /// use hyper::{Request, Response, body::{Bytes, Incoming}, service::service_fn};
         /// let (stream, _) = listener.accept().await.unwrap();
-        /// let drain = drain.clone();
-        /// tokio::spawn(async move {
-        ///     let hello = service_fn(|_: Request<Incoming>| async {
-        ///         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hello"))))
-        ///     });
-        ///     let _ = drain.serve_http1(stream, hello).await;
+        /// let hello = service_fn(|_: Request<Incoming>| async {
+        ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hello"))))
         /// });
+        /// tokio::spawn(drain.serve_http1(stream, hello));
         /// # }
         /// ```
         ///
-        /// # Errors
-        /// The connection's error (a malformed request, an I/O error).
-        pub async fn serve_http1<I, S, B>(&self, io: I, service: S) -> Result<(), hyper::Error>
+        /// The future resolves to the connection's error, if any (a
+        /// malformed request, an I/O error).
+        pub fn serve_http1<I, S, B>(
+            &self,
+            io: I,
+            service: S,
+        ) -> impl Future<Output = Result<(), hyper::Error>> + Send + 'static
         where
             I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
             S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -284,29 +290,33 @@ mod http {
             B::Data: Send,
             B::Error: Into<BoxError>,
         {
-            let _open = self.track();
-            let activity = Arc::new(Activity::new());
-            let service = Announce {
-                inner: service,
-                drain: self.clone(),
-                activity: Arc::clone(&activity),
-            };
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(io), service);
-            tokio::pin!(connection);
-            let deadline = tokio::select! {
-                result = connection.as_mut() => return result,
-                deadline = self.draining() => deadline,
-            };
-            tokio::select! {
-                result = connection.as_mut() => return result,
-                _ = activity.quiet(self.quiet_period()) => connection.as_mut().graceful_shutdown(),
-                // Dropping the connection closes it.
-                _ = tokio::time::sleep_until(deadline) => return Ok(()),
-            }
-            tokio::select! {
-                result = connection.as_mut() => result,
-                _ = tokio::time::sleep_until(deadline) => Ok(()),
+            let open = self.track();
+            let drain = self.clone();
+            async move {
+                let _open = open;
+                let activity = Arc::new(Activity::new());
+                let service = Announce {
+                    inner: service,
+                    drain: drain.clone(),
+                    activity: Arc::clone(&activity),
+                };
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(io), service);
+                tokio::pin!(connection);
+                let deadline = tokio::select! {
+                    result = connection.as_mut() => return result,
+                    deadline = drain.draining() => deadline,
+                };
+                tokio::select! {
+                    result = connection.as_mut() => return result,
+                    _ = activity.quiet(drain.quiet_period()) => connection.as_mut().graceful_shutdown(),
+                    // Dropping the connection closes it.
+                    _ = tokio::time::sleep_until(deadline) => return Ok(()),
+                }
+                tokio::select! {
+                    result = connection.as_mut() => result,
+                    _ = tokio::time::sleep_until(deadline) => Ok(()),
+                }
             }
         }
     }

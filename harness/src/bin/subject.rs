@@ -176,7 +176,10 @@ async fn serve(
         deadline: Duration::from_secs(30),
     });
     let identity: Bytes = format!("pid={} gen={generation}\n", std::process::id()).into();
-    let mut tasks = tokio::task::JoinSet::new();
+    // The accept loops end when `exit()` resolves; the drain counts what they
+    // accepted, so they must have ended before it is waited for.
+    let mut accepting = tokio::task::JoinSet::new();
+    let tasks = &mut accepting;
     tasks.spawn(accept_http(
         generation,
         http,
@@ -194,10 +197,10 @@ async fn serve(
         Arc::clone(&upgrader),
         drain.clone(),
     ));
-    tasks.spawn(stop_on_signals(Arc::clone(&upgrader)));
+    tokio::spawn(stop_on_signals(Arc::clone(&upgrader)));
     let parent_gone = upgrader.wait_for_parent();
     if upgrader.has_parent() {
-        tasks.spawn(async move {
+        tokio::spawn(async move {
             parent_gone.await;
             event(format_args!("parent-gone gen={generation}"));
         });
@@ -209,6 +212,7 @@ async fn serve(
         ExitReason::Stopped => "stopped".to_owned(),
     };
     event(format_args!("exiting gen={generation} reason={reason}"));
+    while accepting.join_next().await.is_some() {}
     let outcome = drain.wait().await;
     event(format_args!("exited gen={generation} drain={outcome:?}"));
     Ok(())
@@ -253,12 +257,9 @@ async fn accept_http(
             },
         };
         let _ = stream.set_nodelay(true);
-        let drain = drain.clone();
         let identity = identity.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| respond(request, identity.clone(), generation));
-            let _ = drain.serve_http1(stream, service).await;
-        });
+        let service = service_fn(move |request| respond(request, identity.clone(), generation));
+        tokio::spawn(drain.serve_http1(stream, service));
     }
 }
 
