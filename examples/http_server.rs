@@ -1,0 +1,133 @@
+//! A tokio HTTP/1.1 server that upgrades itself without dropping a request.
+//!
+//! ```text
+//! cargo run --release --example http_server -- --listen 127.0.0.1:8080 --pid-file /tmp/http.pid
+//! curl http://127.0.0.1:8080/          # pid=... generation=...
+//! kill -HUP "$(cat /tmp/http.pid)"     # upgrade: a new process takes over
+//! kill -TERM "$(cat /tmp/http.pid)"    # stop
+//! ```
+//!
+//! The whole API in one page: create the `Upgrader` first, take listeners
+//! by name, call `ready()`, serve until `exit()`, then drain.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use handover::drain::{Drain, DrainOptions};
+use handover::{ExitReason, Options, Upgrader};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use tokio::signal::unix::{SignalKind, signal};
+
+struct Args {
+    listen: SocketAddr,
+    pid_file: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut listen = "127.0.0.1:8080".parse().expect("a constant address");
+    let mut pid_file = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => listen = value()?.parse().map_err(|e| format!("--listen: {e}"))?,
+            "--pid-file" => pid_file = Some(value()?),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(Args { listen, pid_file })
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("http_server: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
+
+    // 1. First thing in main, before any thread: read what the parent
+    //    handed over. SIGHUP now asks for an upgrade; one that arrives before
+    //    we are ready is held, not fatal.
+    let mut options = Options::default().upgrade_timeout(Duration::from_secs(30));
+    if let Some(path) = &args.pid_file {
+        options = options.pid_file(path);
+    }
+    let upgrader = Upgrader::new(options)?;
+
+    tokio::runtime::Runtime::new()?.block_on(serve(upgrader, args.listen))
+}
+
+async fn serve(upgrader: Upgrader, listen: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    // 2. Take the listener by name: the parent's socket if it handed one
+    //    over, else a new one. Do not accept on it yet.
+    let listener = tokio::net::TcpListener::from_std(upgrader.tcp_listener("http", listen)?)?;
+
+    // ... load configuration, open databases, warm caches: the old
+    //     generation keeps serving meanwhile, and if this fails it is told.
+
+    // 3. Ready: the PID file now names us, and the parent starts to drain.
+    upgrader.ready()?;
+    let generation = upgrader.generation();
+    tracing::info!(generation, addr = %listener.local_addr()?, "serving");
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let drain = Drain::new(DrainOptions::default());
+    let body = Bytes::from(format!(
+        "pid={} generation={generation}\n",
+        std::process::id()
+    ));
+
+    // 4. Serve until exit() resolves: a successor is ready, or stop().
+    let exit = upgrader.exit();
+    tokio::pin!(exit);
+    let reason = loop {
+        tokio::select! {
+            reason = &mut exit => break reason,
+            _ = terminate.recv() => upgrader.stop(),
+            _ = interrupt.recv() => upgrader.stop(),
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let body = body.clone();
+                let hello = service_fn(move |_: Request<Incoming>| {
+                    let body = body.clone();
+                    async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                });
+                // Counted by the drain from here on, not from the spawn.
+                tokio::spawn(drain.serve_http1(stream, hello));
+            }
+        }
+    };
+
+    // 5. Accept nothing new, finish what is in flight: responses now say
+    //    `Connection: close`, and idle keep-alive connections are closed
+    //    only after a quiet period, so no client loses a request.
+    drop(listener);
+    match reason {
+        ExitReason::Upgraded(successor) => {
+            tracing::info!(generation, successor = successor.pid, "draining")
+        }
+        ExitReason::Stopped => tracing::info!(generation, "stopping"),
+    }
+    let outcome = drain.wait().await;
+    tracing::info!(generation, ?outcome, "exiting");
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! The `Upgrader` API in this test process, against the real OS: real
+//! sockets, real successor processes (small system binaries), real signals.
+//! The process-level contract (a service upgrading itself) is tested on
+//! the harness's subject in `harness/tests/upgrade.rs`.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use handover::{Error, ExitStatus, Kind, Options, Upgrader};
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A generation 0 that starts `executable` as its successor, with no upgrade
+/// signal of its own (the tests in this process share their signal handlers).
+fn upgrader(executable: &str) -> Upgrader {
+    Upgrader::new(
+        Options::default()
+            .executable(executable)
+            .upgrade_signal(None)
+            .upgrade_timeout(Duration::from_secs(10)),
+    )
+    .unwrap()
+}
+
+#[test]
+fn first_generation_has_no_parent() {
+    let upgrader = upgrader("/bin/true");
+    assert_eq!(upgrader.generation(), 0);
+    assert!(!upgrader.has_parent());
+    assert_eq!(upgrader.parent_pid(), None);
+    // Resolves at once: there is no parent to wait for.
+    upgrader.wait_for_parent_blocking();
+}
+
+#[test]
+fn ready_twice_is_an_error() {
+    let upgrader = upgrader("/bin/true");
+    upgrader.ready().unwrap();
+    let err = upgrader.ready().unwrap_err();
+    assert!(matches!(err, Error::AlreadyReady), "{err}");
+}
+
+#[test]
+fn upgrade_before_ready_is_refused() {
+    let upgrader = upgrader("/bin/true");
+    let err = upgrader.upgrade_blocking().unwrap_err();
+    assert_eq!(err.reason(), "not_ready", "{err}");
+}
+
+#[tokio::test]
+async fn successor_exiting_zero_before_ready_is_a_failure_with_its_status() {
+    let upgrader = upgrader("/bin/true");
+    upgrader.ready().unwrap();
+    let err = upgrader.upgrade().await.unwrap_err();
+    match err {
+        Error::SuccessorExited { pid, status } => {
+            assert!(pid > 0);
+            assert_eq!(status, ExitStatus::Exited(0));
+        }
+        other => panic!("expected SuccessorExited, got {other}"),
+    }
+    // Still a serving generation: it can try again.
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "successor_exited");
+}
+
+#[test]
+fn missing_executable_is_a_spawn_error_naming_the_path() {
+    let upgrader = upgrader("/nonexistent/handover-successor");
+    upgrader.ready().unwrap();
+    let err = upgrader.upgrade_blocking().unwrap_err();
+    assert_eq!(err.reason(), "spawn_failed");
+    assert!(
+        err.to_string().contains("/nonexistent/handover-successor"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_name_asked_for_as_another_kind_is_an_error() {
+    let upgrader = upgrader("/bin/true");
+    upgrader.tcp_listener("api", loopback()).unwrap();
+    let err = upgrader.udp_socket("api", loopback()).unwrap_err();
+    match err {
+        Error::WrongKind {
+            name,
+            expected,
+            found,
+        } => {
+            assert_eq!(name, "api");
+            assert_eq!((expected, found), (Kind::Udp, Kind::TcpListener));
+        }
+        other => panic!("expected WrongKind, got {other}"),
+    }
+}
+
+#[test]
+fn asking_twice_returns_the_same_socket() {
+    let upgrader = upgrader("/bin/true");
+    let first = upgrader.tcp_listener("api", loopback()).unwrap();
+    let addr = first.local_addr().unwrap();
+    // Port 0 accepts the registered listener's port.
+    let second = upgrader.tcp_listener("api", loopback()).unwrap();
+    assert_eq!(second.local_addr().unwrap(), addr);
+    assert_ne!(
+        first.as_raw_fd(),
+        second.as_raw_fd(),
+        "callers get duplicates"
+    );
+    let _client = TcpStream::connect(addr).unwrap();
+    second.set_nonblocking(false).unwrap();
+    let (_, peer) = second.accept().unwrap();
+    assert!(peer.ip().is_loopback());
+}
+
+#[test]
+fn other_descriptors_are_added_and_taken_by_name() {
+    let upgrader = upgrader("/bin/true");
+    let file = tempfile::tempfile().unwrap();
+    upgrader.add_fd("journal", &file).unwrap();
+    let copy = upgrader.fd("journal").unwrap().expect("added just above");
+    assert_ne!(copy.as_raw_fd(), file.as_raw_fd());
+    assert!(upgrader.fd("absent").unwrap().is_none());
+    assert!(upgrader.remove("journal"));
+    assert!(upgrader.fd("journal").unwrap().is_none());
+    let err = upgrader.add_fd("", &file).unwrap_err();
+    assert_eq!(err.reason(), "invalid_name");
+}
+
+#[test]
+fn binding_an_address_in_use_names_the_descriptor_and_address() {
+    let taken = std::net::TcpListener::bind(loopback()).unwrap();
+    let addr = taken.local_addr().unwrap();
+    let upgrader = upgrader("/bin/true");
+    let err = upgrader.tcp_listener("api", addr).unwrap_err();
+    assert_eq!(err.reason(), "bind_failed");
+    let message = err.to_string();
+    assert!(
+        message.contains("\"api\"") && message.contains(&addr.to_string()),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn stop_resolves_exit_and_refuses_later_upgrades() {
+    let upgrader = upgrader("/bin/true");
+    upgrader.ready().unwrap();
+    upgrader.stop();
+    assert_eq!(upgrader.exit().await, handover::ExitReason::Stopped);
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "exiting");
+}
