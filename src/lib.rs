@@ -81,3 +81,8 @@ pub use nix::sys::signal::Signal;
 pub use registry::Kind;
 pub use upgrader::{ExitReason, Options, Upgraded, Upgrader};
 pub use wire::WireError;
+
+/// The README's examples, compiled as doctests so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -125,8 +125,7 @@ impl HttpLoad {
                     });
                 }
                 while tasks.join_next().await.is_some() {}
-                let report = total.lock().expect("no panic while held").clone();
-                report
+                total.lock().expect("no panic while held").clone()
             })
         });
         HttpLoad { stop, thread }

@@ -139,10 +139,10 @@ impl Subject {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
-                if let Some(event) = Event::parse(&line) {
-                    if sender.send(event).is_err() {
-                        return;
-                    }
+                if let Some(event) = Event::parse(&line)
+                    && sender.send(event).is_err()
+                {
+                    return;
                 }
             }
         });
