@@ -66,7 +66,7 @@ struct Inflight {
     link_closed: bool,
     started: Instant,
     deadline: Instant,
-    waiters: Vec<oneshot::Sender<Result<Upgraded>>>,
+    waiter: Option<oneshot::Sender<Result<Upgraded>>>,
 }
 
 pub(crate) struct Supervisor {
@@ -109,7 +109,7 @@ impl Supervisor {
         if let Some(inflight) = self.inflight.take() {
             let pid = inflight.pid;
             let _ = sys::kill_and_reap(pid);
-            for waiter in inflight.waiters {
+            if let Some(waiter) = inflight.waiter {
                 let _ = waiter.send(Err(Error::Exiting));
             }
         }
@@ -142,8 +142,6 @@ impl Supervisor {
             .filter_map(|((source, _), ready)| ready.then_some(*source))
             .collect();
 
-        // The successor's link first: a ready byte written just before a
-        // crash still counts as ready.
         for source in sources {
             match source {
                 Source::Successor => self.on_successor_link(),
@@ -251,7 +249,7 @@ impl Supervisor {
                     ?status,
                     "stop requested: killed the starting successor"
                 );
-                for waiter in inflight.waiters {
+                if let Some(waiter) = inflight.waiter {
                     let _ = waiter.send(Err(Error::Exiting));
                 }
             }
@@ -328,10 +326,10 @@ impl Supervisor {
                     link_closed: false,
                     started,
                     deadline: started + self.config.upgrade_timeout,
-                    waiters: waiter.into_iter().collect(),
+                    waiter,
                 });
             }
-            Err(error) => self.finish(Err(error), waiter.into_iter().collect()),
+            Err(error) => self.finish(Err(error), waiter),
         }
     }
 
@@ -385,27 +383,19 @@ impl Supervisor {
         let Some(inflight) = &mut self.inflight else {
             return;
         };
-        let mut byte = [0u8; 1];
-        match inflight.link.read(&mut byte) {
-            Ok(1) if byte[0] == READY => {
-                let inflight = self.inflight.take().expect("checked above");
-                let upgraded = Upgraded {
-                    pid: inflight.pid.as_raw(),
-                    generation: self.config.generation + 1,
-                    duration: inflight.started.elapsed(),
-                };
-                self.successor = Some((inflight.pid, inflight.link));
-                self.finish(Ok(upgraded), inflight.waiters);
+        match read_link(&inflight.link) {
+            LinkRead::Ready => {
+                if let Some(inflight) = self.inflight.take() {
+                    self.succeed(inflight, false);
+                }
             }
-            Ok(1) => {
-                let problem = format!("sent byte 0x{:02x} instead of the ready byte", byte[0]);
+            LinkRead::Unexpected(byte) => {
+                let problem = format!("sent byte 0x{byte:02x} instead of the ready byte");
                 self.fail_inflight(|pid| Error::Handshake { pid, problem });
             }
-            Err(err)
-                if err.kind() == io::ErrorKind::WouldBlock
-                    || err.kind() == io::ErrorKind::Interrupted => {}
+            LinkRead::Nothing => {}
             // EOF: it is exiting. SIGCHLD brings its status.
-            _ => inflight.link_closed = true,
+            LinkRead::Closed => inflight.link_closed = true,
         }
     }
 
@@ -421,12 +411,26 @@ impl Supervisor {
         };
         match sys::try_reap(inflight.pid) {
             Ok(Some(status)) => {
-                let inflight = self.inflight.take().expect("checked above");
-                let error = Error::SuccessorExited {
-                    pid: inflight.pid.as_raw(),
-                    status,
+                let Some(inflight) = self.inflight.take() else {
+                    return;
                 };
-                self.finish(Err(error), inflight.waiters);
+                // SIGCHLD and the ready byte can arrive in the same wake-up:
+                // a successor that said it was ready and then exited was ready.
+                if read_link(&inflight.link) == LinkRead::Ready {
+                    tracing::error!(
+                        generation = self.config.generation,
+                        pid = inflight.pid.as_raw(),
+                        %status,
+                        "successor exited right after it was ready"
+                    );
+                    self.succeed(inflight, true);
+                } else {
+                    let error = Error::SuccessorExited {
+                        pid: inflight.pid.as_raw(),
+                        status,
+                    };
+                    self.finish(Err(error), inflight.waiter);
+                }
             }
             Ok(None) => {} // another child of this process
             Err(err) => {
@@ -434,6 +438,19 @@ impl Supervisor {
                 self.fail_inflight(|pid| Error::Handshake { pid, problem });
             }
         }
+    }
+
+    /// The successor said it is ready: this generation must exit.
+    fn succeed(&mut self, inflight: Inflight, already_reaped: bool) {
+        let upgraded = Upgraded {
+            pid: inflight.pid.as_raw(),
+            generation: self.config.generation + 1,
+            duration: inflight.started.elapsed(),
+        };
+        if !already_reaped {
+            self.successor = Some((inflight.pid, inflight.link));
+        }
+        self.finish(Ok(upgraded), inflight.waiter);
     }
 
     fn on_deadline(&mut self) {
@@ -449,13 +466,13 @@ impl Supervisor {
         if let Err(err) = sys::kill_and_reap(inflight.pid) {
             tracing::error!(pid = inflight.pid.as_raw(), error = %err, "cannot reap the successor");
         }
-        self.finish(Err(error(inflight.pid.as_raw())), inflight.waiters);
+        self.finish(Err(error(inflight.pid.as_raw())), inflight.waiter);
     }
 
     fn finish(
         &mut self,
         outcome: Result<Upgraded>,
-        waiters: Vec<oneshot::Sender<Result<Upgraded>>>,
+        waiter: Option<oneshot::Sender<Result<Upgraded>>>,
     ) {
         let generation = self.config.generation;
         self.machine.upgrade_finished(outcome.is_ok());
@@ -480,9 +497,8 @@ impl Supervisor {
                 self.restore_pid_file();
             }
         }
-        let mut waiters = waiters.into_iter();
-        if let Some(first) = waiters.next() {
-            let _ = first.send(outcome);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(outcome);
         }
     }
 
@@ -507,6 +523,30 @@ enum Source {
     UpgradeSignal,
     Parent,
     Successor,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum LinkRead {
+    Ready,
+    Unexpected(u8),
+    Nothing,
+    Closed,
+}
+
+/// One non-blocking read of the successor's link.
+fn read_link(mut link: &UnixStream) -> LinkRead {
+    let mut byte = [0u8; 1];
+    match link.read(&mut byte) {
+        Ok(1) if byte[0] == READY => LinkRead::Ready,
+        Ok(1) => LinkRead::Unexpected(byte[0]),
+        Err(err)
+            if err.kind() == io::ErrorKind::WouldBlock
+                || err.kind() == io::ErrorKind::Interrupted =>
+        {
+            LinkRead::Nothing
+        }
+        _ => LinkRead::Closed,
+    }
 }
 
 /// Empties a non-blocking self-pipe.

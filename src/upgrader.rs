@@ -304,6 +304,15 @@ impl Upgrader {
         lock(&self.registry).fd(name)
     }
 
+    /// The named descriptors this generation holds and will hand on, with
+    /// their kinds, in the order they are handed on.
+    pub fn descriptors(&self) -> Vec<(String, Kind)> {
+        lock(&self.registry)
+            .handed_on()
+            .map(|(name, kind, _)| (name.to_owned(), kind))
+            .collect()
+    }
+
     /// Stops handing `name` to successors. Returns whether it was there.
     pub fn remove(&self, name: &str) -> bool {
         lock(&self.registry).remove(name)

@@ -124,7 +124,9 @@ fn other_descriptors_are_added_and_taken_by_name() {
     let copy = upgrader.fd("journal").unwrap().expect("added just above");
     assert_ne!(copy.as_raw_fd(), file.as_raw_fd());
     assert!(upgrader.fd("absent").unwrap().is_none());
+    assert_eq!(upgrader.descriptors(), [("journal".to_owned(), Kind::Fd)]);
     assert!(upgrader.remove("journal"));
+    assert!(upgrader.descriptors().is_empty());
     assert!(upgrader.fd("journal").unwrap().is_none());
     let err = upgrader.add_fd("", &file).unwrap_err();
     assert_eq!(err.reason(), "invalid_name");

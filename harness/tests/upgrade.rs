@@ -415,3 +415,21 @@ fn bad_inheritance_environment_is_a_one_line_error(#[case] value: &str, #[case] 
     );
     assert!(stderr.contains(detail), "{stderr}");
 }
+
+/// Ready is ready: a successor that crashes right after `ready()` still ends
+/// the old generation (no old code after success), and the upgrade reports
+/// success, even when the ready byte and its exit arrive together.
+#[test]
+fn a_successor_crashing_right_after_ready_was_ready() {
+    let mut subject = Subject::start(&SubjectConfig {
+        faults: Some("1=crash-after-ready".into()),
+        ..config()
+    })
+    .unwrap();
+    let first = subject.first_pid();
+    let answer = subject.upgrade().unwrap();
+    let successor = subject.wait_for(|e| e.is("ready", 1)).unwrap().pid;
+    assert!(answer.contains(&format!("pid={successor}")), "{answer}");
+    subject.wait_for(|e| e.is("exited", 0)).unwrap();
+    subject.wait_exit(first).unwrap();
+}

@@ -1,0 +1,226 @@
+//! Handover latency beside its floor, measured in the same run.
+//!
+//! - `floor`: this binary started bare (posix_spawn and exec, build the tokio
+//!   runtime, write one byte to a pipe): what starting a process costs
+//!   without the library.
+//! - `upgrade/N`: from `upgrade()` to its success, for a successor (this
+//!   binary again) that is ready as soon as it has its N inherited listeners
+//!   and the same runtime.
+//! - `old_gone`: from asking a separate old generation to upgrade to that
+//!   process having exited, with nothing to drain.
+//!
+//! This binary plays every role: which one comes from its environment. After
+//! criterion's report it prints each median beside the floor's, as a ratio.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion};
+use handover::{Kind, Options, Upgrader};
+
+const ROLE: &str = "HANDOVER_BENCH_ROLE";
+const SIZES: [usize; 3] = [1, 16, 256];
+
+fn main() {
+    // A successor is whatever this binary is when it inherits a handover.
+    if std::env::var_os("HANDOVER").is_some() {
+        return successor();
+    }
+    match std::env::var(ROLE).as_deref() {
+        Ok("floor") => return floor(),
+        Ok("old") => return old_generation(),
+        _ => {}
+    }
+    become_subreaper();
+    let mut criterion = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5))
+        .configure_from_args();
+    let mut group = criterion.benchmark_group("handover");
+    group.bench_function("floor", |b| {
+        b.iter_custom(|n| (0..n).map(|_| spawn_floor()).sum())
+    });
+    for size in SIZES {
+        group.bench_with_input(BenchmarkId::new("upgrade", size), &size, |b, &size| {
+            b.iter_custom(|n| (0..n).map(|_| one_upgrade(size)).sum())
+        });
+    }
+    group.bench_function("old_gone", |b| {
+        b.iter_custom(|n| (0..n).map(|_| old_gone()).sum())
+    });
+    group.finish();
+    criterion.final_summary();
+    print_ratios();
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("a constant address")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// The floor's child: the runtime, then one byte on stdout.
+fn floor() {
+    let _runtime = runtime();
+    std::io::stdout().write_all(b"R").expect("stdout is a pipe");
+}
+
+/// Time to start the floor child and read its byte.
+fn spawn_floor() -> Duration {
+    let exe = std::env::current_exe().expect("this binary");
+    let started = Instant::now();
+    let mut child = Command::new(exe)
+        .env(ROLE, "floor")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the floor child");
+    let mut byte = [0u8; 1];
+    child
+        .stdout
+        .as_mut()
+        .expect("piped")
+        .read_exact(&mut byte)
+        .expect("the floor child's byte");
+    let elapsed = started.elapsed();
+    child.wait().expect("reap the floor child");
+    elapsed
+}
+
+/// The successor: ready as soon as it holds its listeners.
+fn successor() {
+    let upgrader = Upgrader::new(Options::default()).expect("a valid inheritance");
+    let _runtime = runtime();
+    let listeners: Vec<_> = upgrader
+        .descriptors()
+        .into_iter()
+        .filter(|(_, kind)| *kind == Kind::TcpListener)
+        .map(|(name, _)| {
+            upgrader
+                .tcp_listener(&name, loopback())
+                .expect("inherited listener")
+        })
+        .collect();
+    upgrader.ready().expect("ready");
+    drop(listeners);
+    // It has been measured; leave without waiting for the parent.
+    std::process::exit(0);
+}
+
+/// One upgrade of a fresh in-process generation with `size` listeners.
+fn one_upgrade(size: usize) -> Duration {
+    let upgrader = Upgrader::new(Options::default().upgrade_signal(None)).expect("an upgrader");
+    let _listeners: Vec<_> = (0..size)
+        .map(|i| {
+            upgrader
+                .tcp_listener(&format!("l{i}"), loopback())
+                .expect("bind")
+        })
+        .collect();
+    upgrader.ready().expect("ready");
+    let started = Instant::now();
+    let upgraded = upgrader.upgrade_blocking().expect("the upgrade succeeds");
+    let elapsed = started.elapsed();
+    drop(upgrader);
+    reap(upgraded.pid);
+    elapsed
+}
+
+/// The old generation for `old_gone`: serves nothing, upgrades on a byte
+/// from stdin, and exits as soon as `exit()` resolves.
+fn old_generation() {
+    let upgrader = Upgrader::new(Options::default().upgrade_signal(None)).expect("an upgrader");
+    let runtime = runtime();
+    let _listener = upgrader.tcp_listener("http", loopback()).expect("bind");
+    upgrader.ready().expect("ready");
+    let mut stdout = std::io::stdout();
+    stdout.write_all(b"ready\n").expect("stdout");
+    stdout.flush().expect("stdout");
+    let mut trigger = [0u8; 1];
+    std::io::stdin()
+        .read_exact(&mut trigger)
+        .expect("a trigger");
+    let upgraded = runtime.block_on(async {
+        let upgraded = upgrader.upgrade().await.expect("the upgrade succeeds");
+        upgrader.exit().await;
+        upgraded
+    });
+    writeln!(stdout, "{}", upgraded.pid).expect("stdout");
+    std::process::exit(0);
+}
+
+/// Time from asking an old generation to upgrade to its exit.
+fn old_gone() -> Duration {
+    let exe = std::env::current_exe().expect("this binary");
+    let mut old = Command::new(exe)
+        .env(ROLE, "old")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the old generation");
+    let mut lines = BufReader::new(old.stdout.take().expect("piped"));
+    let mut line = String::new();
+    lines.read_line(&mut line).expect("its ready line");
+    let started = Instant::now();
+    old.stdin
+        .as_mut()
+        .expect("piped")
+        .write_all(b"U")
+        .expect("trigger");
+    old.wait().expect("reap the old generation");
+    let elapsed = started.elapsed();
+    line.clear();
+    lines.read_line(&mut line).expect("its successor's pid");
+    // The old generation is gone: its successor is our child now (subreaper)
+    // or was reaped by it.
+    reap(line.trim().parse().expect("a pid"));
+    elapsed
+}
+
+fn reap(pid: i32) {
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+}
+
+fn become_subreaper() {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+    }
+}
+
+/// Each median beside the floor's, from criterion's own estimates.
+fn print_ratios() {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("criterion/handover");
+    let median = |id: &str| -> Option<f64> {
+        let text = std::fs::read_to_string(dir.join(id).join("new/estimates.json")).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        json["median"]["point_estimate"].as_f64()
+    };
+    let Some(floor) = median("floor") else {
+        return;
+    };
+    println!("\nmedians beside the floor (same run):");
+    println!("  {:<16} {:>9.3} ms   1.00 x floor", "floor", floor / 1e6);
+    let mut ids: Vec<String> = SIZES.iter().map(|n| format!("upgrade/{n}")).collect();
+    ids.push("old_gone".into());
+    for id in ids {
+        if let Some(m) = median(&id) {
+            println!(
+                "  {:<16} {:>9.3} ms   {:.2} x floor",
+                id,
+                m / 1e6,
+                m / floor
+            );
+        }
+    }
+}
