@@ -75,8 +75,10 @@ struct Entry {
     fd: OwnedFd,
     /// Inherited and not yet asked for by this generation.
     unclaimed: bool,
-    /// The socket path this generation bound itself (removed on a final stop).
+    /// The socket path this generation serves (removed on a final stop).
     unix_path: Option<PathBuf>,
+    /// A socket's local address, read once.
+    local: Option<SockAddr>,
 }
 
 /// The named descriptors of one generation.
@@ -108,30 +110,32 @@ impl Registry {
             fd: link,
             problem,
         })?;
+        let mut locals = Vec::with_capacity(inherited.len());
         for entry in inherited {
-            sys::check_inherited(entry.fd, entry.kind).map_err(|problem| {
+            let local = sys::check_inherited(entry.fd, entry.kind).map_err(|problem| {
                 Error::InheritedDescriptor {
                     name: entry.name.clone(),
                     fd: entry.fd,
                     problem,
                 }
             })?;
+            locals.push(local);
         }
-        let link = sys::adopt(link)
-            .map_err(|e| Error::io("marking the handshake link close-on-exec", e))?;
+        let numbers: Vec<RawFd> = std::iter::once(link)
+            .chain(inherited.iter().map(|e| e.fd))
+            .collect();
+        let mut adopted = sys::adopt(&numbers)
+            .map_err(|e| Error::io("marking inherited descriptors close-on-exec", e))?
+            .into_iter();
+        let link = adopted.next().ok_or_else(|| {
+            Error::io("adopting the handshake link", std::io::ErrorKind::NotFound)
+        })?;
         let mut registry = Registry::default();
-        for entry in inherited {
-            let fd = sys::adopt(entry.fd)
-                .map_err(|e| Error::io("marking an inherited descriptor close-on-exec", e))?;
+        for ((entry, local), fd) in inherited.iter().zip(locals).zip(adopted) {
             // A final stop in this generation removes the path it now serves.
-            let unix_path = matches!(entry.kind, Kind::UnixListener | Kind::UnixDatagram)
-                .then(|| {
-                    sys::local_addr(&fd)
-                        .ok()?
-                        .as_pathname()
-                        .map(Path::to_path_buf)
-                })
-                .flatten();
+            let unix_path = local
+                .as_ref()
+                .and_then(|addr| addr.as_pathname().map(Path::to_path_buf));
             registry.entries.insert(
                 entry.name.clone(),
                 Entry {
@@ -139,6 +143,7 @@ impl Registry {
                     fd,
                     unclaimed: true,
                     unix_path,
+                    local,
                 },
             );
         }
@@ -185,7 +190,7 @@ impl Registry {
         &mut self,
         name: &str,
         kind: Kind,
-        matches: impl FnOnce(&OwnedFd) -> bool,
+        matches: impl FnOnce(Option<&SockAddr>) -> bool,
     ) -> Result<Option<OwnedFd>> {
         wire::check_name(name).map_err(|problem| Error::InvalidName {
             name: name.into(),
@@ -201,7 +206,7 @@ impl Registry {
                 found: entry.kind,
             });
         }
-        if !matches(&entry.fd) {
+        if !matches(entry.local.as_ref()) {
             tracing::info!(
                 name,
                 "address changed: binding a new socket instead of the inherited one"
@@ -221,6 +226,11 @@ impl Registry {
         unix_path: Option<PathBuf>,
     ) -> Result<OwnedFd> {
         let copy = duplicate(&fd)?;
+        let local = if kind == Kind::Fd {
+            None
+        } else {
+            sys::local_addr(&fd).ok()
+        };
         self.entries.insert(
             name.into(),
             Entry {
@@ -228,13 +238,16 @@ impl Registry {
                 fd,
                 unclaimed: false,
                 unix_path,
+                local,
             },
         );
         Ok(copy)
     }
 
     pub(crate) fn tcp_listener(&mut self, name: &str, addr: SocketAddr) -> Result<OwnedFd> {
-        if let Some(fd) = self.claim(name, Kind::TcpListener, |fd| same_inet_addr(fd, addr))? {
+        if let Some(fd) =
+            self.claim(name, Kind::TcpListener, |local| same_inet_addr(local, addr))?
+        {
             return Ok(fd);
         }
         let bind_err = |source| Error::Bind {
@@ -252,7 +265,7 @@ impl Registry {
     }
 
     pub(crate) fn udp_socket(&mut self, name: &str, addr: SocketAddr) -> Result<OwnedFd> {
-        if let Some(fd) = self.claim(name, Kind::Udp, |fd| same_inet_addr(fd, addr))? {
+        if let Some(fd) = self.claim(name, Kind::Udp, |local| same_inet_addr(local, addr))? {
             return Ok(fd);
         }
         let bind_err = |source| Error::Bind {
@@ -267,7 +280,7 @@ impl Registry {
     }
 
     pub(crate) fn unix_socket(&mut self, name: &str, kind: Kind, path: &Path) -> Result<OwnedFd> {
-        if let Some(fd) = self.claim(name, kind, |fd| same_unix_path(fd, path))? {
+        if let Some(fd) = self.claim(name, kind, |local| same_unix_path(local, path))? {
             return Ok(fd);
         }
         let bind_err = |source| Error::Bind {
@@ -336,21 +349,17 @@ fn duplicate(fd: &impl AsFd) -> Result<OwnedFd> {
         .map_err(|e| Error::io("duplicating a descriptor", e))
 }
 
-fn same_inet_addr(fd: &OwnedFd, wanted: SocketAddr) -> bool {
-    let Ok(local) = sys::local_addr(fd) else {
-        return false;
-    };
-    let Some(local) = local.as_socket() else {
+fn same_inet_addr(local: Option<&SockAddr>, wanted: SocketAddr) -> bool {
+    let Some(local) = local.and_then(SockAddr::as_socket) else {
         return false;
     };
     // Port 0 asks for any port: the inherited one is as good as a new one.
     local.ip() == wanted.ip() && (wanted.port() == 0 || local.port() == wanted.port())
 }
 
-fn same_unix_path(fd: &OwnedFd, wanted: &Path) -> bool {
-    sys::local_addr(fd)
-        .ok()
-        .and_then(|addr| addr.as_pathname().map(Path::to_path_buf))
+fn same_unix_path(local: Option<&SockAddr>, wanted: &Path) -> bool {
+    local
+        .and_then(SockAddr::as_pathname)
         .is_some_and(|path| path == wanted)
 }
 

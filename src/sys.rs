@@ -10,7 +10,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 use std::time::Duration;
@@ -22,7 +22,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
 use nix::sys::socket::{SockType, getsockopt, sockopt};
-use nix::sys::stat::{SFlag, fstat};
+use nix::sys::stat::SFlag;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use socket2::{Domain, SockAddr, SockRef};
@@ -31,33 +31,67 @@ use crate::error::ExitStatus;
 use crate::registry::Kind;
 
 /// Checks that `fd` is open and is the kind of object `kind` names,
-/// without taking ownership of it. The error says what it is instead.
-pub(crate) fn check_inherited(fd: RawFd, kind: Kind) -> Result<(), String> {
-    // SAFETY: F_GETFD only reads the descriptor table entry for `fd`; on a
-    // number that is not open it fails with EBADF and touches nothing.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-        return Err(format!("it is not open ({})", io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just seen open, and it stays open while borrowed here:
-    // nothing in this function closes it and the library has not adopted it.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+/// without taking ownership of it; returns a socket's local address for the
+/// registry to keep. The error says what it is instead.
+///
+/// Runs for every inherited descriptor at startup, so it asks the kernel as
+/// little as it can: one `getsockname(2)` tells open, socket and family.
+pub(crate) fn check_inherited(fd: RawFd, kind: Kind) -> Result<Option<SockAddr>, String> {
     if kind == Kind::Fd {
-        return Ok(());
+        // SAFETY: F_GETFD only reads the descriptor table entry for `fd`; on
+        // a number that is not open it fails with EBADF and touches nothing.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            return Err(format!("it is not open ({})", io::Error::last_os_error()));
+        }
+        return Ok(None);
     }
-    let stat = fstat(borrowed).map_err(|e| format!("fstat failed: {e}"))?;
-    let file_type = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
-    if file_type != SFlag::S_IFSOCK {
-        return Err(format!(
-            "expected a {kind}, found {}",
-            describe_file_type(file_type)
-        ));
-    }
-    let found = socket_kind(borrowed).map_err(|e| format!("cannot inspect the socket: {e}"))?;
+    // SAFETY: `try_init` hands a zeroed storage and its length; getsockname
+    // writes at most that many bytes and the actual length, and `try_init`
+    // reads only what the call reported. On a number that is not open or
+    // not a socket it fails and writes nothing.
+    let named = unsafe {
+        SockAddr::try_init(|storage, len| {
+            if libc::getsockname(fd, storage.cast(), len) == -1 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        })
+    };
+    let addr = match named {
+        Ok(((), addr)) => addr,
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
+            return Err(format!("it is not open ({e})"));
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
+            return Err(format!("expected a {kind}, found {}", describe(fd)));
+        }
+        Err(e) => return Err(format!("cannot inspect it: {e}")),
+    };
+    // SAFETY: getsockname just succeeded on `fd`, so it is open, and it stays
+    // open while borrowed here: nothing in this function closes it and the
+    // library has not adopted it yet.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let found =
+        socket_kind(borrowed, &addr).map_err(|e| format!("cannot inspect the socket: {e}"))?;
     match found {
-        Some(found) if found == kind => Ok(()),
+        Some(found) if found == kind => Ok(Some(addr)),
         Some(found) => Err(format!("expected a {kind}, found a {found}")),
         None => Err(format!("expected a {kind}, found another kind of socket")),
     }
+}
+
+/// What a descriptor that is not a socket is, for an error message.
+fn describe(fd: RawFd) -> &'static str {
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a `stat` into the buffer it is given, which is
+    // large enough, and fails without writing on a bad descriptor.
+    if unsafe { libc::fstat(fd, stat.as_mut_ptr()) } == -1 {
+        return "something that cannot be inspected";
+    }
+    // SAFETY: fstat succeeded, so it initialised the buffer.
+    let mode = unsafe { stat.assume_init() }.st_mode;
+    describe_file_type(SFlag::from_bits_truncate(mode) & SFlag::S_IFMT)
 }
 
 fn describe_file_type(file_type: SFlag) -> &'static str {
@@ -72,42 +106,84 @@ fn describe_file_type(file_type: SFlag) -> &'static str {
     }
 }
 
-/// The kind of a socket, from its type, family and listening state.
-fn socket_kind(fd: BorrowedFd<'_>) -> nix::Result<Option<Kind>> {
-    let ty = getsockopt(&fd, sockopt::SockType)?;
-    let domain = SockRef::from(&fd)
-        .local_addr()
-        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)))?
-        .domain();
+/// The kind of a socket and its local address, from its family, listening
+/// state and (for one that does not listen) its type.
+fn socket_kind(fd: BorrowedFd<'_>, addr: &SockAddr) -> io::Result<Option<Kind>> {
+    let domain = addr.domain();
     let inet = domain == Domain::IPV4 || domain == Domain::IPV6;
     let unix = domain == Domain::UNIX;
-    Ok(match ty {
-        SockType::Stream if getsockopt(&fd, sockopt::AcceptConn)? => {
-            if inet {
-                Some(Kind::TcpListener)
-            } else if unix {
-                Some(Kind::UnixListener)
-            } else {
-                None
-            }
+    // Only stream sockets listen, so a listener needs no SO_TYPE.
+    let kind = if getsockopt(&fd, sockopt::AcceptConn)? {
+        if inet {
+            Some(Kind::TcpListener)
+        } else if unix {
+            Some(Kind::UnixListener)
+        } else {
+            None
         }
-        SockType::Datagram if inet => Some(Kind::Udp),
-        SockType::Datagram if unix => Some(Kind::UnixDatagram),
-        _ => None,
-    })
+    } else {
+        match getsockopt(&fd, sockopt::SockType)? {
+            SockType::Datagram if inet => Some(Kind::Udp),
+            SockType::Datagram if unix => Some(Kind::UnixDatagram),
+            _ => None,
+        }
+    };
+    Ok(kind)
 }
 
-/// Takes ownership of an inherited descriptor and marks it close-on-exec,
-/// so it reaches no process but the next generation (which gets it again
+/// Takes ownership of inherited descriptors and marks them close-on-exec,
+/// so they reach no process but the next generation (which gets them again
 /// through the spawn's file actions).
-pub(crate) fn adopt(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: `fd` was checked open by `check_inherited`, the parent handed it
-    // to this process for the library alone (the inheritance environment
-    // names it), and the wire decoder refused duplicates, so exactly one
-    // owner is created per descriptor.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    set_cloexec(&owned)?;
+pub(crate) fn adopt(fds: &[RawFd]) -> io::Result<Vec<OwnedFd>> {
+    let owned: Vec<OwnedFd> = fds
+        .iter()
+        // SAFETY: each `fd` was checked open by `check_inherited`, the parent
+        // handed it to this process for the library alone (the inheritance
+        // environment names it), and the wire decoder refused duplicates, so
+        // exactly one owner is created per descriptor.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    let mut sorted: Vec<RawFd> = fds.to_vec();
+    sorted.sort_unstable();
+    let mut run_start = 0;
+    for i in 1..=sorted.len() {
+        if i == sorted.len() || sorted[i] != sorted[i - 1] + 1 {
+            if !sorted.is_empty() {
+                cloexec_range(sorted[run_start], sorted[i - 1])?;
+            }
+            run_start = i;
+        }
+    }
     Ok(owned)
+}
+
+/// Marks `first..=last` close-on-exec. Platform branch: Linux (5.11+) does a
+/// whole run in one `close_range(2)` call; elsewhere, and on older kernels,
+/// one `fcntl(2)` per descriptor.
+fn cloexec_range(first: RawFd, last: RawFd) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on the
+        // descriptors in the range, all of which this process owns (adopted
+        // just before); it closes nothing.
+        let done = unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                first as libc::c_uint,
+                last as libc::c_uint,
+                libc::CLOSE_RANGE_CLOEXEC,
+            )
+        } == 0;
+        if done {
+            return Ok(());
+        }
+    }
+    for fd in first..=last {
+        // SAFETY: every descriptor in the range was adopted by the caller and
+        // stays open while borrowed for this one call.
+        set_cloexec(&unsafe { BorrowedFd::borrow_raw(fd) })?;
+    }
+    Ok(())
 }
 
 pub(crate) fn set_cloexec(fd: &impl AsFd) -> io::Result<()> {
@@ -154,36 +230,75 @@ pub(crate) struct SpawnRequest<'a> {
     pub blocked: Option<Signal>,
 }
 
+/// Orders the `dup2`s that put `fds` at 3, 4, ... so that none overwrites a
+/// source still to be copied: a parallel move. A source is copied above the
+/// targets (by `copy`) only to break a cycle, or when it already sits at its
+/// target (`dup2(fd, fd)` would leave it close-on-exec). Returns the
+/// (source, target) pairs in order.
+fn placement(
+    fds: &[RawFd],
+    copy: &mut impl FnMut(RawFd) -> io::Result<RawFd>,
+) -> io::Result<Vec<(RawFd, RawFd)>> {
+    use std::collections::HashMap;
+    let mut sources: Vec<RawFd> = fds.to_vec();
+    let target_of = |i: usize| 3 + i as RawFd;
+    // How many pending moves still read each descriptor.
+    let mut readers: HashMap<RawFd, usize> = HashMap::new();
+    for (i, source) in sources.iter_mut().enumerate() {
+        if *source == target_of(i) {
+            *source = copy(*source)?;
+        }
+        *readers.entry(*source).or_default() += 1;
+    }
+    let mut pending: Vec<usize> = (0..sources.len()).collect();
+    let mut order = Vec::with_capacity(sources.len());
+    while !pending.is_empty() {
+        let before = pending.len();
+        pending.retain(|&i| {
+            let free = readers.get(&target_of(i)).copied().unwrap_or(0) == 0;
+            if free {
+                order.push((sources[i], target_of(i)));
+                if let Some(n) = readers.get_mut(&sources[i]) {
+                    *n -= 1;
+                }
+            }
+            !free
+        });
+        if pending.len() == before {
+            // Every pending target is still a source: a cycle. Copy one
+            // source out of the way, which frees its descriptor as a target.
+            let i = pending[0];
+            if let Some(n) = readers.get_mut(&sources[i]) {
+                *n -= 1;
+            }
+            sources[i] = copy(sources[i])?;
+            *readers.entry(sources[i]).or_default() += 1;
+        }
+    }
+    Ok(order)
+}
+
 /// Starts a successor with `posix_spawn(3)`: no fork of this (possibly large)
 /// process, and the exec error (ENOENT, EACCES, ENOEXEC) is returned here.
 pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<Pid> {
-    let first_target: RawFd = 3;
-    let end = first_target + request.fds.len() as RawFd;
-    // A source below `end` could be overwritten by an earlier dup2 in the
-    // child; move those out of the way first. The copies are close-on-exec,
-    // and dup2 clears that flag on the target.
     let mut moved: Vec<OwnedFd> = Vec::new();
-    let mut sources = Vec::with_capacity(request.fds.len());
-    for &fd in request.fds {
-        if fd < end {
-            let raw = fcntl(
-                // SAFETY: the registry owns `fd` and holds its lock for the
-                // whole spawn, so it stays open while borrowed.
-                unsafe { BorrowedFd::borrow_raw(fd) },
-                FcntlArg::F_DUPFD_CLOEXEC(end),
-            )?;
-            // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing
-            // else owns.
-            let copy = unsafe { OwnedFd::from_raw_fd(raw) };
-            sources.push(copy.as_raw_fd());
-            moved.push(copy);
-        } else {
-            sources.push(fd);
-        }
-    }
+    let end = 3 + request.fds.len() as RawFd;
+    let mut copy_above_targets = |fd: RawFd| -> io::Result<RawFd> {
+        // SAFETY: the registry owns `fd` and holds its lock for the whole
+        // spawn (the link is owned by the caller), so it stays open while
+        // borrowed.
+        let raw = fcntl(
+            unsafe { BorrowedFd::borrow_raw(fd) },
+            FcntlArg::F_DUPFD_CLOEXEC(end),
+        )?;
+        // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor nothing else owns.
+        let copy = unsafe { OwnedFd::from_raw_fd(raw) };
+        moved.push(copy);
+        Ok(raw)
+    };
     let mut actions = PosixSpawnFileActions::init()?;
-    for (i, &source) in sources.iter().enumerate() {
-        actions.add_dup2(source, first_target + i as RawFd)?;
+    for (source, target) in placement(request.fds, &mut copy_above_targets)? {
+        actions.add_dup2(source, target)?;
     }
 
     let mut attr = PosixSpawnAttr::init()?;
@@ -280,4 +395,65 @@ pub(crate) fn poll_readable(
 /// This process's id.
 pub(crate) fn pid() -> i32 {
     nix::unistd::getpid().as_raw()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Runs the moves on a model descriptor table and checks every target
+    /// ends up with its source's object.
+    fn check(fds: &[RawFd]) {
+        let mut next_copy = 10_000;
+        let mut copies = Vec::new();
+        let order = placement(fds, &mut |fd| {
+            next_copy += 1;
+            copies.push((fd, next_copy));
+            Ok(next_copy)
+        })
+        .unwrap();
+        let mut table: std::collections::HashMap<RawFd, RawFd> =
+            fds.iter().map(|&fd| (fd, fd)).collect();
+        for &(from, to) in &copies {
+            table.insert(to, table[&from]);
+        }
+        for (source, target) in order {
+            assert_ne!(source, target, "dup2(fd, fd) leaves it close-on-exec");
+            let object = table[&source];
+            table.insert(target, object);
+        }
+        for (i, &fd) in fds.iter().enumerate() {
+            assert_eq!(table[&(3 + i as RawFd)], fd, "target {} of {fds:?}", 3 + i);
+        }
+    }
+
+    #[test]
+    fn places_chains_cycles_and_fixed_points() {
+        check(&[]);
+        check(&[3]); // already in place
+        check(&[4, 3]); // a swap
+        check(&[4, 5, 3]); // a three-cycle
+        check(&[10, 11, 12]); // nothing overlaps
+        check(&[5, 3, 20]); // a chain
+    }
+
+    #[test]
+    fn copies_only_to_break_cycles() {
+        let mut copies = 0;
+        placement(&[10, 3, 4, 5, 6], &mut |fd| {
+            copies += 1;
+            Ok(fd + 1000)
+        })
+        .unwrap();
+        assert_eq!(copies, 0);
+    }
+
+    proptest! {
+        #[test]
+        fn any_distinct_sources_are_placed(fds in prop::collection::hash_set(3..40i32, 0..30)) {
+            let fds: Vec<RawFd> = fds.into_iter().collect();
+            check(&fds);
+        }
+    }
 }
