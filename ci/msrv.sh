@@ -38,7 +38,7 @@ command -v rustup >/dev/null || missing "rustup is not on PATH, so no other tool
 if ! installed; then
   echo "msrv: Rust $msrv is not installed; trying: rustup toolchain install $msrv --profile minimal"
   if ! install || ! installed; then
-    missing "rustup could not install it (no network to its distribution server?)"
+    missing "rustup could not install it (its error is above)"
   fi
 fi
 

@@ -5,6 +5,10 @@
 pub mod fault;
 pub mod load;
 pub mod process;
+pub mod report;
+pub mod runner;
+pub mod scenario;
+pub mod subject;
 
 /// How many descriptors this process has open, counted portably from
 /// `/dev/fd` (the listing's own descriptor excluded).

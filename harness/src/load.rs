@@ -8,15 +8,18 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
 use hyper::header::CONNECTION;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
 
 /// Why a request failed.
@@ -56,12 +59,40 @@ pub struct LoadReport {
     pub generations: BTreeSet<u64>,
     /// The first few failures, described.
     pub examples: Vec<String>,
+    /// Every HTTP request: when it started and how long it took.
+    pub samples: Vec<Sample>,
+    /// Echo round trips (TCP, Unix) answered correctly.
+    pub echoes: u64,
+    /// UDP datagrams sent, and how many were never answered.
+    pub udp_sent: u64,
+    /// UDP datagrams never answered.
+    pub udp_lost: u64,
+}
+
+/// One HTTP request, for the timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// Milliseconds from the start of the load to the request.
+    pub at_ms: u32,
+    /// How long the answer took, in microseconds.
+    pub latency_us: u32,
+    /// Whether it was answered correctly.
+    pub ok: bool,
+}
+
+/// Counters readable while the load runs, for a progress line.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Requests and round trips answered correctly.
+    pub ok: AtomicU64,
+    /// Failures of every class.
+    pub failed: AtomicU64,
 }
 
 impl LoadReport {
-    /// All failed requests.
+    /// All failed requests and round trips, and lost datagrams.
     pub fn failed(&self) -> u64 {
-        self.failures.values().sum()
+        self.failures.values().sum::<u64>() + self.udp_lost
     }
 
     fn fail(&mut self, class: FailureClass, detail: String) {
@@ -73,6 +104,10 @@ impl LoadReport {
 
     fn merge(&mut self, other: LoadReport) {
         self.ok += other.ok;
+        self.echoes += other.echoes;
+        self.udp_sent += other.udp_sent;
+        self.udp_lost += other.udp_lost;
+        self.samples.extend(other.samples);
         self.reconnects += other.reconnects;
         for (class, n) in other.failures {
             *self.failures.entry(class).or_default() += n;
@@ -95,61 +130,179 @@ pub enum Mode {
     NewConnection,
 }
 
-/// HTTP load running on its own thread until [`HttpLoad::finish`].
-#[derive(Debug)]
-pub struct HttpLoad {
-    stop: watch::Sender<bool>,
-    thread: std::thread::JoinHandle<LoadReport>,
+/// What to run against the subject.
+#[derive(Debug, Clone, Default)]
+pub struct LoadPlan {
+    /// The HTTP address, and clients by mode.
+    pub http: Option<SocketAddr>,
+    /// Keep-alive clients.
+    pub keep_alive: usize,
+    /// Connection-per-request clients.
+    pub new_connection: usize,
+    /// Keep-alive clients that pause this long between requests.
+    pub idle: Option<(usize, Duration)>,
+    /// TCP echo address and connections.
+    pub tcp: Option<(SocketAddr, usize)>,
+    /// Unix echo path and connections.
+    pub unix: Option<(PathBuf, usize)>,
+    /// How long an echo connection lives before its client reconnects.
+    pub connection_life: Duration,
+    /// UDP echo address and clients.
+    pub udp: Option<(SocketAddr, usize)>,
 }
 
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Load running on its own thread until [`Load::finish`].
+#[derive(Debug)]
+pub struct Load {
+    stop: watch::Sender<bool>,
+    thread: std::thread::JoinHandle<LoadReport>,
+    live: Arc<Live>,
+}
 
-impl HttpLoad {
-    /// Starts `clients` clients, each sending one request after another.
-    pub fn start(addr: SocketAddr, clients: usize, mode: Mode) -> HttpLoad {
+/// The HTTP-only load the tests use.
+pub type HttpLoad = Load;
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pace of one echo or UDP client: a message every this long.
+const ECHO_PACE: Duration = Duration::from_millis(2);
+
+impl Load {
+    /// Starts `clients` HTTP clients, each sending one request after another.
+    pub fn start(addr: SocketAddr, clients: usize, mode: Mode) -> Load {
+        let (keep_alive, new_connection) = match mode {
+            Mode::KeepAlive => (clients, 0),
+            Mode::NewConnection => (0, clients),
+        };
+        Load::run(LoadPlan {
+            http: Some(addr),
+            keep_alive,
+            new_connection,
+            ..LoadPlan::default()
+        })
+    }
+
+    /// Starts every client of `plan`.
+    pub fn run(plan: LoadPlan) -> Load {
         let (stop, stopped) = watch::channel(false);
+        let live = Arc::new(Live::default());
+        let counters = Arc::clone(&live);
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("a tokio runtime");
-            runtime.block_on(async move {
-                let total = Arc::new(Mutex::new(LoadReport::default()));
-                let mut tasks = tokio::task::JoinSet::new();
-                for _ in 0..clients {
-                    let stopped = stopped.clone();
-                    let total = Arc::clone(&total);
-                    tasks.spawn(async move {
-                        let report = client(addr, mode, stopped).await;
-                        total.lock().expect("no panic while held").merge(report);
-                    });
-                }
-                while tasks.join_next().await.is_some() {}
-                total.lock().expect("no panic while held").clone()
-            })
+            runtime.block_on(run_plan(plan, stopped, counters))
         });
-        HttpLoad { stop, thread }
+        Load { stop, thread, live }
     }
 
-    /// Requests answered so far is not tracked live; stop and report.
+    /// Counters that move while the load runs.
+    pub fn live(&self) -> Arc<Live> {
+        Arc::clone(&self.live)
+    }
+
+    /// Stops every client and reports what they saw.
     pub fn finish(self) -> LoadReport {
         let _ = self.stop.send(true);
         self.thread.join().expect("the load thread does not panic")
     }
 }
 
-async fn client(addr: SocketAddr, mode: Mode, stopped: watch::Receiver<bool>) -> LoadReport {
+async fn run_plan(plan: LoadPlan, stopped: watch::Receiver<bool>, live: Arc<Live>) -> LoadReport {
+    let started = Instant::now();
+    let total = Arc::new(Mutex::new(LoadReport::default()));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut spawn =
+        |client: std::pin::Pin<Box<dyn std::future::Future<Output = LoadReport> + Send>>| {
+            let total = Arc::clone(&total);
+            tasks.spawn(async move {
+                let report = client.await;
+                total.lock().expect("no panic while held").merge(report);
+            });
+        };
+    if let Some(addr) = plan.http {
+        let http = |mode, pause| {
+            Box::pin(client(
+                addr,
+                mode,
+                pause,
+                stopped.clone(),
+                Arc::clone(&live),
+                started,
+            )) as _
+        };
+        (0..plan.keep_alive).for_each(|_| spawn(http(Mode::KeepAlive, None)));
+        (0..plan.new_connection).for_each(|_| spawn(http(Mode::NewConnection, None)));
+        if let Some((clients, pause)) = plan.idle {
+            (0..clients).for_each(|_| spawn(http(Mode::KeepAlive, Some(pause))));
+        }
+    }
+    let life = plan.connection_life.max(ECHO_PACE);
+    if let Some((addr, clients)) = plan.tcp {
+        for _ in 0..clients {
+            let connect = move || async move { TcpStream::connect(addr).await };
+            spawn(Box::pin(echo_client(
+                connect,
+                life,
+                stopped.clone(),
+                Arc::clone(&live),
+            )));
+        }
+    }
+    if let Some((path, clients)) = plan.unix {
+        for _ in 0..clients {
+            let path = path.clone();
+            let connect = move || {
+                let path = path.clone();
+                async move { tokio::net::UnixStream::connect(path).await }
+            };
+            spawn(Box::pin(echo_client(
+                connect,
+                life,
+                stopped.clone(),
+                Arc::clone(&live),
+            )));
+        }
+    }
+    if let Some((addr, clients)) = plan.udp {
+        for _ in 0..clients {
+            spawn(Box::pin(udp_client(
+                addr,
+                stopped.clone(),
+                Arc::clone(&live),
+            )));
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let mut report = total.lock().expect("no panic while held").clone();
+    report.samples.sort_by_key(|s| s.at_ms);
+    report
+}
+
+async fn client(
+    addr: SocketAddr,
+    mode: Mode,
+    pause: Option<Duration>,
+    mut stopped: watch::Receiver<bool>,
+    live: Arc<Live>,
+    epoch: Instant,
+) -> LoadReport {
     let mut report = LoadReport::default();
+    let record = |report: &mut LoadReport, sent: Instant, ok: bool| {
+        report.samples.push(Sample {
+            at_ms: sent.duration_since(epoch).as_millis() as u32,
+            latency_us: sent.elapsed().as_micros().min(u32::MAX as u128) as u32,
+            ok,
+        });
+        let counter = if ok { &live.ok } else { &live.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    };
     'connections: while !*stopped.borrow() {
         let stream = match TcpStream::connect(addr).await {
             Ok(stream) => stream,
             Err(e) => {
-                let class = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                    FailureClass::Refused
-                } else {
-                    FailureClass::Reset
-                };
-                report.fail(class, format!("connect: {e}"));
+                report.fail(connect_failure(&e), format!("connect: {e}"));
+                live.failed.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
         };
@@ -165,11 +318,19 @@ async fn client(addr: SocketAddr, mode: Mode, stopped: watch::Receiver<bool>) ->
             if *stopped.borrow() {
                 break 'connections;
             }
+            if let Some(pause) = pause {
+                // An idle keep-alive client: longer than the drain's quiet period.
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stopped.changed() => break 'connections,
+                }
+            }
             if sender.ready().await.is_err() {
                 // Closed by the server between requests: nothing was lost.
                 report.reconnects += 1;
                 continue 'connections;
             }
+            let sent = Instant::now();
             let request = Request::get("/")
                 .header("host", "subject")
                 .header(
@@ -195,10 +356,12 @@ async fn client(addr: SocketAddr, mode: Mode, stopped: watch::Receiver<bool>) ->
             .await;
             let (status, close, body) = match answer {
                 Err(_) => {
+                    record(&mut report, sent, false);
                     report.fail(FailureClass::Timeout, "no answer".into());
                     continue 'connections;
                 }
                 Ok(Err(e)) => {
+                    record(&mut report, sent, false);
                     report.fail(FailureClass::Reset, e.to_string());
                     continue 'connections;
                 }
@@ -207,15 +370,157 @@ async fn client(addr: SocketAddr, mode: Mode, stopped: watch::Receiver<bool>) ->
             let body = String::from_utf8_lossy(&body);
             match parse_generation(&body) {
                 Some(generation) if status == 200 => {
+                    record(&mut report, sent, true);
                     report.ok += 1;
                     report.generations.insert(generation);
                 }
-                _ => report.fail(FailureClass::WrongResponse, format!("{status} {body:?}")),
+                _ => {
+                    record(&mut report, sent, false);
+                    report.fail(FailureClass::WrongResponse, format!("{status} {body:?}"))
+                }
             }
             if close || mode == Mode::NewConnection {
                 continue 'connections;
             }
         }
+    }
+    report
+}
+
+fn connect_failure(e: &std::io::Error) -> FailureClass {
+    if e.kind() == std::io::ErrorKind::ConnectionRefused {
+        FailureClass::Refused
+    } else {
+        FailureClass::Reset
+    }
+}
+
+/// A client of the echo service that keeps each connection for `life`,
+/// sending a numbered message every [`ECHO_PACE`] and checking its echo: a
+/// connection that stays open across an upgrade must keep being served by
+/// the old generation until the client closes it.
+async fn echo_client<C, F, S>(
+    connect: C,
+    life: Duration,
+    stopped: watch::Receiver<bool>,
+    live: Arc<Live>,
+) -> LoadReport
+where
+    C: Fn() -> F,
+    F: std::future::Future<Output = std::io::Result<S>>,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut report = LoadReport::default();
+    let mut sequence = 0u64;
+    while !*stopped.borrow() {
+        let mut stream = match connect().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                report.fail(connect_failure(&e), format!("echo connect: {e}"));
+                live.failed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let opened = Instant::now();
+        let mut pace = tokio::time::interval(ECHO_PACE);
+        while opened.elapsed() < life && !*stopped.borrow() {
+            pace.tick().await;
+            sequence += 1;
+            let message = format!("{sequence:020}\n");
+            let mut echoed = vec![0u8; message.len()];
+            let round_trip = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                stream.write_all(message.as_bytes()).await?;
+                stream.read_exact(&mut echoed).await
+            })
+            .await;
+            match round_trip {
+                Ok(Ok(_)) if echoed == message.as_bytes() => {
+                    report.echoes += 1;
+                    live.ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Ok(_)) => {
+                    report.fail(
+                        FailureClass::WrongResponse,
+                        format!("echo {:?}", String::from_utf8_lossy(&echoed)),
+                    );
+                    live.failed.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Ok(Err(e)) => {
+                    report.fail(FailureClass::Reset, format!("echo: {e}"));
+                    live.failed.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Err(_) => {
+                    report.fail(FailureClass::Timeout, "echo: no answer".into());
+                    live.failed.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        let _ = stream.shutdown().await;
+    }
+    report
+}
+
+/// A UDP client: a numbered datagram every [`ECHO_PACE`]; at the end it
+/// waits (bounded) for the last answers, and what never came back is lost.
+async fn udp_client(
+    addr: SocketAddr,
+    mut stopped: watch::Receiver<bool>,
+    live: Arc<Live>,
+) -> LoadReport {
+    let mut report = LoadReport::default();
+    let socket = match UdpSocket::bind("127.0.0.1:0").await {
+        Ok(socket) => socket,
+        Err(e) => {
+            report.fail(FailureClass::Refused, format!("udp bind: {e}"));
+            return report;
+        }
+    };
+    if let Err(e) = socket.connect(addr).await {
+        report.fail(FailureClass::Refused, format!("udp connect: {e}"));
+        return report;
+    }
+    let mut answered = BTreeSet::new();
+    let mut pace = tokio::time::interval(ECHO_PACE);
+    let mut buffer = [0u8; 64];
+    let receive = |n: usize, answered: &mut BTreeSet<u64>, buffer: &[u8]| {
+        let seq = std::str::from_utf8(&buffer[..n])
+            .ok()
+            .and_then(|t| t.trim().parse().ok());
+        if seq.is_some_and(|seq| answered.insert(seq)) {
+            live.ok.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => break,
+            _ = pace.tick() => {
+                report.udp_sent += 1;
+                let _ = socket.send(format!("{}\n", report.udp_sent).as_bytes()).await;
+            }
+            received = socket.recv(&mut buffer) => {
+                if let Ok(n) = received {
+                    receive(n, &mut answered, &buffer);
+                }
+            }
+        }
+    }
+    // The last answers are on their way: wait for them, not for ever.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while (answered.len() as u64) < report.udp_sent {
+        match tokio::time::timeout_at(deadline, socket.recv(&mut buffer)).await {
+            Ok(Ok(n)) => receive(n, &mut answered, &buffer),
+            _ => break,
+        }
+    }
+    report.udp_lost = report.udp_sent - answered.len() as u64;
+    if report.udp_lost > 0 {
+        report.examples.push(format!(
+            "udp: {} of {} datagrams unanswered",
+            report.udp_lost, report.udp_sent
+        ));
     }
     report
 }

@@ -199,6 +199,36 @@ impl Subject {
         }
     }
 
+    /// Waits until at least `count` events, seen before or arriving now, match.
+    pub fn wait_count(&mut self, matches: impl Fn(&Event) -> bool, count: usize) -> io::Result<()> {
+        while self.history.iter().filter(|e| matches(e)).count() < count {
+            self.next_event()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for an event that arrives from now on and matches.
+    pub fn wait_new(&mut self, matches: impl Fn(&Event) -> bool) -> io::Result<Event> {
+        loop {
+            let event = self.next_event()?;
+            if matches(&event) {
+                return Ok(event);
+            }
+        }
+    }
+
+    fn next_event(&mut self) -> io::Result<Event> {
+        let event = self.events.recv_timeout(EVENT_TIMEOUT).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no event within {EVENT_TIMEOUT:?}; saw {:#?}", self.history),
+            )
+        })?;
+        self.pids.insert(event.pid);
+        self.history.push(event.clone());
+        Ok(event)
+    }
+
     /// Takes in the events that have arrived, without waiting.
     pub fn collect_events(&mut self) {
         while let Ok(event) = self.events.try_recv() {

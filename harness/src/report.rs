@@ -1,0 +1,509 @@
+//! What a scenario run reports: a row of the table, a JSON document, and a
+//! picture of throughput and latency over time with each upgrade marked.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::load::{LoadReport, Sample};
+use crate::scenario::Scenario;
+
+/// One upgrade asked for by a step.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpgradeRecord {
+    /// Milliseconds from the start of the load.
+    pub at_ms: u32,
+    /// `ok` or the error's reason.
+    pub outcome: String,
+    /// The handover latency the library measured (start to ready), if ok.
+    pub latency_us: Option<u64>,
+    /// The subject's whole answer.
+    pub answer: String,
+}
+
+/// 100 ms of the timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Bucket {
+    /// Start of the bucket, from the start of the load.
+    pub at_ms: u32,
+    /// HTTP requests answered correctly.
+    pub ok: u64,
+    /// HTTP requests that failed.
+    pub failed: u64,
+    /// Latency percentiles of the bucket's requests.
+    pub p50_us: u32,
+    /// 99th percentile.
+    pub p99_us: u32,
+    /// Slowest.
+    pub max_us: u32,
+}
+
+/// Request latency in the second around each successful upgrade, against
+/// the rest of the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AroundUpgrades {
+    /// Median latency away from upgrades.
+    pub steady_p50_us: u32,
+    /// 99th percentile away from upgrades.
+    pub steady_p99_us: u32,
+    /// Median latency within 500 ms of an upgrade.
+    pub around_p50_us: u32,
+    /// 99th percentile within 500 ms of an upgrade.
+    pub around_p99_us: u32,
+    /// Slowest request within 500 ms of an upgrade.
+    pub around_max_us: u32,
+    /// Requests per second away from upgrades.
+    pub steady_rps: f64,
+    /// Requests per second within 500 ms of an upgrade.
+    pub around_rps: f64,
+}
+
+/// Everything about one scenario run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioReport {
+    /// The scenario's name.
+    pub name: String,
+    /// What it proves.
+    pub description: String,
+    /// Whether every expectation held.
+    pub passed: bool,
+    /// What did not hold.
+    pub problems: Vec<String>,
+    /// Wall time.
+    pub duration_ms: u64,
+    /// HTTP requests answered correctly.
+    pub requests: u64,
+    /// Echo round trips answered correctly.
+    pub echoes: u64,
+    /// UDP datagrams sent.
+    pub udp_sent: u64,
+    /// Failures by class (`refused`, `reset`, `timeout`, `wrong`, `udp_lost`, `slow`).
+    pub failures: BTreeMap<String, u64>,
+    /// The first few failures.
+    pub failure_examples: Vec<String>,
+    /// Every upgrade asked for.
+    pub upgrades: Vec<UpgradeRecord>,
+    /// Handover latency (library-measured) percentiles over successful upgrades.
+    pub handover_p50_us: Option<u64>,
+    /// 99th percentile.
+    pub handover_p99_us: Option<u64>,
+    /// The generation serving at the end.
+    pub serving_generation: Option<u64>,
+    /// The highest generation that started.
+    pub generations: u64,
+    /// Descriptors of the first and the last generation.
+    pub descriptors: (Option<usize>, Option<usize>),
+    /// Request latency around upgrades against steady state.
+    pub around_upgrades: AroundUpgrades,
+    /// The run in 100 ms buckets.
+    pub timeline: Vec<Bucket>,
+}
+
+impl ScenarioReport {
+    /// A report of a run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        scenario: &Scenario,
+        load: LoadReport,
+        slow_failures: u64,
+        upgrades: Vec<UpgradeRecord>,
+        problems: Vec<String>,
+        serving_generation: Option<u64>,
+        generations: u64,
+        descriptors: (Option<usize>, Option<usize>),
+        duration: Duration,
+    ) -> ScenarioReport {
+        let mut failures: BTreeMap<String, u64> = load
+            .failures
+            .iter()
+            .map(|(class, n)| (class.to_string(), *n))
+            .collect();
+        if load.udp_lost > 0 {
+            failures.insert("udp_lost".into(), load.udp_lost);
+        }
+        if slow_failures > 0 {
+            failures.insert("slow".into(), slow_failures);
+        }
+        let mut handover: Vec<u64> = upgrades
+            .iter()
+            .filter(|u| u.outcome == "ok")
+            .filter_map(|u| u.latency_us)
+            .collect();
+        handover.sort_unstable();
+        let upgrade_times: Vec<u32> = upgrades
+            .iter()
+            .filter(|u| u.outcome == "ok")
+            .map(|u| u.at_ms)
+            .collect();
+        ScenarioReport {
+            name: scenario.name.clone(),
+            description: scenario.description.trim().to_owned(),
+            passed: problems.is_empty(),
+            problems,
+            duration_ms: duration.as_millis() as u64,
+            requests: load.ok,
+            echoes: load.echoes,
+            udp_sent: load.udp_sent,
+            failures,
+            failure_examples: load.examples.clone(),
+            handover_p50_us: percentile(&handover, 50),
+            handover_p99_us: percentile(&handover, 99),
+            upgrades,
+            serving_generation,
+            generations,
+            descriptors,
+            around_upgrades: around_upgrades(&load.samples, &upgrade_times),
+            timeline: timeline(&load.samples),
+        }
+    }
+
+    /// A scenario whose subject could not even start.
+    pub fn failed_to_start(scenario: &Scenario, problem: String) -> ScenarioReport {
+        ScenarioReport::new(
+            scenario,
+            LoadReport::default(),
+            0,
+            Vec::new(),
+            vec![problem],
+            None,
+            0,
+            (None, None),
+            Duration::ZERO,
+        )
+    }
+
+    /// Failed requests, round trips and datagrams.
+    pub fn dropped(&self) -> u64 {
+        self.failures.values().sum()
+    }
+
+    /// Upgrades that succeeded and that failed.
+    pub fn upgrade_counts(&self) -> (usize, usize) {
+        let ok = self.upgrades.iter().filter(|u| u.outcome == "ok").count();
+        (ok, self.upgrades.len() - ok)
+    }
+}
+
+fn percentile<T: Copy>(sorted: &[T], p: usize) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let index = (sorted.len() * p)
+        .div_ceil(100)
+        .saturating_sub(1)
+        .min(sorted.len() - 1);
+    Some(sorted[index])
+}
+
+/// The run in 100 ms buckets; the last one, cut short when the load
+/// stopped, is left out so that it does not read as a dip.
+fn timeline(samples: &[Sample]) -> Vec<Bucket> {
+    let mut buckets: BTreeMap<u32, (u64, u64, Vec<u32>)> = BTreeMap::new();
+    for sample in samples {
+        let entry = buckets.entry(sample.at_ms / 100 * 100).or_default();
+        if sample.ok {
+            entry.0 += 1;
+        } else {
+            entry.1 += 1;
+        }
+        entry.2.push(sample.latency_us);
+    }
+    if buckets.len() > 1 {
+        buckets.pop_last();
+    }
+    buckets
+        .into_iter()
+        .map(|(at_ms, (ok, failed, mut latencies))| {
+            latencies.sort_unstable();
+            Bucket {
+                at_ms,
+                ok,
+                failed,
+                p50_us: percentile(&latencies, 50).unwrap_or(0),
+                p99_us: percentile(&latencies, 99).unwrap_or(0),
+                max_us: latencies.last().copied().unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+fn around_upgrades(samples: &[Sample], upgrades: &[u32]) -> AroundUpgrades {
+    let near = |at: u32| upgrades.iter().any(|&u| at + 500 >= u && at <= u + 500);
+    let (mut around, mut steady): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
+    for sample in samples.iter().filter(|s| s.ok) {
+        if near(sample.at_ms) {
+            around.push(sample.latency_us);
+        } else {
+            steady.push(sample.latency_us);
+        }
+    }
+    around.sort_unstable();
+    steady.sort_unstable();
+    let span = samples.last().map_or(0, |s| s.at_ms) as f64 / 1000.0;
+    // Windows may overlap; count each millisecond once.
+    let around_ms = (0..=samples.last().map_or(0, |s| s.at_ms))
+        .filter(|&ms| near(ms))
+        .count() as f64;
+    let around_s = around_ms / 1000.0;
+    let steady_s = (span - around_s).max(0.0);
+    AroundUpgrades {
+        steady_p50_us: percentile(&steady, 50).unwrap_or(0),
+        steady_p99_us: percentile(&steady, 99).unwrap_or(0),
+        around_p50_us: percentile(&around, 50).unwrap_or(0),
+        around_p99_us: percentile(&around, 99).unwrap_or(0),
+        around_max_us: around.last().copied().unwrap_or(0),
+        steady_rps: if steady_s > 0.0 {
+            steady.len() as f64 / steady_s
+        } else {
+            0.0
+        },
+        around_rps: if around_s > 0.0 {
+            around.len() as f64 / around_s
+        } else {
+            0.0
+        },
+    }
+}
+
+/// The table printed at the end of a run.
+pub fn table(reports: &[ScenarioReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<30} {:>9} {:>8} {:>7} {:<20} {:>11} {:>4} {:>17} {:>17}  verdict",
+        "scenario",
+        "requests",
+        "echoes",
+        "udp",
+        "failures",
+        "upgrades",
+        "gen",
+        "handover p50/p99",
+        "p99 near upgrade/steady"
+    );
+    for r in reports {
+        let failures = if r.failures.is_empty() {
+            "0".to_owned()
+        } else {
+            r.failures
+                .iter()
+                .map(|(c, n)| format!("{c}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (ok, failed) = r.upgrade_counts();
+        let ms =
+            |us: Option<u64>| us.map_or("-".to_owned(), |us| format!("{:.1}", us as f64 / 1000.0));
+        let around = &r.around_upgrades;
+        let _ = writeln!(
+            out,
+            "{:<30} {:>9} {:>8} {:>7} {:<20} {:>11} {:>4} {:>17} {:>17}  {}",
+            r.name,
+            r.requests,
+            r.echoes,
+            r.udp_sent,
+            failures,
+            format!("{ok} ok/{failed} fail"),
+            r.serving_generation
+                .map_or("-".to_owned(), |g| g.to_string()),
+            format!("{}/{} ms", ms(r.handover_p50_us), ms(r.handover_p99_us)),
+            if around.steady_rps > 0.0 && around.around_rps > 0.0 {
+                format!(
+                    "{:.1}/{:.1} ms",
+                    around.around_p99_us as f64 / 1000.0,
+                    around.steady_p99_us as f64 / 1000.0
+                )
+            } else {
+                "-".to_owned()
+            },
+            if r.passed { "PASS" } else { "FAIL" }
+        );
+        for problem in &r.problems {
+            let _ = writeln!(out, "    - {problem}");
+        }
+    }
+    out
+}
+
+/// An SVG picture of one run: throughput and p99 latency per 100 ms, each
+/// successful upgrade a green line, each failed one a red line.
+pub fn svg(report: &ScenarioReport) -> String {
+    let (width, height, margin) = (900.0, 260.0, 50.0);
+    let plot_w = width - 2.0 * margin;
+    let panel_h = (height - 3.0 * margin / 2.0) / 2.0;
+    let end_ms = report
+        .duration_ms
+        .max(report.timeline.last().map_or(1, |b| b.at_ms as u64 + 100)) as f64;
+    let x = |ms: f64| margin + ms / end_ms * plot_w;
+    let max_rps = report
+        .timeline
+        .iter()
+        .map(|b| (b.ok + b.failed) * 10)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let max_p99 = report
+        .timeline
+        .iter()
+        .map(|b| b.p99_us)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{}" font-family="sans-serif" font-size="11">"#,
+        height + 30.0
+    );
+    let verdict = if report.passed { "PASS" } else { "FAIL" };
+    let _ = writeln!(
+        out,
+        r#"<text x="{margin}" y="16" font-size="13" font-weight="bold">{} — {verdict}, {} requests, {} failed, {} upgrades ok</text>"#,
+        escape(&report.name),
+        report.requests,
+        report.dropped(),
+        report.upgrade_counts().0
+    );
+    for (panel, (label, max, color)) in [
+        ("requests/s", max_rps, "#2b6cb0"),
+        ("p99 latency µs", max_p99, "#b7791f"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let top = 30.0 + panel as f64 * (panel_h + margin / 2.0);
+        let bottom = top + panel_h;
+        let _ = writeln!(
+            out,
+            r##"<rect x="{margin}" y="{top}" width="{plot_w}" height="{panel_h}" fill="none" stroke="#ccc"/><text x="4" y="{}" >{label}</text><text x="4" y="{}">{max:.0}</text>"##,
+            top + panel_h / 2.0,
+            top + 10.0
+        );
+        let points: Vec<String> = report
+            .timeline
+            .iter()
+            .map(|b| {
+                let value = if panel == 0 {
+                    ((b.ok + b.failed) * 10) as f64
+                } else {
+                    b.p99_us as f64
+                };
+                format!(
+                    "{:.1},{:.1}",
+                    x(b.at_ms as f64 + 50.0),
+                    bottom - value / max * panel_h
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
+            points.join(" ")
+        );
+        for bucket in report
+            .timeline
+            .iter()
+            .filter(|b| b.failed > 0 && panel == 0)
+        {
+            let _ = writeln!(
+                out,
+                r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#c53030"/>"##,
+                x(bucket.at_ms as f64 + 50.0),
+                bottom - 3.0
+            );
+        }
+        for upgrade in &report.upgrades {
+            let color = if upgrade.outcome == "ok" {
+                "#2f855a"
+            } else {
+                "#c53030"
+            };
+            let _ = writeln!(
+                out,
+                r#"<line x1="{0:.1}" x2="{0:.1}" y1="{top}" y2="{bottom}" stroke="{color}" stroke-opacity="0.6"><title>{1}</title></line>"#,
+                x(upgrade.at_ms as f64),
+                escape(&upgrade.answer)
+            );
+        }
+    }
+    let axis = height + 10.0;
+    for second in 0..=(end_ms / 1000.0) as u64 {
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{axis}" text-anchor="middle">{second}s</text>"#,
+            x(second as f64 * 1000.0)
+        );
+    }
+    let _ = writeln!(
+        out,
+        r##"<text x="{margin}" y="{}" fill="#555">green: upgrade ok · red line: upgrade failed · red dot: failed requests</text></svg>"##,
+        axis + 16.0
+    );
+    out
+}
+
+/// An HTML page with the table and every scenario's picture.
+pub fn html(reports: &[ScenarioReport]) -> String {
+    let mut out = String::from(
+        "<!doctype html><meta charset=\"utf-8\"><title>handover chaos report</title>\
+         <style>body{font-family:sans-serif;margin:2em}pre{background:#f6f6f6;padding:1em}</style>\
+         <h1>handover chaos report</h1><pre>",
+    );
+    out.push_str(&escape(&table(reports)));
+    out.push_str("</pre>");
+    for report in reports {
+        let _ = write!(
+            out,
+            "<h2>{}</h2><p>{}</p>",
+            escape(&report.name),
+            escape(&report.description)
+        );
+        out.push_str(&svg(report));
+    }
+    out
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_from_the_sorted_values() {
+        let values: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&values, 50), Some(50));
+        assert_eq!(percentile(&values, 99), Some(99));
+        assert_eq!(percentile(&[7u32], 99), Some(7));
+        assert_eq!(percentile::<u32>(&[], 50), None);
+    }
+
+    #[test]
+    fn timeline_buckets_by_100_ms() {
+        let sample = |at_ms, latency_us, ok| Sample {
+            at_ms,
+            latency_us,
+            ok,
+        };
+        let samples = [
+            sample(10, 100, true),
+            sample(99, 300, false),
+            sample(150, 200, true),
+            sample(210, 900, true),
+        ];
+        let buckets = timeline(&samples);
+        assert_eq!(buckets.len(), 2, "the last, partial bucket is left out");
+        assert_eq!(
+            (buckets[0].ok, buckets[0].failed, buckets[0].max_us),
+            (1, 1, 300)
+        );
+        assert_eq!((buckets[1].at_ms, buckets[1].ok), (100, 1));
+    }
+}

@@ -1,0 +1,430 @@
+//! The subject: a service built on `handover` for the harness and the tests.
+//!
+//! It serves HTTP/1.1 (keep-alive), TCP echo, UDP echo, Unix-socket echo and
+//! a line-based control port, all handed over across upgrades. Each
+//! generation plays the fault the `SUBJECT_FAULTS` variable gives its
+//! number (`"1=crash-before-ready,3=slow-init:500"`). It reports its life as
+//! `event=...` lines on stdout, which all generations share.
+//!
+//! Control commands, one per line: `upgrade` (answers `ok pid=.. gen=.. us=..`
+//! or `err reason=.. ..`), `info` (`pid=.. gen=.. fds=..`), `stop`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::fault::{Fault, Faults};
+use bytes::Bytes;
+use handover::drain::{Drain, DrainOptions};
+use handover::{ExitReason, Options, Upgrader};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UdpSocket, UnixListener};
+
+struct Args {
+    http: SocketAddr,
+    tcp: SocketAddr,
+    udp: SocketAddr,
+    control: SocketAddr,
+    unix: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+    executable: Option<PathBuf>,
+    upgrade_timeout: Duration,
+    quiet_period: Duration,
+}
+
+fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
+    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("constant address");
+    let mut args = Args {
+        http: loopback,
+        tcp: loopback,
+        udp: loopback,
+        control: loopback,
+        unix: None,
+        pid_file: None,
+        executable: None,
+        upgrade_timeout: Duration::from_secs(10),
+        quiet_period: Duration::from_millis(500),
+    };
+    let mut words = words;
+    while let Some(flag) = words.next() {
+        let value = words
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value"))?;
+        let addr = || {
+            value
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("{flag} {value}: {e}"))
+        };
+        let millis = || {
+            value
+                .parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|e| format!("{flag} {value}: {e}"))
+        };
+        match flag.as_str() {
+            "--http" => args.http = addr()?,
+            "--tcp" => args.tcp = addr()?,
+            "--udp" => args.udp = addr()?,
+            "--control" => args.control = addr()?,
+            "--unix" => args.unix = Some(value.into()),
+            "--pid-file" => args.pid_file = Some(value.into()),
+            "--executable" => args.executable = Some(value.into()),
+            "--upgrade-timeout-ms" => args.upgrade_timeout = millis()?,
+            "--quiet-period-ms" => args.quiet_period = millis()?,
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(args)
+}
+
+/// Runs the subject with these command-line words (the program name and
+/// any subcommand already taken off).
+pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SUBJECT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // The upgrader comes first, before the runtime starts its threads.
+    let args = match parse_args(words) {
+        Ok(args) => args,
+        Err(problem) => {
+            eprintln!("handover-subject: {problem}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut options = Options::default().upgrade_timeout(args.upgrade_timeout);
+    if let Some(path) = &args.pid_file {
+        options = options.pid_file(path);
+    }
+    if let Some(path) = &args.executable {
+        options = options.executable(path);
+    }
+    let upgrader = match Upgrader::new(options) {
+        Ok(upgrader) => Arc::new(upgrader),
+        Err(error) => {
+            eprintln!("handover-subject: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let faults = match Faults::from_env() {
+        Ok(faults) => faults,
+        Err(problem) => {
+            eprintln!("handover-subject: SUBJECT_FAULTS: {problem}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let fault = faults.for_generation(upgrader.generation());
+    match runtime.block_on(serve(args, upgrader, fault)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("handover-subject: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn event(line: std::fmt::Arguments<'_>) {
+    println!("event={line} pid={}", std::process::id());
+}
+
+async fn serve(
+    args: Args,
+    upgrader: Arc<Upgrader>,
+    fault: Fault,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let generation = upgrader.generation();
+    event(format_args!("started gen={generation}"));
+    fault.before_listen();
+
+    let http = TcpListener::from_std(upgrader.tcp_listener("http", args.http)?)?;
+    let tcp = TcpListener::from_std(upgrader.tcp_listener("tcp", args.tcp)?)?;
+    let control = TcpListener::from_std(upgrader.tcp_listener("control", args.control)?)?;
+    let udp = UdpSocket::from_std(upgrader.udp_socket("udp", args.udp)?)?;
+    let unix = match &args.unix {
+        Some(path) => Some(UnixListener::from_std(
+            upgrader.unix_listener("unix", path)?,
+        )?),
+        None => None,
+    };
+
+    fault.before_ready().await;
+    upgrader.ready()?;
+    event(format_args!(
+        "ready gen={generation} http={} tcp={} udp={} control={}",
+        http.local_addr()?,
+        tcp.local_addr()?,
+        udp.local_addr()?,
+        control.local_addr()?
+    ));
+    fault.after_ready();
+
+    let drain = Drain::new(DrainOptions {
+        quiet_period: args.quiet_period,
+        deadline: Duration::from_secs(30),
+    });
+    let identity: Bytes = format!("pid={} gen={generation}\n", std::process::id()).into();
+    // The accept loops end when `exit()` resolves; the drain counts what they
+    // accepted, so they must have ended before it is waited for.
+    let mut accepting = tokio::task::JoinSet::new();
+    let tasks = &mut accepting;
+    tasks.spawn(accept_http(
+        generation,
+        http,
+        drain.clone(),
+        identity,
+        upgrader.exit(),
+    ));
+    tasks.spawn(accept_echo(tcp, drain.clone(), upgrader.exit()));
+    if let Some(unix) = unix {
+        tasks.spawn(accept_echo(unix, drain.clone(), upgrader.exit()));
+    }
+    tasks.spawn(echo_udp(udp, upgrader.exit()));
+    tasks.spawn(accept_control(
+        control,
+        Arc::clone(&upgrader),
+        drain.clone(),
+    ));
+    tokio::spawn(stop_on_signals(Arc::clone(&upgrader)));
+    let parent_gone = upgrader.wait_for_parent();
+    if upgrader.has_parent() {
+        tokio::spawn(async move {
+            parent_gone.await;
+            event(format_args!("parent-gone gen={generation}"));
+        });
+    }
+
+    let reason = upgrader.exit().await;
+    let reason = match reason {
+        ExitReason::Upgraded(upgraded) => format!("upgraded successor={}", upgraded.pid),
+        ExitReason::Stopped => "stopped".to_owned(),
+    };
+    event(format_args!("exiting gen={generation} reason={reason}"));
+    while accepting.join_next().await.is_some() {}
+    let outcome = drain.wait().await;
+    event(format_args!("exited gen={generation} drain={outcome:?}"));
+    Ok(())
+}
+
+/// Any listener the echo and HTTP loops accept on.
+trait Accept: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept(&self) -> std::io::Result<Self::Stream> {
+        TcpListener::accept(self).await.map(|(stream, _)| stream)
+    }
+}
+
+impl Accept for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept(&self) -> std::io::Result<Self::Stream> {
+        UnixListener::accept(self).await.map(|(stream, _)| stream)
+    }
+}
+
+/// Accepts until `exit` resolves, then drops the listener: the successor's
+/// copy of the same socket takes every connection from then on.
+async fn accept_http(
+    generation: u64,
+    listener: TcpListener,
+    drain: Drain,
+    identity: Bytes,
+    exit: impl std::future::Future<Output = ExitReason>,
+) {
+    tokio::pin!(exit);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut exit => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let identity = identity.clone();
+        let service = service_fn(move |request| respond(request, identity.clone(), generation));
+        tokio::spawn(drain.serve_http1(stream, service));
+    }
+}
+
+async fn respond(
+    request: Request<Incoming>,
+    identity: Bytes,
+    generation: u64,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = request.uri().path();
+    let query = request.uri().query().unwrap_or("");
+    let body = match path {
+        "/" => identity,
+        "/slow" => {
+            let millis = query
+                .strip_prefix("ms=")
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or(1000);
+            event(format_args!("slow-request gen={generation} ms={millis}"));
+            // The fault itself: a request that takes this long to answer.
+            tokio::time::sleep(Duration::from_millis(millis)).await;
+            identity
+        }
+        "/fds" => format!("{}\n", crate::open_descriptors()).into(),
+        _ => {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            return Ok(response);
+        }
+    };
+    Ok(Response::new(Full::new(body)))
+}
+
+async fn accept_echo<L: Accept>(
+    listener: L,
+    drain: Drain,
+    exit: impl std::future::Future<Output = ExitReason>,
+) {
+    tokio::pin!(exit);
+    loop {
+        let mut stream = tokio::select! {
+            _ = &mut exit => return,
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => stream,
+                Err(_) => continue,
+            },
+        };
+        let open = drain.track();
+        let deadline = drain.deadline_passed();
+        tokio::spawn(async move {
+            // The old generation finishes its connections: it echoes until
+            // the client closes, or the drain deadline cuts it.
+            let echo = async {
+                let mut buffer = vec![0u8; 16 * 1024];
+                loop {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if stream.write_all(&buffer[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                _ = echo => {}
+                _ = deadline => {}
+            }
+            drop(open);
+        });
+    }
+}
+
+async fn echo_udp(socket: UdpSocket, exit: impl std::future::Future<Output = ExitReason>) {
+    tokio::pin!(exit);
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            _ = &mut exit => return,
+            received = socket.recv_from(&mut buffer) => {
+                if let Ok((n, peer)) = received {
+                    let _ = socket.send_to(&buffer[..n], peer).await;
+                }
+            }
+        }
+    }
+}
+
+/// A control session counts as a connection to drain: the answer to the
+/// upgrade that ends this generation is written before it exits.
+async fn accept_control(listener: TcpListener, upgrader: Arc<Upgrader>, drain: Drain) {
+    let exit = upgrader.exit();
+    tokio::pin!(exit);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut exit => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+        };
+        let upgrader = Arc::clone(&upgrader);
+        let open = drain.track();
+        let draining = drain.draining();
+        tokio::spawn(async move {
+            let _open = open;
+            tokio::pin!(draining);
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            loop {
+                // Once draining, finish the command being answered and close.
+                let line = tokio::select! {
+                    line = lines.next_line() => match line {
+                        Ok(Some(line)) => line,
+                        _ => return,
+                    },
+                    _ = &mut draining => return,
+                };
+                let answer = match line.trim() {
+                    "upgrade" => match upgrader.upgrade().await {
+                        Ok(up) => format!(
+                            "ok pid={} gen={} us={}",
+                            up.pid,
+                            up.generation,
+                            up.duration.as_micros()
+                        ),
+                        Err(error) => format!("err reason={} {error}", error.reason()),
+                    },
+                    "info" => format!(
+                        "pid={} gen={} fds={}",
+                        std::process::id(),
+                        upgrader.generation(),
+                        crate::open_descriptors()
+                    ),
+                    "stop" => {
+                        upgrader.stop();
+                        "ok".to_owned()
+                    }
+                    other => format!("err reason=unknown_command {other:?}"),
+                };
+                if write
+                    .write_all(format!("{answer}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+async fn stop_on_signals(upgrader: Arc<Upgrader>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    upgrader.stop();
+}
