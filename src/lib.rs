@@ -73,6 +73,7 @@ mod registry;
 mod supervisor;
 #[allow(unsafe_code)]
 mod sys;
+mod systemd;
 mod upgrader;
 mod wire;
 

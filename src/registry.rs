@@ -79,6 +79,9 @@ struct Entry {
     unix_path: Option<PathBuf>,
     /// A socket's local address, read once.
     local: Option<SockAddr>,
+    /// Passed by systemd's socket activation: the name decides, whatever
+    /// address the service's configuration gives.
+    activated: bool,
 }
 
 /// The named descriptors of one generation.
@@ -110,6 +113,52 @@ impl Registry {
             fd: link,
             problem,
         })?;
+        let (registry, mut adopted) = Registry::adopt_checked(inherited, Some(link), false)?;
+        let link = adopted.take().ok_or_else(|| {
+            Error::io("adopting the handshake link", std::io::ErrorKind::NotFound)
+        })?;
+        Ok((registry, link))
+    }
+
+    /// Adopts sockets passed by systemd's socket activation, whose kinds are
+    /// found out here (the names come from `LISTEN_FDNAMES`).
+    pub(crate) fn adopt_activated(passed: &[(String, RawFd)]) -> Result<Registry> {
+        let mut inherited = Vec::with_capacity(passed.len());
+        for (name, fd) in passed {
+            let kind = match sys::inspect(*fd) {
+                Ok(Some((Some(kind), _))) => kind,
+                Ok(_) => Kind::Fd,
+                Err(problem) => {
+                    return Err(Error::InheritedDescriptor {
+                        name: name.clone(),
+                        fd: *fd,
+                        problem,
+                    });
+                }
+            };
+            inherited.push(InheritedFd {
+                name: name.clone(),
+                kind,
+                fd: *fd,
+            });
+        }
+        let registry = Registry::adopt_checked(&inherited, None, true)?.0;
+        // systemd passes blocking sockets; every socket this library hands
+        // out is non-blocking, ready for tokio. (Inherited from a parent
+        // generation, they already are: the flag belongs to the socket.)
+        for entry in registry.entries.values().filter(|e| e.kind != Kind::Fd) {
+            socket2::SockRef::from(&entry.fd)
+                .set_nonblocking(true)
+                .map_err(|e| Error::io("making an activated socket non-blocking", e))?;
+        }
+        Ok(registry)
+    }
+
+    fn adopt_checked(
+        inherited: &[InheritedFd],
+        link: Option<RawFd>,
+        activated: bool,
+    ) -> Result<(Registry, Option<OwnedFd>)> {
         let mut locals = Vec::with_capacity(inherited.len());
         for entry in inherited {
             let local = sys::check_inherited(entry.fd, entry.kind).map_err(|problem| {
@@ -121,20 +170,21 @@ impl Registry {
             })?;
             locals.push(local);
         }
-        let numbers: Vec<RawFd> = std::iter::once(link)
+        let numbers: Vec<RawFd> = link
+            .into_iter()
             .chain(inherited.iter().map(|e| e.fd))
             .collect();
         let mut adopted = sys::adopt(&numbers)
             .map_err(|e| Error::io("marking inherited descriptors close-on-exec", e))?
             .into_iter();
-        let link = adopted.next().ok_or_else(|| {
-            Error::io("adopting the handshake link", std::io::ErrorKind::NotFound)
-        })?;
+        let link = if link.is_some() { adopted.next() } else { None };
         let mut registry = Registry::default();
         for ((entry, local), fd) in inherited.iter().zip(locals).zip(adopted) {
-            // A final stop in this generation removes the path it now serves.
+            // A final stop in this generation removes the path it now serves,
+            // unless systemd made it (the socket unit owns the file).
             let unix_path = local
                 .as_ref()
+                .filter(|_| !activated)
                 .and_then(|addr| addr.as_pathname().map(Path::to_path_buf));
             registry.entries.insert(
                 entry.name.clone(),
@@ -144,6 +194,7 @@ impl Registry {
                     unclaimed: true,
                     unix_path,
                     local,
+                    activated,
                 },
             );
         }
@@ -206,7 +257,7 @@ impl Registry {
                 found: entry.kind,
             });
         }
-        if !matches(entry.local.as_ref()) {
+        if !entry.activated && !matches(entry.local.as_ref()) {
             tracing::info!(
                 name,
                 "address changed: binding a new socket instead of the inherited one"
@@ -239,6 +290,7 @@ impl Registry {
                 unclaimed: false,
                 unix_path,
                 local,
+                activated: false,
             },
         );
         Ok(copy)

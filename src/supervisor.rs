@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::machine::{Decision, Machine, Origin, Phase, Refusal};
 use crate::registry::Registry;
 use crate::sys::{self, SpawnRequest};
+use crate::systemd::Notifier;
 use crate::wire::{self, Inheritance, InheritedFd};
 use crate::{ExitReason, Upgraded, pidfile};
 
@@ -53,6 +54,7 @@ pub(crate) struct Channels {
     pub commands: mpsc::Receiver<Command>,
     pub wake: UnixStream,
     pub upgrade_signal: Option<UnixStream>,
+    pub stop_signal: Option<UnixStream>,
     pub child_signal: UnixStream,
     pub parent_link: Option<UnixStream>,
     pub exit: watch::Sender<Option<ExitReason>>,
@@ -78,6 +80,7 @@ pub(crate) struct Supervisor {
     /// The successor that became ready: its link stays open until this
     /// process exits (that EOF is how it learns we are gone).
     successor: Option<(Pid, UnixStream)>,
+    systemd: Notifier,
 }
 
 impl Supervisor {
@@ -90,6 +93,7 @@ impl Supervisor {
             machine,
             inflight: None,
             successor: None,
+            systemd: Notifier::from_env(),
         }
     }
 
@@ -124,6 +128,9 @@ impl Supervisor {
         if let Some(signal) = &self.channels.upgrade_signal {
             watched.push((Source::UpgradeSignal, signal.as_fd()));
         }
+        if let Some(signal) = &self.channels.stop_signal {
+            watched.push((Source::StopSignal, signal.as_fd()));
+        }
         if let Some(link) = &self.channels.parent_link {
             watched.push((Source::Parent, link.as_fd()));
         }
@@ -155,6 +162,13 @@ impl Supervisor {
                         drain(signal);
                     }
                     self.on_upgrade_signal();
+                }
+                Source::StopSignal => {
+                    if let Some(signal) = &self.channels.stop_signal {
+                        drain(signal);
+                    }
+                    tracing::info!(generation = self.config.generation, "stop signal");
+                    self.stop();
                 }
                 Source::Wake => {
                     drain(&self.channels.wake);
@@ -212,8 +226,11 @@ impl Supervisor {
 
     /// The work of `ready()`, before the state machine moves on.
     fn ready(&mut self) -> Result<()> {
-        if self.machine.phase() != Phase::Initializing {
-            return Err(Error::AlreadyReady);
+        match self.machine.phase() {
+            Phase::Initializing => {}
+            // Stopped (by a stop signal) before it was ready.
+            Phase::Exiting => return Err(Error::Exiting),
+            Phase::Serving | Phase::Upgrading => return Err(Error::AlreadyReady),
         }
         let generation = self.config.generation;
         let closed = lock(&self.registry).close_unclaimed();
@@ -223,6 +240,9 @@ impl Supervisor {
         if let Some(path) = &self.config.pid_file {
             pidfile::write(path, sys::pid())?;
         }
+        // The service manager learns of the new main process before the old
+        // one is told to leave.
+        self.systemd.ready(sys::pid(), generation);
         if let Some(link) = &mut self.channels.parent_link {
             if let Err(err) = link.write_all(&[READY]) {
                 // The parent is gone (killed while we started): we are the
@@ -261,6 +281,7 @@ impl Supervisor {
             }
         }
         tracing::info!(generation, "stopping");
+        self.systemd.stopping();
         self.channels.exit.send_replace(Some(ExitReason::Stopped));
     }
 
@@ -317,6 +338,7 @@ impl Supervisor {
         let generation = self.config.generation;
         let started = Instant::now();
         tracing::info!(generation, "upgrade started");
+        self.systemd.reloading(generation);
         match self.spawn_successor() {
             Ok((pid, link)) => {
                 tracing::info!(generation, pid = pid.as_raw(), "successor started");
@@ -495,6 +517,7 @@ impl Supervisor {
                     "upgrade failed: {error}"
                 );
                 self.restore_pid_file();
+                self.systemd.upgrade_failed(generation, error);
             }
         }
         if let Some(waiter) = waiter {
@@ -521,6 +544,7 @@ enum Source {
     Wake,
     ChildSignal,
     UpgradeSignal,
+    StopSignal,
     Parent,
     Successor,
 }

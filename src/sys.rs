@@ -45,6 +45,18 @@ pub(crate) fn check_inherited(fd: RawFd, kind: Kind) -> Result<Option<SockAddr>,
         }
         return Ok(None);
     }
+    match inspect(fd)? {
+        None => Err(format!("expected a {kind}, found {}", describe(fd))),
+        Some((Some(found), addr)) if found == kind => Ok(Some(addr)),
+        Some((Some(found), _)) => Err(format!("expected a {kind}, found a {found}")),
+        Some((None, _)) => Err(format!("expected a {kind}, found another kind of socket")),
+    }
+}
+
+/// What an open descriptor is: `None` if it is not a socket, else the
+/// socket's kind (`None` for one this library does not hand over by kind,
+/// such as a connected stream) and its local address. Errs if it is not open.
+pub(crate) fn inspect(fd: RawFd) -> Result<Option<(Option<Kind>, SockAddr)>, String> {
     // SAFETY: `try_init` hands a zeroed storage and its length; getsockname
     // writes at most that many bytes and the actual length, and `try_init`
     // reads only what the call reported. On a number that is not open or
@@ -63,22 +75,16 @@ pub(crate) fn check_inherited(fd: RawFd, kind: Kind) -> Result<Option<SockAddr>,
         Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
             return Err(format!("it is not open ({e})"));
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
-            return Err(format!("expected a {kind}, found {}", describe(fd)));
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => return Ok(None),
         Err(e) => return Err(format!("cannot inspect it: {e}")),
     };
     // SAFETY: getsockname just succeeded on `fd`, so it is open, and it stays
     // open while borrowed here: nothing in this function closes it and the
     // library has not adopted it yet.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let found =
+    let kind =
         socket_kind(borrowed, &addr).map_err(|e| format!("cannot inspect the socket: {e}"))?;
-    match found {
-        Some(found) if found == kind => Ok(Some(addr)),
-        Some(found) => Err(format!("expected a {kind}, found a {found}")),
-        None => Err(format!("expected a {kind}, found another kind of socket")),
-    }
+    Ok(Some((kind, addr)))
 }
 
 /// What a descriptor that is not a socket is, for an error message.

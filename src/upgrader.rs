@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, watch};
 use crate::error::{Error, Result};
 use crate::registry::{Kind, Registry};
 use crate::supervisor::{self, Channels, Command, Config, Supervisor, lock};
-use crate::{sys, wire};
+use crate::{sys, systemd, wire};
 
 /// How an [`Upgrader`] behaves. Build it with the setters:
 ///
@@ -40,6 +40,7 @@ pub struct Options {
     pid_file: Option<PathBuf>,
     executable: Option<PathBuf>,
     upgrade_signal: Option<Signal>,
+    stop_signals: Vec<Signal>,
 }
 
 impl Default for Options {
@@ -49,6 +50,7 @@ impl Default for Options {
             pid_file: None,
             executable: None,
             upgrade_signal: Some(Signal::SIGHUP),
+            stop_signals: Vec::new(),
         }
     }
 }
@@ -83,6 +85,16 @@ impl Options {
     /// starting generation and is never lost.
     pub fn upgrade_signal(mut self, signal: Option<Signal>) -> Self {
         self.upgrade_signal = signal;
+        self
+    }
+
+    /// Signals that ask for a final stop, as [`Upgrader::stop`] does (for
+    /// example SIGTERM and SIGINT). Default: none, so that a service that
+    /// handles them itself keeps doing so. With them set, [`Upgrader::exit`]
+    /// resolves with [`ExitReason::Stopped`] on either signal; a generation
+    /// stopped before it is ready gets [`Error::Exiting`] from `ready()`.
+    pub fn stop_signals(mut self, signals: impl IntoIterator<Item = Signal>) -> Self {
+        self.stop_signals = signals.into_iter().collect();
         self
     }
 }
@@ -157,7 +169,10 @@ impl Upgrader {
                     .map_err(|e| Error::io("configuring the handshake link", e))?;
                 (registry, Some(link))
             }
-            None => (Registry::default(), None),
+            None => match systemd::activated_sockets(sys::pid())? {
+                Some(passed) => (Registry::adopt_activated(&passed)?, None),
+                None => (Registry::default(), None),
+            },
         };
         sys::remove_env(&supervisor::STALE_VARS);
 
@@ -199,6 +214,19 @@ impl Upgrader {
             None => None,
         };
 
+        let stop_signal = if options.stop_signals.is_empty() {
+            None
+        } else {
+            let (read, write) = self_pipe()?;
+            for &signal in &options.stop_signals {
+                let write = write
+                    .try_clone()
+                    .map_err(|e| Error::io("creating a self-pipe", e))?;
+                register(signal, write, &mut signal_ids)?;
+            }
+            Some(read)
+        };
+
         let (wake_read, wake) = self_pipe()?;
         let (commands, commands_rx) = mpsc::channel();
         let (exit_tx, exit) = watch::channel(None);
@@ -217,6 +245,7 @@ impl Upgrader {
             commands: commands_rx,
             wake: wake_read,
             upgrade_signal,
+            stop_signal,
             child_signal,
             parent_link,
             exit: exit_tx,
