@@ -5,6 +5,8 @@
 //! curl http://127.0.0.1:8080/          # pid=... generation=...
 //! kill -HUP "$(cat /tmp/http.pid)"     # upgrade: a new process takes over
 //! kill -TERM "$(cat /tmp/http.pid)"    # stop
+//! # with --control-socket /tmp/http.sock, an upgrade that reports its outcome:
+//! handover upgrade --socket /tmp/http.sock
 //! ```
 //!
 //! The whole API in one page: create the `Upgrader` first, take listeners
@@ -26,21 +28,28 @@ use tokio::signal::unix::{SignalKind, signal};
 struct Args {
     listen: SocketAddr,
     pid_file: Option<String>,
+    control_socket: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut listen = "127.0.0.1:8080".parse().expect("a constant address");
     let mut pid_file = None;
+    let mut control_socket = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--listen" => listen = value()?.parse().map_err(|e| format!("--listen: {e}"))?,
             "--pid-file" => pid_file = Some(value()?),
+            "--control-socket" => control_socket = Some(value()?),
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    Ok(Args { listen, pid_file })
+    Ok(Args {
+        listen,
+        pid_file,
+        control_socket,
+    })
 }
 
 fn main() -> ExitCode {
@@ -72,19 +81,30 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let upgrader = Upgrader::new(options)?;
 
-    tokio::runtime::Runtime::new()?.block_on(serve(upgrader, args.listen))
+    tokio::runtime::Runtime::new()?.block_on(serve(upgrader, args))
 }
 
-async fn serve(upgrader: Upgrader, listen: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // 2. Take the listener by name: the parent's socket if it handed one
     //    over, else a new one. Do not accept on it yet.
-    let listener = tokio::net::TcpListener::from_std(upgrader.tcp_listener("http", listen)?)?;
+    //    Under systemd socket activation, the socket named "http" comes from
+    //    LISTEN_FDS instead, whatever the address.
+    let listener = tokio::net::TcpListener::from_std(upgrader.tcp_listener("http", args.listen)?)?;
+    //    Optional: a socket on which `handover upgrade --socket PATH` asks for
+    //    an upgrade and is told the outcome (handed over like the listener).
+    let control = match &args.control_socket {
+        Some(path) => Some(upgrader.control_socket(path)?),
+        None => None,
+    };
 
     // ... load configuration, open databases, warm caches: the old
     //     generation keeps serving meanwhile, and if this fails it is told.
 
     // 3. Ready: the PID file now names us, and the parent starts to drain.
     upgrader.ready()?;
+    if let Some(control) = control {
+        tokio::spawn(control.serve());
+    }
     let generation = upgrader.generation();
     tracing::info!(generation, addr = %listener.local_addr()?, "serving");
 

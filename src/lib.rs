@@ -65,6 +65,7 @@
     unsafe_code
 )]
 
+pub mod control;
 pub mod drain;
 mod error;
 mod machine;
@@ -77,6 +78,7 @@ mod systemd;
 mod upgrader;
 mod wire;
 
+pub use control::ControlSocket;
 pub use error::{Error, ExitStatus, Result};
 pub use nix::sys::signal::Signal;
 pub use registry::Kind;

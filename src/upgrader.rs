@@ -127,8 +127,7 @@ pub struct Upgrader {
     generation: u64,
     parent: Option<i32>,
     registry: Arc<Mutex<Registry>>,
-    commands: mpsc::Sender<Command>,
-    wake: UnixStream,
+    supervisor_handle: SupervisorHandle,
     exit: watch::Receiver<Option<ExitReason>>,
     parent_gone: watch::Receiver<bool>,
     signal_ids: Vec<SigId>,
@@ -261,8 +260,10 @@ impl Upgrader {
             generation,
             parent,
             registry,
-            commands,
-            wake,
+            supervisor_handle: SupervisorHandle {
+                commands,
+                wake: Arc::new(wake),
+            },
             exit,
             parent_gone,
             signal_ids,
@@ -375,12 +376,7 @@ impl Upgrader {
     /// [`Error::SuccessorExited`], [`Error::Timeout`] and
     /// [`Error::Handshake`] when the successor failed.
     pub fn upgrade(&self) -> impl Future<Output = Result<Upgraded>> + Send + 'static {
-        let (reply, answer) = oneshot::channel();
-        let sent = self.send(Command::Upgrade(reply));
-        async move {
-            sent?;
-            answer.await.unwrap_or(Err(Error::Exiting))
-        }
+        self.supervisor_handle.upgrade()
     }
 
     /// [`upgrade`](Self::upgrade) for blocking code.
@@ -428,10 +424,40 @@ impl Upgrader {
     }
 
     fn send(&self, command: Command) -> Result<()> {
+        self.supervisor_handle.send(command)
+    }
+
+    pub(crate) fn handle(&self) -> SupervisorHandle {
+        self.supervisor_handle.clone()
+    }
+
+    pub(crate) fn exit_watch(&self) -> watch::Receiver<Option<ExitReason>> {
+        self.exit.clone()
+    }
+}
+
+/// What it takes to ask the supervisor for something, from anywhere.
+#[derive(Debug, Clone)]
+pub(crate) struct SupervisorHandle {
+    commands: mpsc::Sender<Command>,
+    wake: Arc<UnixStream>,
+}
+
+impl SupervisorHandle {
+    fn send(&self, command: Command) -> Result<()> {
         self.commands.send(command).map_err(|_| Error::Exiting)?;
         // A full pipe already wakes the supervisor.
-        let _ = (&self.wake).write(&[1]);
+        let _ = (&*self.wake).write(&[1]);
         Ok(())
+    }
+
+    pub(crate) fn upgrade(&self) -> impl Future<Output = Result<Upgraded>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.send(Command::Upgrade(reply));
+        async move {
+            sent?;
+            answer.await.unwrap_or(Err(Error::Exiting))
+        }
     }
 }
 

@@ -35,6 +35,7 @@ struct Args {
     unix: Option<PathBuf>,
     pid_file: Option<PathBuf>,
     executable: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
     upgrade_timeout: Duration,
     quiet_period: Duration,
 }
@@ -49,6 +50,7 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
         unix: None,
         pid_file: None,
         executable: None,
+        control_socket: None,
         upgrade_timeout: Duration::from_secs(10),
         quiet_period: Duration::from_millis(500),
     };
@@ -76,6 +78,7 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
             "--unix" => args.unix = Some(value.into()),
             "--pid-file" => args.pid_file = Some(value.into()),
             "--executable" => args.executable = Some(value.into()),
+            "--control-socket" => args.control_socket = Some(value.into()),
             "--upgrade-timeout-ms" => args.upgrade_timeout = millis()?,
             "--quiet-period-ms" => args.quiet_period = millis()?,
             other => return Err(format!("unknown flag {other}")),
@@ -162,8 +165,16 @@ async fn serve(
         None => None,
     };
 
+    let control_socket = match &args.control_socket {
+        Some(path) => Some(upgrader.control_socket(path)?),
+        None => None,
+    };
+
     fault.before_ready().await;
     upgrader.ready()?;
+    if let Some(control_socket) = control_socket {
+        tokio::spawn(control_socket.serve());
+    }
     event(format_args!(
         "ready gen={generation} http={} tcp={} udp={} control={}",
         http.local_addr()?,

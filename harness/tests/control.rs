@@ -1,0 +1,216 @@
+//! The control socket and the `handover` command-line tool, against the
+//! real subject: outcomes, exit codes, bad requests, peer credentials.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use handover_harness::process::{Subject, SubjectConfig};
+
+/// The `handover` binary of the library crate, built (or found up to date)
+/// by cargo itself.
+fn handover_cli() -> &'static Path {
+    static CLI: OnceLock<PathBuf> = OnceLock::new();
+    CLI.get_or_init(|| {
+        let output = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "handover",
+                "--bin",
+                "handover",
+                "--message-format=json",
+            ])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .output()
+            .expect("cargo runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|line| line.contains("\"executable\":\"") && line.contains("handover"))
+            .find_map(|line| {
+                let start = line.find("\"executable\":\"")? + "\"executable\":\"".len();
+                let end = start + line[start..].find('"')?;
+                Some(PathBuf::from(&line[start..end]))
+            })
+            .expect("cargo names the executable")
+    })
+}
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(handover_cli())
+        .args(args)
+        .output()
+        .expect("the CLI runs")
+}
+
+struct Service {
+    subject: Subject,
+    socket: PathBuf,
+    faults: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn service() -> Service {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let faults = dir.path().join("faults");
+    let subject = Subject::start(&SubjectConfig {
+        binary: PathBuf::from(env!("CARGO_BIN_EXE_handover-subject")),
+        args: vec!["--control-socket".into(), socket.display().to_string()],
+        faults_file: Some(faults.clone()),
+        ..SubjectConfig::default()
+    })
+    .unwrap();
+    Service {
+        subject,
+        socket,
+        faults,
+        _dir: dir,
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn successful_upgrade_exits_zero_and_names_the_new_generation() {
+    let mut service = service();
+    let mode = std::fs::metadata(&service.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let socket = service.socket.to_str().unwrap();
+
+    let output = cli(&["upgrade", "--socket", socket]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let pid = service.subject.pid_of(1).unwrap();
+    assert!(
+        text(&output).contains(&format!("generation 1 (pid {pid}) is serving")),
+        "{}",
+        text(&output)
+    );
+
+    // The socket was handed over: the new generation answers on it.
+    service
+        .subject
+        .wait_for(|e| e.is("parent-gone", 1))
+        .unwrap();
+    let output = cli(&["status", "--socket", socket]);
+    assert_eq!(output.status.code(), Some(0));
+    assert!(
+        text(&output).contains(&format!("generation 1 (pid {pid})")),
+        "{}",
+        text(&output)
+    );
+}
+
+#[test]
+fn failed_upgrade_exits_one_with_the_reason() {
+    let service = service();
+    std::fs::write(&service.faults, "1=crash-before-ready").unwrap();
+    let output = cli(&["upgrade", "--socket", service.socket.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let said = text(&output);
+    assert!(
+        said.contains("(successor_exited)") && said.contains("exited with code 4"),
+        "{said}"
+    );
+    // Still the old generation.
+    let output = cli(&["status", "--socket", service.socket.to_str().unwrap()]);
+    assert!(text(&output).contains("generation 0"), "{}", text(&output));
+}
+
+#[test]
+fn an_unreachable_service_exits_two() {
+    let output = cli(&["upgrade", "--socket", "/nonexistent/control.sock"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert!(
+        text(&output).contains("cannot reach /nonexistent/control.sock"),
+        "{}",
+        text(&output)
+    );
+    let output = cli(&["explode"]);
+    assert_eq!(output.status.code(), Some(2));
+}
+
+fn raw_request(socket: &Path, bytes: &[u8]) -> String {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    // The service may answer before reading everything it was sent.
+    let _ = stream.write_all(bytes);
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+#[test]
+fn garbage_and_oversized_requests_get_an_error_and_change_nothing() {
+    let service = service();
+    assert!(raw_request(&service.socket, b"bogus\n").starts_with("error reason=bad_request"));
+    assert!(raw_request(&service.socket, &[b'x'; 5000]).starts_with("error reason=bad_request"));
+    assert!(raw_request(&service.socket, b"\xff\xfe\n").starts_with("error reason=bad_request"));
+    let output = cli(&["status", "--socket", service.socket.to_str().unwrap()]);
+    assert!(text(&output).contains("generation 0"), "{}", text(&output));
+}
+
+#[test]
+fn a_client_that_hangs_up_leaves_no_upgrade_queued() {
+    let mut service = service();
+    std::fs::write(&service.faults, "1=slow-init:300").unwrap();
+    let mut stream = UnixStream::connect(&service.socket).unwrap();
+    stream.write_all(b"upgrade\n").unwrap();
+    drop(stream);
+    // The upgrade it asked for runs to its end...
+    service
+        .subject
+        .wait_for(|e| e.is("parent-gone", 1))
+        .unwrap();
+    // ...and is the only one: no second successor was started.
+    let output = cli(&["status", "--socket", service.socket.to_str().unwrap()]);
+    assert!(text(&output).contains("generation 1"), "{}", text(&output));
+    service.subject.collect_events();
+    let started = service
+        .subject
+        .history
+        .iter()
+        .filter(|e| e.kind == "started")
+        .count();
+    assert_eq!(started, 2, "{:#?}", service.subject.history);
+}
+
+/// Another user is refused even where the socket's mode would let it in.
+#[test]
+fn requests_from_another_user_are_refused() {
+    if !nix::unistd::geteuid().is_root()
+        || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        eprintln!(
+            "SKIPPED requests_from_another_user_are_refused: needs root and setpriv to act as another user"
+        );
+        return;
+    }
+    let service = service();
+    std::fs::set_permissions(&service.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(handover_cli())
+        .args(["upgrade", "--socket", service.socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains("(forbidden)"), "{}", text(&output));
+}

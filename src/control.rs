@@ -1,0 +1,154 @@
+//! The control socket: a deploy script asks for an upgrade and is told
+//! whether it worked.
+//!
+//! A Unix stream socket (mode 0600, handed over like any listener, removed
+//! on a final stop). Requests from another user are refused by their peer
+//! credentials. One request per line, at most [`MAX_REQUEST`] bytes:
+//!
+//! ```text
+//! > upgrade
+//! < ok pid=4250 generation=3 duration_us=2817
+//! < error reason=successor_exited message=successor pid 4250 exited with code 1 before it was ready
+//! > status
+//! < ok pid=4242 generation=2
+//! ```
+//!
+//! Nothing is queued: an upgrade starts when its request is read, and a
+//! request while one runs is answered `in_progress`. A client that hangs up
+//! before its answer does not cancel the upgrade it asked for, and leaves
+//! nothing behind. `handover upgrade --socket PATH` is the client.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::upgrader::SupervisorHandle;
+use crate::{ExitReason, Upgrader};
+
+/// The name under which the control socket is handed over.
+pub const CONTROL_NAME: &str = "handover.control";
+/// Longest request line, newline included.
+pub const MAX_REQUEST: usize = 1024;
+/// A client has this long to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A control socket, ready to [`serve`](ControlSocket::serve).
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: std::os::unix::net::UnixListener,
+    path: PathBuf,
+    supervisor: SupervisorHandle,
+    exit: watch::Receiver<Option<ExitReason>>,
+    generation: u64,
+}
+
+impl Upgrader {
+    /// The control socket at `path`: inherited from the parent generation,
+    /// or created with mode 0600. Serve it with
+    /// `tokio::spawn(control.serve())` after [`ready`](Upgrader::ready).
+    ///
+    /// # Errors
+    /// [`Error::Bind`] if the socket cannot be created, [`Error::WrongKind`]
+    /// if the name is taken by another kind of descriptor.
+    pub fn control_socket(&self, path: impl AsRef<Path>) -> Result<ControlSocket> {
+        let path = path.as_ref();
+        let listener = self.unix_listener(CONTROL_NAME, path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| Error::Bind {
+                name: CONTROL_NAME.into(),
+                addr: path.display().to_string(),
+                source,
+            },
+        )?;
+        Ok(ControlSocket {
+            listener,
+            path: path.to_path_buf(),
+            supervisor: self.handle(),
+            exit: self.exit_watch(),
+            generation: self.generation(),
+        })
+    }
+}
+
+impl ControlSocket {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Answers requests until this generation must exit; then the successor
+    /// (which holds the same socket) answers them. Needs a tokio runtime.
+    pub async fn serve(self) {
+        let listener = match UnixListener::from_std(self.listener) {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::error!(%error, "cannot serve the control socket");
+                return;
+            }
+        };
+        let mut exit = self.exit;
+        loop {
+            tokio::select! {
+                _ = exit.wait_for(Option::is_some) => return,
+                accepted = listener.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        tokio::spawn(answer(stream, self.supervisor.clone(), self.generation));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn answer(stream: UnixStream, supervisor: SupervisorHandle, generation: u64) {
+    let allowed = match stream.peer_cred() {
+        Ok(peer) => peer.uid() == nix::unistd::geteuid().as_raw() || peer.uid() == 0,
+        Err(_) => false,
+    };
+    let (read, mut write) = stream.into_split();
+    if !allowed {
+        let _ = write
+            .write_all(b"error reason=forbidden message=requests are taken from this service's user only\n")
+            .await;
+        return;
+    }
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
+    let request = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    let reply = match request {
+        Err(_) => "error reason=bad_request message=no request within 10 s".to_owned(),
+        Ok(Err(error)) => format!("error reason=bad_request message={error}"),
+        Ok(Ok(_)) if !line.ends_with(b"\n") => {
+            format!(
+                "error reason=bad_request message=a request is one line of at most {MAX_REQUEST} bytes"
+            )
+        }
+        Ok(Ok(_)) => match std::str::from_utf8(&line).map(str::trim) {
+            Ok("upgrade") => match supervisor.upgrade().await {
+                Ok(upgraded) => format!(
+                    "ok pid={} generation={} duration_us={}",
+                    upgraded.pid,
+                    upgraded.generation,
+                    upgraded.duration.as_micros()
+                ),
+                Err(error) => error_line(&error),
+            },
+            Ok("status") => format!("ok pid={} generation={generation}", std::process::id()),
+            _ => "error reason=bad_request message=unknown request (upgrade, status)".to_owned(),
+        },
+    };
+    let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
+}
+
+fn error_line(error: &Error) -> String {
+    format!(
+        "error reason={} message={}",
+        error.reason(),
+        error.to_string().replace('\n', " ")
+    )
+}
