@@ -139,6 +139,20 @@ pub enum Error {
         problem: String,
     },
 
+    /// The parent generation went away, or broke the framing, before it
+    /// had handed over all of its state.
+    #[error("parent pid {parent} handed over {received} of {} bytes of state, then {problem}", expected.map_or("?".to_owned(), |n| n.to_string()))]
+    StateLost {
+        /// The parent's process id.
+        parent: i32,
+        /// Bytes that came.
+        received: u64,
+        /// Bytes announced, if the length came.
+        expected: Option<u64>,
+        /// What happened.
+        problem: String,
+    },
+
     /// Another upgrade is already running in this generation.
     #[error("an upgrade is already in progress")]
     InProgress,
@@ -199,6 +213,7 @@ impl Error {
             Error::SuccessorExited { .. } => "successor_exited",
             Error::Timeout { .. } => "timeout",
             Error::Handshake { .. } => "handshake_broken",
+            Error::StateLost { .. } => "state_lost",
             Error::InProgress => "in_progress",
             Error::ParentAlive { .. } => "parent_alive",
             Error::NotReady => "not_ready",
@@ -265,6 +280,12 @@ mod tests {
                 pid: 1,
                 problem: "garbage".into(),
             },
+            Error::StateLost {
+                parent: 1,
+                received: 0,
+                expected: None,
+                problem: "went away".into(),
+            },
             Error::InProgress,
             Error::ParentAlive { parent: 1 },
             Error::NotReady,
@@ -296,6 +317,7 @@ mod tests {
                 "successor_exited",
                 "timeout",
                 "handshake_broken",
+                "state_lost",
                 "in_progress",
                 "parent_alive",
                 "not_ready",

@@ -71,6 +71,7 @@ mod error;
 mod machine;
 mod pidfile;
 mod registry;
+mod state;
 mod supervisor;
 #[allow(unsafe_code)]
 mod sys;

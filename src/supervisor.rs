@@ -22,6 +22,7 @@ use tokio::sync::{oneshot, watch};
 use crate::error::{Error, Result};
 use crate::machine::{Decision, Machine, Origin, Phase, Refusal};
 use crate::registry::Registry;
+use crate::state::{self, Inbox, Outbox};
 use crate::sys::{self, SpawnRequest};
 use crate::systemd::Notifier;
 use crate::wire::{self, Inheritance, InheritedFd};
@@ -48,6 +49,17 @@ pub(crate) struct Config {
     pub upgrade_timeout: Duration,
     pub pid_file: Option<PathBuf>,
     pub upgrade_signal: Option<Signal>,
+    /// Called at each upgrade for the bytes to hand over.
+    pub state_provider: Arc<Mutex<Option<StateProvider>>>,
+}
+
+/// What gives the state to hand to a successor.
+pub(crate) struct StateProvider(pub Box<dyn Fn() -> Vec<u8> + Send>);
+
+impl std::fmt::Debug for StateProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateProvider")
+    }
 }
 
 pub(crate) struct Channels {
@@ -59,12 +71,16 @@ pub(crate) struct Channels {
     pub parent_link: Option<UnixStream>,
     pub exit: watch::Sender<Option<ExitReason>>,
     pub parent_gone: watch::Sender<bool>,
+    /// The state the parent hands over, filled as it arrives.
+    pub state: Arc<state::Slot>,
 }
 
 /// A successor that is starting.
 struct Inflight {
     pid: Pid,
     link: UnixStream,
+    /// State still to write to the successor.
+    outbox: Option<Outbox>,
     link_closed: bool,
     started: Instant,
     deadline: Instant,
@@ -81,11 +97,14 @@ pub(crate) struct Supervisor {
     /// process exits (that EOF is how it learns we are gone).
     successor: Option<(Pid, UnixStream)>,
     systemd: Notifier,
+    /// The parent's state, while it arrives.
+    inbox: Option<Inbox>,
 }
 
 impl Supervisor {
     pub(crate) fn new(config: Config, channels: Channels, registry: Arc<Mutex<Registry>>) -> Self {
         let machine = Machine::new(config.parent.is_some());
+        let inbox = config.parent.map(|_| Inbox::default());
         Supervisor {
             config,
             channels,
@@ -94,6 +113,7 @@ impl Supervisor {
             inflight: None,
             successor: None,
             systemd: Notifier::from_env(),
+            inbox,
         }
     }
 
@@ -121,28 +141,33 @@ impl Supervisor {
 
     /// One wait and what follows it. `false` ends the thread.
     fn turn(&mut self) -> io::Result<bool> {
-        let mut watched: Vec<(Source, BorrowedFd<'_>)> = vec![
-            (Source::Wake, self.channels.wake.as_fd()),
-            (Source::ChildSignal, self.channels.child_signal.as_fd()),
+        let mut watched: Vec<(Source, (BorrowedFd<'_>, bool))> = vec![
+            (Source::Wake, (self.channels.wake.as_fd(), false)),
+            (
+                Source::ChildSignal,
+                (self.channels.child_signal.as_fd(), false),
+            ),
         ];
         if let Some(signal) = &self.channels.upgrade_signal {
-            watched.push((Source::UpgradeSignal, signal.as_fd()));
+            watched.push((Source::UpgradeSignal, (signal.as_fd(), false)));
         }
         if let Some(signal) = &self.channels.stop_signal {
-            watched.push((Source::StopSignal, signal.as_fd()));
+            watched.push((Source::StopSignal, (signal.as_fd(), false)));
         }
         if let Some(link) = &self.channels.parent_link {
-            watched.push((Source::Parent, link.as_fd()));
+            watched.push((Source::Parent, (link.as_fd(), false)));
         }
         if let Some(inflight) = self.inflight.as_ref().filter(|i| !i.link_closed) {
-            watched.push((Source::Successor, inflight.link.as_fd()));
+            // Writable too while state remains to be sent.
+            let sending = inflight.outbox.is_some();
+            watched.push((Source::Successor, (inflight.link.as_fd(), sending)));
         }
         let timeout = self
             .inflight
             .as_ref()
             .map(|i| i.deadline.saturating_duration_since(Instant::now()));
-        let fds: Vec<BorrowedFd<'_>> = watched.iter().map(|(_, fd)| *fd).collect();
-        let ready = sys::poll_readable(&fds, timeout)?;
+        let fds: Vec<(BorrowedFd<'_>, bool)> = watched.iter().map(|(_, fd)| *fd).collect();
+        let ready = sys::poll(&fds, timeout)?;
         let sources: Vec<Source> = watched
             .iter()
             .zip(ready)
@@ -310,10 +335,19 @@ impl Supervisor {
         let Some(link) = &mut self.channels.parent_link else {
             return;
         };
-        let mut buffer = [0u8; 64];
+        let mut buffer = vec![0u8; 64 * 1024];
         match link.read(&mut buffer) {
             Ok(0) => self.parent_gone(),
-            Ok(_) => {} // reserved for later protocol versions
+            Ok(n) => {
+                // Bytes after the state belong to no protocol yet: ignored.
+                if let Some(inbox) = &mut self.inbox {
+                    match inbox.push(&buffer[..n]) {
+                        Ok(false) => {}
+                        Ok(true) => self.state_received(),
+                        Err(problem) => self.state_lost(&problem),
+                    }
+                }
+            }
             Err(err)
                 if err.kind() == io::ErrorKind::WouldBlock
                     || err.kind() == io::ErrorKind::Interrupted => {}
@@ -321,7 +355,42 @@ impl Supervisor {
         }
     }
 
+    fn state_received(&mut self) {
+        if let Some(inbox) = self.inbox.take() {
+            let (bytes, _) = inbox.progress();
+            tracing::debug!(generation = self.config.generation, bytes, "state received");
+            *self
+                .channels
+                .state
+                .data
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = inbox.into_state();
+            self.channels
+                .state
+                .status
+                .send_replace(state::Status::Complete);
+        }
+    }
+
+    fn state_lost(&mut self, problem: &str) {
+        if let Some(inbox) = self.inbox.take() {
+            let (received, expected) = inbox.progress();
+            tracing::warn!(
+                generation = self.config.generation,
+                received,
+                ?expected,
+                problem,
+                "state lost"
+            );
+            self.channels
+                .state
+                .status
+                .send_replace(state::Status::Lost { received, expected });
+        }
+    }
+
     fn parent_gone(&mut self) {
+        self.state_lost("the parent went away");
         self.channels.parent_link = None;
         tracing::info!(
             generation = self.config.generation,
@@ -340,11 +409,12 @@ impl Supervisor {
         tracing::info!(generation, "upgrade started");
         self.systemd.reloading(generation);
         match self.spawn_successor() {
-            Ok((pid, link)) => {
+            Ok((pid, link, outbox)) => {
                 tracing::info!(generation, pid = pid.as_raw(), "successor started");
                 self.inflight = Some(Inflight {
                     pid,
                     link,
+                    outbox: Some(outbox),
                     link_closed: false,
                     started,
                     deadline: started + self.config.upgrade_timeout,
@@ -355,7 +425,25 @@ impl Supervisor {
         }
     }
 
-    fn spawn_successor(&self) -> Result<(Pid, UnixStream)> {
+    fn spawn_successor(&self) -> Result<(Pid, UnixStream, Outbox)> {
+        let state = match &*self
+            .config
+            .state_provider
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            Some(provider) => (provider.0)(),
+            None => Vec::new(),
+        };
+        if state.len() as u64 > state::MAX_STATE {
+            return Err(Error::io(
+                "handing over state",
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} bytes is more than the limit of 1 GiB", state.len()),
+                ),
+            ));
+        }
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| Error::io("creating the handshake link", e))?;
         ours.set_nonblocking(true)
@@ -398,13 +486,21 @@ impl Supervisor {
             path: self.config.executable.clone(),
             source,
         })?;
-        Ok((pid, ours))
+        Ok((pid, ours, Outbox::new(state)))
     }
 
     fn on_successor_link(&mut self) {
         let Some(inflight) = &mut self.inflight else {
             return;
         };
+        if let Some(outbox) = &mut inflight.outbox {
+            match outbox.write_some(&inflight.link) {
+                Ok(false) => {}
+                Ok(true) => inflight.outbox = None,
+                // It is gone or going: SIGCHLD brings its status.
+                Err(_) => inflight.outbox = None,
+            }
+        }
         match read_link(&inflight.link) {
             LinkRead::Ready => {
                 if let Some(inflight) = self.inflight.take() {

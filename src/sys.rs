@@ -370,15 +370,23 @@ pub(crate) fn kill_and_reap(pid: Pid) -> io::Result<ExitStatus> {
     }
 }
 
-/// Waits until one of `fds` is readable (or hung up), or `timeout` passes.
-/// Returns, for each descriptor, whether it needs attention.
-pub(crate) fn poll_readable(
-    fds: &[BorrowedFd<'_>],
+/// Waits until one of `fds` is readable (or hung up), or writable where
+/// asked (`true`), or `timeout` passes. Returns, for each descriptor,
+/// whether it needs attention.
+pub(crate) fn poll(
+    fds: &[(BorrowedFd<'_>, bool)],
     timeout: Option<Duration>,
 ) -> io::Result<Vec<bool>> {
     let mut poll_fds: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .map(|&(fd, writable)| {
+            let events = if writable {
+                PollFlags::POLLIN | PollFlags::POLLOUT
+            } else {
+                PollFlags::POLLIN
+            };
+            PollFd::new(fd, events)
+        })
         .collect();
     let timeout = match timeout {
         None => PollTimeout::NONE,

@@ -23,8 +23,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::registry::{Kind, Registry};
-use crate::supervisor::{self, Channels, Command, Config, Supervisor, lock};
-use crate::{sys, systemd, wire};
+use crate::supervisor::{self, Channels, Command, Config, StateProvider, Supervisor, lock};
+use crate::{state, sys, systemd, wire};
 
 /// How an [`Upgrader`] behaves. Build it with the setters:
 ///
@@ -131,6 +131,8 @@ pub struct Upgrader {
     exit: watch::Receiver<Option<ExitReason>>,
     parent_gone: watch::Receiver<bool>,
     signal_ids: Vec<SigId>,
+    state_provider: Arc<Mutex<Option<StateProvider>>>,
+    state: Arc<state::Slot>,
     supervisor: Option<JoinHandle<()>>,
 }
 
@@ -231,6 +233,12 @@ impl Upgrader {
         let (exit_tx, exit) = watch::channel(None);
         let (parent_gone_tx, parent_gone) = watch::channel(parent_link.is_none());
         let registry = Arc::new(Mutex::new(registry));
+        let state_provider = Arc::new(Mutex::new(None));
+        let state = Arc::new(state::Slot::new(if parent.is_some() {
+            state::Status::Pending
+        } else {
+            state::Status::Complete
+        }));
         let config = Config {
             generation,
             parent,
@@ -239,6 +247,7 @@ impl Upgrader {
             upgrade_timeout: options.upgrade_timeout,
             pid_file: options.pid_file,
             upgrade_signal: options.upgrade_signal,
+            state_provider: Arc::clone(&state_provider),
         };
         let channels = Channels {
             commands: commands_rx,
@@ -249,6 +258,7 @@ impl Upgrader {
             parent_link,
             exit: exit_tx,
             parent_gone: parent_gone_tx,
+            state: Arc::clone(&state),
         };
         let supervisor = Supervisor::new(config, channels, Arc::clone(&registry));
         let supervisor = thread::Builder::new()
@@ -267,6 +277,8 @@ impl Upgrader {
             exit,
             parent_gone,
             signal_ids,
+            state_provider,
+            state,
             supervisor: Some(supervisor),
         })
     }
@@ -341,6 +353,54 @@ impl Upgrader {
             .handed_on()
             .map(|(name, kind, _)| (name.to_owned(), kind))
             .collect()
+    }
+
+    /// Gives the bytes to hand to each successor (a serialised cache,
+    /// session tickets, counters): called on the supervisor's thread when an
+    /// upgrade starts, so keep it quick. Megabytes are fine; the limit is
+    /// 1 GiB. The successor reads them with
+    /// [`inherited_state`](Self::inherited_state). A successor that never
+    /// reads them, or dies first, does not block this generation.
+    pub fn set_state_provider(&self, provider: impl Fn() -> Vec<u8> + Send + 'static) {
+        *self
+            .state_provider
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(StateProvider(Box::new(provider)));
+    }
+
+    /// The state the parent handed over, once all of it has come: `None` if
+    /// there is none (no parent, no provider, or already taken). Call it
+    /// before [`ready`](Self::ready): the parent hands it over while this
+    /// generation starts.
+    ///
+    /// # Errors
+    /// [`Error::StateLost`] if the parent went away before all of it came.
+    pub fn inherited_state(
+        &self,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send + 'static {
+        let slot = Arc::clone(&self.state);
+        let parent = self.parent.unwrap_or_default();
+        async move {
+            let mut status = slot.status.subscribe();
+            let status = *status
+                .wait_for(|s| *s != state::Status::Pending)
+                .await
+                .map_err(|_| Error::Exiting)?;
+            match status {
+                state::Status::Lost { received, expected } => Err(Error::StateLost {
+                    parent,
+                    received,
+                    expected,
+                    problem: "went away".into(),
+                }),
+                _ => Ok(slot.data.lock().unwrap_or_else(|p| p.into_inner()).take()),
+            }
+        }
+    }
+
+    /// [`inherited_state`](Self::inherited_state) for blocking code.
+    pub fn inherited_state_blocking(&self) -> Result<Option<Vec<u8>>> {
+        block_on(self.inherited_state())
     }
 
     /// Stops handing `name` to successors. Returns whether it was there.

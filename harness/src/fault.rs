@@ -36,6 +36,9 @@ pub enum Fault {
     Abort,
     /// Exit with code 5 right after `ready()`.
     CrashAfterReady,
+    /// Hang before the library starts: the successor reads nothing at all
+    /// (not even the state its parent hands over).
+    HangBeforeStart,
 }
 
 impl FromStr for Fault {
@@ -51,6 +54,7 @@ impl FromStr for Fault {
             "hang" => Fault::Hang,
             "abort" => Fault::Abort,
             "crash-after-ready" => Fault::CrashAfterReady,
+            "hang-before-start" => Fault::HangBeforeStart,
             other => match other.strip_prefix("slow-init:").map(str::parse::<u64>) {
                 Some(Ok(millis)) => Fault::SlowInit(Duration::from_millis(millis)),
                 _ => return Err(format!("unknown fault {other:?}")),
@@ -60,6 +64,15 @@ impl FromStr for Fault {
 }
 
 impl Fault {
+    /// Plays the part of the fault that comes before the library starts.
+    pub fn before_start(self) {
+        if self == Fault::HangBeforeStart {
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+
     /// Plays the part of the fault that comes before the listeners.
     pub fn before_listen(self) {
         if self == Fault::CrashBeforeListen {
@@ -76,7 +89,10 @@ impl Fault {
             Fault::Abort => std::process::abort(),
             Fault::Hang => std::future::pending().await,
             Fault::SlowInit(duration) => tokio::time::sleep(duration).await,
-            Fault::None | Fault::CrashBeforeListen | Fault::CrashAfterReady => {}
+            Fault::None
+            | Fault::CrashBeforeListen
+            | Fault::CrashAfterReady
+            | Fault::HangBeforeStart => {}
         }
     }
 
@@ -106,6 +122,22 @@ impl Faults {
             Ok(text) => text.parse(),
             Err(_) => Ok(Faults::default()),
         }
+    }
+
+    /// The generation this process will be, read before the library starts
+    /// (from its inheritance variable; 0 without one).
+    pub fn generation_to_be() -> u64 {
+        std::env::var("HANDOVER")
+            .ok()
+            .and_then(|text| {
+                let start = text.find(";gen=")? + 5;
+                let digits: String = text[start..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits.parse().ok()
+            })
+            .unwrap_or(0)
     }
 
     /// The fault of generation `generation`.

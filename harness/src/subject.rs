@@ -36,6 +36,7 @@ struct Args {
     pid_file: Option<PathBuf>,
     executable: Option<PathBuf>,
     control_socket: Option<PathBuf>,
+    state_bytes: usize,
     upgrade_timeout: Duration,
     quiet_period: Duration,
 }
@@ -51,6 +52,7 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
         pid_file: None,
         executable: None,
         control_socket: None,
+        state_bytes: 0,
         upgrade_timeout: Duration::from_secs(10),
         quiet_period: Duration::from_millis(500),
     };
@@ -79,6 +81,9 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
             "--pid-file" => args.pid_file = Some(value.into()),
             "--executable" => args.executable = Some(value.into()),
             "--control-socket" => args.control_socket = Some(value.into()),
+            "--state-bytes" => {
+                args.state_bytes = value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
+            }
             "--upgrade-timeout-ms" => args.upgrade_timeout = millis()?,
             "--quiet-period-ms" => args.quiet_period = millis()?,
             other => return Err(format!("unknown flag {other}")),
@@ -105,6 +110,11 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Ok(faults) = Faults::from_env() {
+        faults
+            .for_generation(Faults::generation_to_be())
+            .before_start();
+    }
     let mut options = Options::default().upgrade_timeout(args.upgrade_timeout);
     if let Some(path) = &args.pid_file {
         options = options.pid_file(path);
@@ -141,6 +151,14 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
     }
 }
 
+/// The state generation `generation` hands over: `bytes` bytes that depend
+/// on the generation, so that a successor can check it got its parent's.
+fn state_pattern(generation: u64, bytes: usize) -> Vec<u8> {
+    (0..bytes)
+        .map(|i| (i as u64).wrapping_mul(31).wrapping_add(generation) as u8)
+        .collect()
+}
+
 fn event(line: std::fmt::Arguments<'_>) {
     println!("event={line} pid={}", std::process::id());
 }
@@ -165,12 +183,26 @@ async fn serve(
         None => None,
     };
 
+    if args.state_bytes > 0 {
+        let bytes = args.state_bytes;
+        upgrader.set_state_provider(move || state_pattern(generation, bytes));
+    }
+
     let control_socket = match &args.control_socket {
         Some(path) => Some(upgrader.control_socket(path)?),
         None => None,
     };
 
     fault.before_ready().await;
+    if upgrader.has_parent() {
+        // The state comes before ready(): the parent hands it over meanwhile.
+        let state = upgrader.inherited_state().await?.unwrap_or_default();
+        let intact = generation > 0 && state == state_pattern(generation - 1, state.len());
+        event(format_args!(
+            "state gen={generation} bytes={} intact={intact}",
+            state.len()
+        ));
+    }
     upgrader.ready()?;
     if let Some(control_socket) = control_socket {
         tokio::spawn(control_socket.serve());
