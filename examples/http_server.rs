@@ -10,7 +10,9 @@
 //! ```
 //!
 //! The whole API in one page: create the `Upgrader` first, take listeners
-//! by name, call `ready()`, serve until `exit()`, then drain.
+//! by name, call `ready()`, serve until `exit()`, then drain. SIGHUP
+//! upgrades, SIGTERM and SIGINT stop; under systemd it notifies readiness
+//! and takes a socket-activated listener named "http".
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,12 +20,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use handover::drain::{Drain, DrainOptions};
-use handover::{ExitReason, Options, Upgrader};
+use handover::{ExitReason, Options, Signal, Upgrader};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use tokio::signal::unix::{SignalKind, signal};
 
 struct Args {
     listen: SocketAddr,
@@ -75,7 +76,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // 1. First thing in main, before any thread: read what the parent
     //    handed over. SIGHUP now asks for an upgrade; one that arrives before
     //    we are ready is held, not fatal.
-    let mut options = Options::default().upgrade_timeout(Duration::from_secs(30));
+    //    SIGTERM and SIGINT are a final stop (exit() resolves with Stopped).
+    let mut options = Options::default()
+        .upgrade_timeout(Duration::from_secs(30))
+        .stop_signals([Signal::SIGTERM, Signal::SIGINT]);
     if let Some(path) = &args.pid_file {
         options = options.pid_file(path);
     }
@@ -108,8 +112,6 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
     let generation = upgrader.generation();
     tracing::info!(generation, addr = %listener.local_addr()?, "serving");
 
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
     let drain = Drain::new(DrainOptions::default());
     let body = Bytes::from(format!(
         "pid={} generation={generation}\n",
@@ -122,8 +124,6 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
     let reason = loop {
         tokio::select! {
             reason = &mut exit => break reason,
-            _ = terminate.recv() => upgrader.stop(),
-            _ = interrupt.recv() => upgrader.stop(),
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let body = body.clone();

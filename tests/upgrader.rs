@@ -155,3 +155,18 @@ async fn stop_resolves_exit_and_refuses_later_upgrades() {
     let err = upgrader.upgrade().await.unwrap_err();
     assert_eq!(err.reason(), "exiting");
 }
+
+#[tokio::test]
+async fn a_stop_signal_is_a_final_stop() {
+    // SIGUSR2: no other test in this process handles it.
+    let upgrader = Upgrader::new(
+        Options::default()
+            .executable("/bin/true")
+            .upgrade_signal(None)
+            .stop_signals([handover::Signal::SIGUSR2]),
+    )
+    .unwrap();
+    upgrader.ready().unwrap();
+    nix::sys::signal::raise(handover::Signal::SIGUSR2).unwrap();
+    assert_eq!(upgrader.exit().await, handover::ExitReason::Stopped);
+}
