@@ -249,8 +249,8 @@ impl Run<'_> {
         self.started.elapsed().as_millis() as u32
     }
 
-    /// Records an upgrade's answer and checks it against the expectation.
-    fn check_upgrade(&mut self, at_ms: u32, answer: &str, expect: &str) -> Result<(), String> {
+    /// Records an upgrade's answer; returns its outcome.
+    fn record_upgrade(&mut self, at_ms: u32, answer: &str) -> String {
         let outcome = outcome(answer);
         let latency_us = answer
             .split_whitespace()
@@ -262,6 +262,12 @@ impl Run<'_> {
             latency_us,
             answer: answer.to_owned(),
         });
+        outcome
+    }
+
+    /// Records an upgrade's answer and checks it against the expectation.
+    fn check_upgrade(&mut self, at_ms: u32, answer: &str, expect: &str) -> Result<(), String> {
+        let outcome = self.record_upgrade(at_ms, answer);
         if outcome != expect {
             return Err(format!("expected {expect}, got {answer:?}"));
         }
@@ -311,17 +317,7 @@ impl Run<'_> {
             .filter(|a| outcome(a) == "in_progress")
             .count();
         for answer in &answers {
-            let outcome = outcome(answer);
-            let latency_us = answer
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("us="))
-                .and_then(|us| us.parse().ok());
-            self.upgrades.push(UpgradeRecord {
-                at_ms: at,
-                outcome,
-                latency_us,
-                answer: answer.clone(),
-            });
+            self.record_upgrade(at, answer);
         }
         if ok.len() != 1 || refused != count - 1 {
             return Err(format!(

@@ -283,8 +283,27 @@ impl Accept for UnixListener {
     }
 }
 
-/// Accepts until `exit` resolves, then drops the listener: the successor's
-/// copy of the same socket takes every connection from then on.
+/// Accepts until `exit` resolves, handing each connection to `serve`, then
+/// drops the listener: the successor's copy of the same socket takes every
+/// connection from then on.
+async fn accept_until_exit<L: Accept>(
+    listener: L,
+    exit: impl std::future::Future<Output = ExitReason>,
+    mut serve: impl FnMut(L::Stream),
+) {
+    tokio::pin!(exit);
+    loop {
+        tokio::select! {
+            _ = &mut exit => return,
+            accepted = listener.accept() => {
+                if let Ok(stream) = accepted {
+                    serve(stream);
+                }
+            }
+        }
+    }
+}
+
 async fn accept_http(
     generation: u64,
     listener: TcpListener,
@@ -292,20 +311,13 @@ async fn accept_http(
     identity: Bytes,
     exit: impl std::future::Future<Output = ExitReason>,
 ) {
-    tokio::pin!(exit);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut exit => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-        };
+    accept_until_exit(listener, exit, |stream| {
         let _ = stream.set_nodelay(true);
         let identity = identity.clone();
         let service = service_fn(move |request| respond(request, identity.clone(), generation));
         tokio::spawn(drain.serve_http1(stream, service));
-    }
+    })
+    .await
 }
 
 async fn respond(
@@ -342,15 +354,7 @@ async fn accept_echo<L: Accept>(
     drain: Drain,
     exit: impl std::future::Future<Output = ExitReason>,
 ) {
-    tokio::pin!(exit);
-    loop {
-        let mut stream = tokio::select! {
-            _ = &mut exit => return,
-            accepted = listener.accept() => match accepted {
-                Ok(stream) => stream,
-                Err(_) => continue,
-            },
-        };
+    accept_until_exit(listener, exit, |mut stream| {
         let open = drain.track();
         let deadline = drain.deadline_passed();
         tokio::spawn(async move {
@@ -375,7 +379,8 @@ async fn accept_echo<L: Accept>(
             }
             drop(open);
         });
-    }
+    })
+    .await
 }
 
 async fn echo_udp(socket: UdpSocket, exit: impl std::future::Future<Output = ExitReason>) {
@@ -397,15 +402,7 @@ async fn echo_udp(socket: UdpSocket, exit: impl std::future::Future<Output = Exi
 /// upgrade that ends this generation is written before it exits.
 async fn accept_control(listener: TcpListener, upgrader: Arc<Upgrader>, drain: Drain) {
     let exit = upgrader.exit();
-    tokio::pin!(exit);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut exit => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-        };
+    accept_until_exit(listener, exit, |stream| {
         let upgrader = Arc::clone(&upgrader);
         let open = drain.track();
         let draining = drain.draining();
@@ -454,7 +451,8 @@ async fn accept_control(listener: TcpListener, upgrader: Arc<Upgrader>, drain: D
                 }
             }
         });
-    }
+    })
+    .await
 }
 
 async fn stop_on_signals(upgrader: Arc<Upgrader>) {

@@ -1,0 +1,628 @@
+#!/usr/bin/env bash
+# The example service under a real systemd: a private `systemd --user`
+# manager (its own mount namespace and cgroup, XDG_RUNTIME_DIR in a temporary
+# folder; PID 1 need not be systemd) runs the unit files of examples/systemd/,
+# reloads each one under HTTP load and stops it, and systemd-socket-activate
+# runs the example in front of a socket it made. Each case prints one line,
+#   systemd: <case> (systemd <version>): PASS | FAIL | SKIPPED (<reason>)
+# and what it saw when it fails. Exits 0 when no case failed: a case that
+# cannot run here (no privileges for a manager, no systemd >= 253 for
+# Type=notify-reload) is SKIPPED, loudly, never passed.
+#
+#   usage: ci/systemd.sh [PATH-TO-BINARY]
+#     default target/release/examples/http_server (built when missing)
+#   env:   SYSTEMD_SUITES="system backports"  which managers to run: the
+#            installed systemd, and Debian bookworm-backports' systemd (254),
+#            unpacked into target/systemd-backports/ (nothing is installed)
+#          SYSTEMD_CASES="..."   run only these cases (names as printed)
+#          SYSTEMD_RELOADS=5     reloads per case (socket activation: 3)
+#          SYSTEMD_KEEP=1        keep the work folder (logs) even on success
+#
+# Besides PASS/FAIL, every managed case prints how it was stopped and how
+# its reloads went, and the combinations the README does not recommend (a
+# MAINPID= handoff without PIDFile=) run as `finding:` lines that do not
+# decide the exit status: they record what this systemd does with them.
+#
+# Needs root (mount namespace, cgroups). Installs, where missing and
+# possible: systemd, util-linux, bsdutils (script), curl, python3.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+say() { printf '%s\n' "$*"; }
+# Indented details under a case line.
+detail() { printf '    %s\n' "$@"; }
+
+# ---------------------------------------------------------------- setup
+
+bin=${1:-target/release/examples/http_server}
+if [ ! -x "$bin" ]; then
+  if [ $# -eq 0 ]; then
+    say "systemd.sh: building the example: cargo build --release --example http_server"
+    cargo build --release --example http_server -q || { say "systemd.sh: the build failed"; exit 1; }
+  else
+    say "systemd.sh: $bin is not an executable file"; exit 2
+  fi
+fi
+bin=$(realpath "$bin")
+reloads=${SYSTEMD_RELOADS:-5}
+suites=${SYSTEMD_SUITES:-system backports}
+only=${SYSTEMD_CASES:-}
+
+work=$(mktemp -d /tmp/handover-systemd.XXXXXX)
+chmod 755 "$work"
+failed=0
+results=()          # every case line, repeated at the end
+managers=()         # "pid script-pid cgroup-dirs..." of every manager started
+bg_pids=()          # every other background process started here
+
+skip_everything=""  # a reason why no manager can run here
+
+wanted() { [ -z "$only" ] || [[ " $only " == *" $1 "* ]]; }
+
+report() { # case version verdict [reason]
+  local line="systemd: $1 (systemd $2): $3"
+  [ -n "${4:-}" ] && line+=" ($4)"
+  results+=("$line")
+  say "$line"
+  [ "$3" = FAIL ] && failed=1
+  return 0
+}
+
+teardown() {
+  local entry mpid spid d p pid
+  for pid in "${bg_pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+  for entry in "${managers[@]}"; do
+    read -r mpid spid d <<<"$entry"
+    # The manager stops its units on SIGTERM (exit.target); bounded wait.
+    if kill -TERM "$mpid" 2>/dev/null; then
+      for _ in $(seq 300); do kill -0 "$mpid" 2>/dev/null || break; sleep 0.05; done
+      kill -KILL "$mpid" 2>/dev/null
+    fi
+    kill -KILL "$spid" 2>/dev/null
+    # Whatever is left in its cgroups is ours: kill it by pid, then remove
+    # the cgroups, deepest first.
+    for d in ${entry#* * }; do
+      [ -d "$d" ] || continue
+      for p in $(find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+      for _ in $(seq 100); do
+        find "$d" -depth -type d -exec rmdir {} + 2>/dev/null
+        [ -d "$d" ] || break
+        sleep 0.05
+      done
+    done
+  done
+  # Generations started outside a manager (systemd-socket-activate), by pid.
+  if [ -f "$work/pids" ]; then
+    while read -r pid; do
+      [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$bin" && kill -KILL "$pid" 2>/dev/null
+    done <"$work/pids"
+  fi
+  if [ "$failed" = 0 ] && [ -z "${SYSTEMD_KEEP:-}" ]; then
+    rm -rf "$work"
+  else
+    say "systemd.sh: logs kept in $work"
+  fi
+}
+trap teardown EXIT
+trap 'exit 130' INT TERM
+
+track_pid() { [ -n "$1" ] && [ "$1" != 0 ] && echo "$1" >>"$work/pids"; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# GET / once; prints the body, empty on any failure.
+get() { curl -s --max-time 5 "http://127.0.0.1:$1/" 2>/dev/null; }
+
+# Polls GET / until it answers from pid $2 (a generation that has handed
+# over stops accepting only once told): prints the body. Bounded: 5 s.
+get_from() {
+  local port=$1 want=$2 body=""
+  for _ in $(seq 100); do
+    body=$(get "$port")
+    [[ "$body" == "pid=$want "* ]] && break
+    sleep 0.05
+  done
+  printf '%s' "$body"
+}
+
+# Installs what is missing, on a fresh Debian machine.
+install_needs() {
+  local need=()
+  [ -x /lib/systemd/systemd ] || [ -x /usr/lib/systemd/systemd ] || need+=(systemd)
+  command -v unshare >/dev/null && command -v setsid >/dev/null || need+=(util-linux)
+  command -v script >/dev/null || need+=(bsdutils)
+  command -v curl >/dev/null || need+=(curl)
+  command -v python3 >/dev/null || need+=(python3)
+  [ ${#need[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    skip_everything="missing ${need[*]}, and cannot install them (not root on a Debian machine)"
+    return 0
+  fi
+  say "systemd.sh: installing ${need[*]}"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"; } >"$work/apt.log" 2>&1; then
+    skip_everything="could not install ${need[*]}: $(tail -n 1 "$work/apt.log")"
+  fi
+}
+
+# Debian bookworm-backports' systemd (254 today), for Type=notify-reload:
+# downloaded with apt-get download through a private apt configuration (the
+# machine's sources and state are left alone) and unpacked with dpkg -x into
+# target/systemd-backports/root; run with LD_LIBRARY_PATH pointing at its
+# libsystemd-shared. Sets backports_root, or backports_reason.
+backports_root=""
+backports_reason=""
+fetch_backports() {
+  local dir=$repo/target/systemd-backports
+  if [ -x "$dir/root/lib/systemd/systemd" ] || [ -x "$dir/root/usr/lib/systemd/systemd" ]; then
+    backports_root=$dir/root; return 0
+  fi
+  if ! grep -q '^VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
+    backports_reason="not Debian bookworm: no bookworm-backports systemd to unpack"; return 0
+  fi
+  if ! command -v apt-get >/dev/null || ! command -v dpkg >/dev/null; then
+    backports_reason="no apt-get/dpkg to fetch bookworm-backports' systemd"; return 0
+  fi
+  rm -rf "$dir"
+  mkdir -p "$dir/apt/lists/partial" "$dir/apt/cache/archives/partial" "$dir/debs"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main" \
+    >"$dir/apt/sources.list"
+  local apt=(-o "Dir::Etc::SourceList=$dir/apt/sources.list" -o "Dir::Etc::SourceParts=$dir/apt/none"
+    -o "Dir::State::Lists=$dir/apt/lists" -o "Dir::Cache=$dir/apt/cache" -o "APT::Sandbox::User=root")
+  say "systemd.sh: downloading systemd and libsystemd-shared from bookworm-backports into $dir"
+  if ! { timeout 300 apt-get "${apt[@]}" update -qq &&
+    (cd "$dir/debs" && timeout 300 apt-get "${apt[@]}" download systemd/bookworm-backports libsystemd-shared/bookworm-backports); } \
+    >"$dir/apt.log" 2>&1; then
+    backports_reason="could not download bookworm-backports' systemd: $(grep -E '^(E|W):' "$dir/apt.log" | head -n 1)"
+    return 0
+  fi
+  local deb
+  for deb in "$dir"/debs/*.deb; do
+    dpkg -x "$deb" "$dir/root" || { backports_reason="dpkg -x $deb failed"; return 0; }
+  done
+  backports_root=$dir/root
+}
+
+# ---------------------------------------------------------------- manager
+
+# The manager of the current suite: set by start_manager.
+B=""; SD_EXEC=""; SD_CTL=""; SD_LIB=""; SD_VER=""
+
+sctl() {
+  env XDG_RUNTIME_DIR="$B/rt" ${SD_LIB:+LD_LIBRARY_PATH="$SD_LIB"} timeout 60 "$SD_CTL" --user "$@"
+}
+
+# Prints the properties asked for as "Name=value" lines.
+show() { local unit=$1; shift; sctl show "${@/#/-p}" "$unit" 2>/dev/null; }
+prop() { sctl show -p "$2" --value "$1" 2>/dev/null; }
+
+# Starts a private systemd --user manager, after the recipe in
+# shared/recipes/systemd-user-manager.sh: a new mount namespace with a tmpfs on
+# /run/systemd (so that the manager believes systemd is running), the
+# console bound to a pty from script(1), its own cgroup in every hierarchy.
+# Returns non-zero with start_reason set when it cannot start.
+start_manager() { # label units-source-folder
+  local label=$1 units=$2 cg d cgdirs=()
+  start_reason=""
+  B=$work/$label
+  mkdir -p "$B/units" "$B/rt"; chmod 700 "$B/rt"
+  for u in default.target basic.target exit.target shutdown.target systemd-exit.service; do
+    cp "$units/$u" "$B/units/" 2>/dev/null || { start_reason="no $units/$u"; return 1; }
+  done
+  cg=handover-systemd-$label-$$
+  if [ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" = cgroup2fs ]; then
+    cgdirs=(/sys/fs/cgroup/$cg)
+  else
+    [ -d /sys/fs/cgroup/unified ] && cgdirs+=(/sys/fs/cgroup/unified/$cg)
+    [ -d /sys/fs/cgroup/systemd ] && cgdirs+=(/sys/fs/cgroup/systemd/$cg)
+  fi
+  [ ${#cgdirs[@]} -gt 0 ] || { start_reason="no cgroup hierarchy for systemd under /sys/fs/cgroup"; return 1; }
+  for d in "${cgdirs[@]}"; do
+    mkdir "$d" 2>"$B/mkdir.err" || { start_reason="cannot create the cgroup $d: $(cat "$B/mkdir.err")"; return 1; }
+  done
+  MGR_B=$B MGR_CG="${cgdirs[*]}" MGR_EXEC=$SD_EXEC MGR_LIB=$SD_LIB \
+    setsid unshare --mount --propagation private script -qefc '
+    set -e
+    mkdir -p /run/systemd
+    mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/system
+    mount --bind "$(tty)" /dev/console
+    for d in $MGR_CG; do echo $$ > "$d/cgroup.procs"; done
+    echo $$ > "$MGR_B/manager.pid"
+    export XDG_RUNTIME_DIR="$MGR_B/rt" SYSTEMD_UNIT_PATH="$MGR_B/units" HOME="$MGR_B"
+    if [ -n "$MGR_LIB" ]; then export LD_LIBRARY_PATH="$MGR_LIB"; fi
+    exec "$MGR_EXEC" --user --log-target=console --log-level=debug \
+         --default-standard-output=inherit --default-standard-error=inherit
+  ' /dev/null </dev/null >"$B/manager.log" 2>&1 &
+  local spid=$! mpid="" state=""
+  for _ in $(seq 300); do
+    [ -z "$mpid" ] && [ -s "$B/manager.pid" ] && mpid=$(cat "$B/manager.pid")
+    if [ -S "$B/rt/systemd/private" ]; then
+      state=$(sctl show -p SystemState --value 2>/dev/null)
+      [ "$state" = running ] || [ "$state" = degraded ] && break
+    fi
+    kill -0 "$spid" 2>/dev/null || break
+    sleep 0.05
+  done
+  [ -z "$mpid" ] && [ -s "$B/manager.pid" ] && mpid=$(cat "$B/manager.pid")
+  managers+=("${mpid:-0} $spid ${cgdirs[*]}")
+  MGR_CGDIRS="${cgdirs[*]}"
+  if [ "$state" != running ] && [ "$state" != degraded ]; then
+    start_reason="the manager did not start (state '${state:-none}'): $(grep -v '^$' "$B/manager.log" | tail -n 1)"
+    return 1
+  fi
+  return 0
+}
+
+# ---------------------------------------------------------------- units
+
+# The unit files of examples/systemd/, for this manager: the binary and port
+# substituted, and a drop-in that sends the service's output to a log file.
+# install_unit SOURCE NAME PORT [sed-expression]
+install_unit() {
+  local src=$repo/examples/systemd/$1 name=$2 port=$3 extra=${4:-}
+  sed -e "s|/usr/local/bin/http_server|$bin|g" -e "s|127\.0\.0\.1:8080|127.0.0.1:$port|g" \
+    ${extra:+-e "$extra"} "$src" >"$B/units/$name"
+  mkdir -p "$B/units/$name.d"
+  cat >"$B/units/$name.d/ci.conf" <<EOF
+[Service]
+Environment=NO_COLOR=1 RUST_LOG=info
+StandardOutput=append:$B/${name%.*}.log
+StandardError=append:$B/${name%.*}.log
+TimeoutStopSec=20
+EOF
+}
+
+# The load generator, in the background until stop_load.
+start_load() { # port name
+  rm -f "$B/$2.load-stop" "$B/$2.load.json"
+  python3 "$repo/ci/systemd-load.py" "$1" "$B/$2.load-stop" 120 "$B/$2.load.json" &
+  load_pid=$!
+  bg_pids+=("$load_pid")
+  sleep 0.3
+}
+
+# Stops it and sets load_ok, load_failed and load_line.
+stop_load() { # name
+  touch "$B/$1.load-stop"
+  wait "$load_pid" 2>/dev/null
+  if [ -s "$B/$1.load.json" ]; then
+    read -r load_ok load_failed load_line <"$B/$1.load.json"
+  else
+    load_ok=0 load_failed=1 load_line="the load generator wrote no summary"
+  fi
+}
+
+# Waits until systemd's MainPID is not $2 (and not 0) and the unit is
+# active/running; sets mainpid, active, sub. Bounded: 30 s.
+wait_new_main() { # unit old-pid
+  local line
+  for _ in $(seq 600); do
+    mainpid="" active="" sub=""
+    while IFS='=' read -r k v; do
+      case $k in MainPID) mainpid=$v ;; ActiveState) active=$v ;; SubState) sub=$v ;; esac
+    done < <(show "$1" MainPID ActiveState SubState)
+    [ "$mainpid" != "$2" ] && [ "${mainpid:-0}" != 0 ] && [ "$sub" = running ] && [ "$active" = active ] && return 0
+    sleep 0.05
+  done
+  return 1
+}
+
+# Waits until the unit's cgroup holds only the main process (the old
+# generation has drained and left). Sets procs. Bounded: 30 s.
+wait_one_process() { # unit
+  local cgpath d file
+  # ControlGroup is the path from the hierarchy's root.
+  cgpath=$(prop "$1" ControlGroup)
+  procs="?"
+  for d in $MGR_CGDIRS; do
+    file=${d%/*}$cgpath/cgroup.procs
+    [ -r "$file" ] || continue
+    for _ in $(seq 600); do
+      procs=$(grep -c '' "$file")
+      [ "$procs" = 1 ] && return 0
+      sleep 0.05
+    done
+    return 1
+  done
+  return 0
+}
+
+# How the unit's last main process was stopped, from the service's own log
+# (the example logs "stopping" when SIGTERM asks it to stop) and the
+# manager's debug log from byte $2 on. Sets stop_how (sigterm, sigkill,
+# unknown) and stop_line.
+stop_evidence() { # unit log-offset generation svc-log
+  local unit=$1 offset=$2 generation=$3 svclog=$4 mlog kills
+  mlog=$(tail -c +"$((offset + 1))" "$B/manager.log" | tr -d '\r')
+  kills=$(grep -F "$unit" <<<"$mlog" | grep -E 'SIGKILL|status=9/KILL|signal=KILL|code=killed' | head -n 3)
+  if [ -n "$kills" ]; then
+    stop_how=sigkill
+  elif grep -E "stopping.*generation=$generation|generation=$generation.*stopping" "$svclog" >/dev/null 2>&1 &&
+    grep -E "exiting.*generation=$generation|generation=$generation.*exiting" "$svclog" >/dev/null 2>&1; then
+    stop_how=sigterm
+  else
+    stop_how=unknown
+  fi
+  stop_line=$(grep -F "$unit" <<<"$mlog" | grep -E 'Supervising|not our child|Sending signal|Killing|exited|Main process|Failed with|Deactivated|Stopped' | head -n 8)
+}
+
+# ---------------------------------------------------------------- cases
+
+# One managed case: start, reload under load, check, stop. Sets
+# reload_fail (start, reloads, load: empty when clean), stop_fail (empty
+# when SIGTERM stopped it), stop_how, case_info (a one-line summary).
+# managed_case NAME UNIT PORT RELOADS [socket-unit]
+managed_case() {
+  local name=$1 unit=$2 port=$3 count=$4 socket=${5:-} svclog old body pidf i t0 elapsed
+  local offset stop_ms result gen=0 reload_log=() start_log last
+  svclog=$B/${unit%.*}.log
+  pidf=$B/rt/${unit%.*}.pid
+  reload_fail="" stop_fail="" stop_how="not stopped" stop_line="" case_info=""
+  load_line="none"
+  sctl daemon-reload
+  if [ -n "$socket" ]; then
+    if ! sctl start "$socket" 2>"$B/$name.err"; then
+      reload_fail="systemctl start $socket: $(cat "$B/$name.err")"; return
+    fi
+    # The first connection activates the service.
+    body=$(get "$port")
+    [[ "$body" == pid=* ]] || reload_fail="the first GET through $socket answered '$body'"
+  elif ! sctl start "$unit" 2>"$B/$name.err"; then
+    reload_fail="systemctl start $unit: $(cat "$B/$name.err")"
+  fi
+  if [ -z "$reload_fail" ] && ! wait_new_main "$unit" 0; then
+    reload_fail="not active/running 30 s after start: MainPID=$mainpid $active/$sub"
+  fi
+  if [ -n "$reload_fail" ]; then
+    start_log=$(tail -n 5 "$svclog" 2>/dev/null)
+    [ -n "$start_log" ] && reload_fail+=$'\n'"service log: $start_log"
+    sctl stop "$unit" ${socket:+"$socket"} 2>/dev/null
+    return
+  fi
+  track_pid "$mainpid"
+  body=$(get_from "$port" "$mainpid")
+  if [[ "$body" != "pid=$mainpid "* ]]; then
+    reload_fail="after start MainPID=$mainpid but GET / answered '$body'"
+  else
+    start_load "$port" "$name"
+    for i in $(seq "$count"); do
+      old=$mainpid
+      t0=$(date +%s%N)
+      if ! sctl reload "$unit" 2>"$B/$name.err"; then
+        reload_fail="reload $i: systemctl reload $unit: $(cat "$B/$name.err")"; break
+      fi
+      if ! wait_new_main "$unit" "$old"; then
+        reload_fail="reload $i: 30 s later MainPID is $mainpid (was $old), $active/$sub"; break
+      fi
+      elapsed=$((($(date +%s%N) - t0) / 1000000))
+      track_pid "$mainpid"
+      if [ "$(cat "$pidf" 2>/dev/null)" != "$mainpid" ]; then
+        reload_fail="reload $i: MainPID=$mainpid but the PID file says '$(cat "$pidf" 2>/dev/null)'"; break
+      fi
+      body=$(get_from "$port" "$mainpid")
+      if [[ "$body" != "pid=$mainpid "* ]]; then
+        reload_fail="reload $i: MainPID=$mainpid but GET / answered '$body'"; break
+      fi
+      gen=${body##*generation=}
+      reload_log+=("$old->$mainpid(gen $gen, ${elapsed}ms)")
+      # The next reload once the old generation has left: a generation
+      # refuses to upgrade while its parent still drains.
+      if ! wait_one_process "$unit"; then
+        reload_fail="reload $i: the unit's cgroup still holds $procs processes 30 s later"; break
+      fi
+    done
+    stop_load "$name"
+    if [ -z "$reload_fail" ] && [ "$load_failed" != 0 ]; then
+      reload_fail="failed requests under load: $load_line"
+    elif [ -z "$reload_fail" ] && [ "$load_ok" -lt 50 ]; then
+      reload_fail="the load made only $load_ok requests: $load_line"
+    fi
+  fi
+
+  # Stop: SIGTERM, and the service drains and exits; not SIGKILL.
+  last=$mainpid
+  offset=$(stat -c %s "$B/manager.log")
+  t0=$(date +%s%N)
+  sctl stop "$unit" 2>"$B/$name.err" || stop_fail="systemctl stop: $(cat "$B/$name.err")"
+  stop_ms=$((($(date +%s%N) - t0) / 1000000))
+  for _ in $(seq 200); do kill -0 "$last" 2>/dev/null || break; sleep 0.05; done
+  kill -0 "$last" 2>/dev/null && stop_fail+="${stop_fail:+; }pid $last still alive 10 s after the stop"
+  result=$(prop "$unit" Result)
+  sleep 0.3 # the manager's last lines about the stop
+  stop_evidence "$unit" "$offset" "$gen" "$svclog"
+  [ -n "$socket" ] && sctl stop "$socket" 2>/dev/null
+  [ "$stop_how" = sigterm ] || stop_fail+="${stop_fail:+; }stopped by $stop_how, not SIGTERM"
+  case_info="reloads: ${reload_log[*]:-none}; load: $load_line; stop: $stop_how in ${stop_ms}ms, Result=$result"
+}
+
+# Runs managed_case and reports it. A `finding` reports what happened and
+# never fails the run.
+run_managed() { # case|finding NAME UNIT PORT RELOADS [socket-unit]
+  local kind=$1 name=$2 unit=$3
+  shift 2
+  managed_case "$name" "$@"
+  local reload_word=clean
+  [ -n "$reload_fail" ] && reload_word="NOT clean"
+  if [ "$kind" = finding ]; then
+    say "systemd: finding: $name (systemd $SD_VER): reload $reload_word; stop $stop_how"
+  elif [ -z "$reload_fail$stop_fail" ]; then
+    report "$name" "$SD_VER" PASS
+  else
+    report "$name" "$SD_VER" FAIL
+  fi
+  detail "$case_info"
+  if [ -n "$reload_fail$stop_fail" ]; then
+    [ -n "$reload_fail" ] && detail "reload: $reload_fail"
+    [ -n "$stop_fail" ] && detail "stop: $stop_fail"
+    if [ -n "$stop_line" ]; then
+      detail "manager, about the stop:"
+      sed 's/^/      /' <<<"$stop_line"
+    fi
+    detail "service log ($B/${unit%.*}.log), last lines:"
+    tail -n 8 "$B/${unit%.*}.log" 2>/dev/null | sed 's/^/      /'
+  fi
+}
+
+# systemd-socket-activate (no manager): it makes the socket and execs the
+# example with LISTEN_FDS=1, LISTEN_FDNAMES=http; GET, SIGHUP, GET again.
+socket_activate_case() {
+  local tool port dir pid body new why="" i
+  tool=$(command -v systemd-socket-activate || echo /lib/systemd/systemd-socket-activate)
+  [ -x "$tool" ] || { report systemd-socket-activate "$SD_VER" SKIPPED "no systemd-socket-activate"; return; }
+  port=$(free_port)
+  dir=$work/socket-activate
+  mkdir -p "$dir"
+  NO_COLOR=1 RUST_LOG=info "$tool" -l "127.0.0.1:$port" --fdname=http \
+    "$bin" --pid-file "$dir/svc.pid" >"$dir/svc.log" 2>&1 &
+  pid=$!
+  bg_pids+=("$pid")
+  track_pid "$pid"
+  for _ in $(seq 200); do [ -s "$dir/svc.pid" ] && break; kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  body=$(get_from "$port" "$pid")
+  if [[ "$body" != "pid=$pid "* ]]; then
+    why="GET / through systemd-socket-activate answered '$body' (want pid=$pid)"
+  else
+    kill -HUP "$pid"
+    new=""
+    for _ in $(seq 600); do
+      new=$(cat "$dir/svc.pid" 2>/dev/null)
+      [ -n "$new" ] && [ "$new" != "$pid" ] && ! kill -0 "$pid" 2>/dev/null && break
+      sleep 0.05
+    done
+    track_pid "$new"
+    if [ -z "$new" ] || [ "$new" = "$pid" ] || kill -0 "$pid" 2>/dev/null; then
+      why="after SIGHUP: PID file '$new', first generation $pid $(kill -0 "$pid" 2>/dev/null && echo still alive || echo gone)"
+    else
+      body=$(get_from "$port" "$new")
+      if [[ "$body" != "pid=$new "* ]]; then
+        why="after SIGHUP the PID file names $new but GET / answered '$body'"
+      else
+        kill -TERM "$new"
+        for i in $(seq 200); do kill -0 "$new" 2>/dev/null || break; sleep 0.05; done
+        kill -0 "$new" 2>/dev/null && why="pid $new still alive 10 s after SIGTERM"
+        grep -q 'stopping' "$dir/svc.log" || why+="${why:+; }no 'stopping' in its log after SIGTERM"
+        : "$i"
+      fi
+    fi
+  fi
+  if [ -z "$why" ]; then
+    report systemd-socket-activate "$SD_VER" PASS
+    detail "generation 0 pid $pid, after SIGHUP pid $new: both served GET /; SIGTERM stopped it"
+  else
+    report systemd-socket-activate "$SD_VER" FAIL
+    detail "why: $why" "its log, last lines:"
+    tail -n 8 "$dir/svc.log" | sed 's/^/      /'
+  fi
+}
+
+# Every case in one manager.
+run_suite() { # label
+  local label=$1 has_reload=no port
+  if ! start_manager "$label" "$SD_UNITS"; then
+    for c in pidfile notify notify-reload socket-activation; do
+      # notify-reload is reported by the manager that has it.
+      [ "$c" = notify-reload ] && [ "${SD_VER%%.*}" -lt 253 ] 2>/dev/null && [ -n "$backports_root" ] &&
+        [[ " $suites " == *" backports "* ]] && continue
+      wanted "$c" && report "$c" "$SD_VER" SKIPPED "$start_reason"
+    done
+    return
+  fi
+  say "systemd.sh: systemd $SD_VER --user manager running (pid $(cat "$B/manager.pid"), logs in $B)"
+  [ "${SD_VER%%.*}" -ge 253 ] 2>/dev/null && has_reload=yes
+
+  if wanted pidfile; then
+    port=$(free_port); install_unit http-server-pidfile.service http-server-pidfile.service "$port"
+    run_managed case pidfile http-server-pidfile.service "$port" "$reloads"
+  fi
+  if wanted notify; then
+    port=$(free_port); install_unit http-server-notify.service http-server-notify.service "$port"
+    run_managed case notify http-server-notify.service "$port" "$reloads"
+    # The same without PIDFile=: systemd learns the new main process from
+    # MAINPID= alone.
+    port=$(free_port); install_unit http-server-notify.service notify-mainpid.service "$port" '/^PIDFile=/d'
+    run_managed finding "notify, MAINPID= only (no PIDFile=)" notify-mainpid.service "$port" "$reloads"
+  fi
+  if wanted notify-reload; then
+    if [ "$has_reload" = yes ]; then
+      port=$(free_port); install_unit http-server-notify-reload.service http-server-notify-reload.service "$port"
+      run_managed case notify-reload http-server-notify-reload.service "$port" "$reloads"
+      if grep -q '^PIDFile=' "$repo/examples/systemd/http-server-notify-reload.service"; then
+        port=$(free_port); install_unit http-server-notify-reload.service notify-reload-mainpid.service "$port" '/^PIDFile=/d'
+        run_managed finding "notify-reload, MAINPID= only (no PIDFile=)" notify-reload-mainpid.service "$port" "$reloads"
+      else
+        port=$(free_port); install_unit http-server-notify-reload.service notify-reload-pidfile.service "$port" \
+          's|^ExecStart=.*--pid-file \(.*\)$|&\nPIDFile=\1|'
+        run_managed finding "notify-reload with PIDFile=" notify-reload-pidfile.service "$port" "$reloads"
+      fi
+    elif [ -z "$backports_root" ] || [[ " $suites " != *" backports "* ]]; then
+      report notify-reload "$SD_VER" SKIPPED "Type=notify-reload needs systemd >= 253; ${backports_reason:-the backports suite was not asked for}"
+    fi
+  fi
+  if wanted socket-activation; then
+    port=$(free_port)
+    install_unit http-server.socket http-server.socket "$port"
+    rm -rf "$B/units/http-server.socket.d"
+    install_unit http-server-socket.service http-server-socket.service "$port"
+    run_managed case socket-activation http-server-socket.service "$port" "${SYSTEMD_SOCKET_RELOADS:-3}" http-server.socket
+  fi
+}
+
+# ---------------------------------------------------------------- main
+
+if [ "$(id -u)" != 0 ]; then
+  skip_everything="not root: a private manager needs a mount namespace and cgroups"
+else
+  install_needs
+fi
+if [ -z "$skip_everything" ] && ! unshare --mount true 2>"$work/unshare.err"; then
+  skip_everything="cannot make a mount namespace: $(cat "$work/unshare.err")"
+fi
+
+say "systemd.sh: the example: $bin"
+sys_exec=/lib/systemd/systemd
+[ -x "$sys_exec" ] || sys_exec=/usr/lib/systemd/systemd
+sys_ctl=$(command -v systemctl || echo /bin/systemctl)
+sys_ver=$("$sys_ctl" --version 2>/dev/null | awk 'NR==1 {print $2}')
+# bookworm-backports' systemd, only where the installed one is too old for
+# Type=notify-reload.
+if [ -z "$skip_everything" ] && [[ " $suites " == *" backports "* ]]; then
+  if [ "${sys_ver%%.*}" -lt 253 ] 2>/dev/null; then
+    fetch_backports
+  else
+    backports_reason="the installed systemd $sys_ver already has Type=notify-reload"
+  fi
+fi
+for suite in $suites; do
+  case $suite in
+    system)
+      SD_EXEC=$sys_exec SD_CTL=$sys_ctl SD_LIB="" SD_VER=${sys_ver:-?}
+      SD_UNITS=/usr/lib/systemd/user
+      ;;
+    backports)
+      [ -n "$backports_root" ] || continue
+      SD_EXEC=$backports_root/lib/systemd/systemd
+      [ -x "$SD_EXEC" ] || SD_EXEC=$backports_root/usr/lib/systemd/systemd
+      SD_CTL=$backports_root/bin/systemctl
+      [ -x "$SD_CTL" ] || SD_CTL=$backports_root/usr/bin/systemctl
+      SD_LIB=$backports_root/usr/lib/x86_64-linux-gnu/systemd
+      SD_UNITS=$backports_root/usr/lib/systemd/user
+      SD_VER=$(LD_LIBRARY_PATH=$SD_LIB "$SD_CTL" --version 2>/dev/null | awk 'NR==1 {print $2}')
+      ;;
+    *) say "systemd.sh: unknown suite $suite"; exit 2 ;;
+  esac
+  if [ -n "$skip_everything" ]; then
+    for c in pidfile notify notify-reload socket-activation systemd-socket-activate; do
+      wanted "$c" && report "$c" "$SD_VER" SKIPPED "$skip_everything"
+    done
+    continue
+  fi
+  run_suite "$suite"
+  if [ "$suite" = system ] && wanted systemd-socket-activate; then socket_activate_case; fi
+done
+
+say "systemd.sh: summary"
+for line in "${results[@]}"; do say "  $line"; done
+[ "$failed" = 0 ] && say "systemd.sh: no case failed" || say "systemd.sh: some case FAILED"
+exit "$failed"
