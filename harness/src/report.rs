@@ -272,7 +272,7 @@ pub fn table(reports: &[ScenarioReport]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<30} {:>9} {:>8} {:>7} {:<20} {:>11} {:>4} {:>17} {:>17}  verdict",
+        "{:<30} {:>9} {:>8} {:>7} {:<20} {:>11} {:>4} {:>17} {:>29}  verdict",
         "scenario",
         "requests",
         "echoes",
@@ -281,7 +281,7 @@ pub fn table(reports: &[ScenarioReport]) -> String {
         "upgrades",
         "gen",
         "handover p50/p99",
-        "p99 near upgrade/steady"
+        "near upgrade: p99/steady, rps"
     );
     for r in reports {
         let failures = if r.failures.is_empty() {
@@ -299,7 +299,7 @@ pub fn table(reports: &[ScenarioReport]) -> String {
         let around = &r.around_upgrades;
         let _ = writeln!(
             out,
-            "{:<30} {:>9} {:>8} {:>7} {:<20} {:>11} {:>4} {:>17} {:>17}  {}",
+            "{:<30} {:>9} {:>8} {:>7} {:<20} {:>11} {:>4} {:>17} {:>29}  {}",
             r.name,
             r.requests,
             r.echoes,
@@ -311,9 +311,10 @@ pub fn table(reports: &[ScenarioReport]) -> String {
             format!("{}/{} ms", ms(r.handover_p50_us), ms(r.handover_p99_us)),
             if around.steady_rps > 0.0 && around.around_rps > 0.0 {
                 format!(
-                    "{:.1}/{:.1} ms",
+                    "{:.2}/{:.2} ms, {:.0}%",
                     around.around_p99_us as f64 / 1000.0,
-                    around.steady_p99_us as f64 / 1000.0
+                    around.steady_p99_us as f64 / 1000.0,
+                    100.0 * around.around_rps / around.steady_rps
                 )
             } else {
                 "-".to_owned()
