@@ -16,17 +16,20 @@
 #            unpacked into target/systemd-backports/ (nothing is installed)
 #          SYSTEMD_CASES="..."   run only these cases (names as printed)
 #          SYSTEMD_RELOADS=5     reloads per case (socket activation: 3)
+#          SYSTEMD_RELOAD_PAUSE=0.5  seconds of load on each generation
 #          SYSTEMD_KEEP=1        keep the work folder (logs) even on success
 #
-# Besides PASS/FAIL, every managed case prints how it was stopped and how
-# its reloads went, and the combinations the README does not recommend (a
-# MAINPID= handoff without PIDFile=) run as `finding:` lines that do not
-# decide the exit status: they record what this systemd does with them.
+# Besides PASS/FAIL, every managed case prints its reloads (old -> new pid,
+# generation, time), the load (ci/systemd-load.py: requests ok and failed, by
+# class) and how the stop went. Variants of the example units (without
+# PIDFile=, with KillMode=process) run as `finding:` lines
+# that do not decide the exit status: they record what this systemd does.
+# About 90 s for both managers.
 #
 # Needs root (mount namespace, cgroups). Installs, where missing and
 # possible: systemd, util-linux, bsdutils (script), curl, python3.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 repo=$PWD
 
 say() { printf '%s\n' "$*"; }
@@ -46,6 +49,7 @@ if [ ! -x "$bin" ]; then
 fi
 bin=$(realpath "$bin")
 reloads=${SYSTEMD_RELOADS:-5}
+pause=${SYSTEMD_RELOAD_PAUSE:-0.5}
 suites=${SYSTEMD_SUITES:-system backports}
 only=${SYSTEMD_CASES:-}
 
@@ -79,12 +83,13 @@ teardown() {
       for _ in $(seq 300); do kill -0 "$mpid" 2>/dev/null || break; sleep 0.05; done
       kill -KILL "$mpid" 2>/dev/null
     fi
+    for _ in $(seq 100); do kill -0 "$spid" 2>/dev/null || break; sleep 0.05; done
     kill -KILL "$spid" 2>/dev/null
     # Whatever is left in its cgroups is ours: kill it by pid, then remove
     # the cgroups, deepest first.
     for d in ${entry#* * }; do
       [ -d "$d" ] || continue
-      for p in $(find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+      find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null | while read -r p; do kill -KILL "$p" 2>/dev/null; done
       for _ in $(seq 100); do
         find "$d" -depth -type d -exec rmdir {} + 2>/dev/null
         [ -d "$d" ] || break
@@ -113,16 +118,17 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# GET / once; prints the body, empty on any failure.
-get() { curl -s --max-time 5 "http://127.0.0.1:$1/" 2>/dev/null; }
+# GET / once; prints the body, empty on any failure. Bounded: $2 s (5).
+get() { curl -s --max-time "${2:-5}" "http://127.0.0.1:$1/" 2>/dev/null; }
 
 # Polls GET / until it answers from pid $2 (a generation that has handed
 # over stops accepting only once told): prints the body. Bounded: 5 s.
 get_from() {
-  local port=$1 want=$2 body=""
-  for _ in $(seq 100); do
-    body=$(get "$port")
+  local port=$1 want=$2 body="" end=$((SECONDS + 5))
+  while :; do
+    body=$(get "$port" 1)
     [[ "$body" == "pid=$want "* ]] && break
+    [ $SECONDS -ge $end ] && break
     sleep 0.05
   done
   printf '%s' "$body"
@@ -213,14 +219,20 @@ start_manager() { # label units-source-folder
   done
   cg=handover-systemd-$label-$$
   if [ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" = cgroup2fs ]; then
-    cgdirs=(/sys/fs/cgroup/$cg)
+    cgdirs=("/sys/fs/cgroup/$cg")
   else
-    [ -d /sys/fs/cgroup/unified ] && cgdirs+=(/sys/fs/cgroup/unified/$cg)
-    [ -d /sys/fs/cgroup/systemd ] && cgdirs+=(/sys/fs/cgroup/systemd/$cg)
+    [ -d /sys/fs/cgroup/unified ] && cgdirs+=("/sys/fs/cgroup/unified/$cg")
+    [ -d /sys/fs/cgroup/systemd ] && cgdirs+=("/sys/fs/cgroup/systemd/$cg")
   fi
   [ ${#cgdirs[@]} -gt 0 ] || { start_reason="no cgroup hierarchy for systemd under /sys/fs/cgroup"; return 1; }
+  local made=()
   for d in "${cgdirs[@]}"; do
-    mkdir "$d" 2>"$B/mkdir.err" || { start_reason="cannot create the cgroup $d: $(cat "$B/mkdir.err")"; return 1; }
+    if ! mkdir "$d" 2>"$B/mkdir.err"; then
+      start_reason="cannot create the cgroup $d: $(cat "$B/mkdir.err")"
+      [ ${#made[@]} -gt 0 ] && rmdir "${made[@]}"
+      return 1
+    fi
+    made+=("$d")
   done
   MGR_B=$B MGR_CG="${cgdirs[*]}" MGR_EXEC=$SD_EXEC MGR_LIB=$SD_LIB \
     setsid unshare --mount --propagation private script -qefc '
@@ -236,6 +248,7 @@ start_manager() { # label units-source-folder
          --default-standard-output=inherit --default-standard-error=inherit
   ' /dev/null </dev/null >"$B/manager.log" 2>&1 &
   local spid=$! mpid="" state=""
+  disown "$spid"
   for _ in $(seq 300); do
     [ -z "$mpid" ] && [ -s "$B/manager.pid" ] && mpid=$(cat "$B/manager.pid")
     if [ -S "$B/rt/systemd/private" ]; then
@@ -279,6 +292,7 @@ start_load() { # port name
   rm -f "$B/$2.load-stop" "$B/$2.load.json"
   python3 "$repo/ci/systemd-load.py" "$1" "$B/$2.load-stop" 120 "$B/$2.load.json" &
   load_pid=$!
+  disown "$load_pid"
   bg_pids+=("$load_pid")
   sleep 0.3
 }
@@ -286,7 +300,8 @@ start_load() { # port name
 # Stops it and sets load_ok, load_failed and load_line.
 stop_load() { # name
   touch "$B/$1.load-stop"
-  wait "$load_pid" 2>/dev/null
+  # Its requests time out after 5 s.
+  for _ in $(seq 200); do kill -0 "$load_pid" 2>/dev/null || break; sleep 0.05; done
   if [ -s "$B/$1.load.json" ]; then
     read -r load_ok load_failed load_line <"$B/$1.load.json"
   else
@@ -309,24 +324,30 @@ wait_new_main() { # unit old-pid
   return 1
 }
 
+# The pids in a unit's cgroup (ControlGroup= is the path from the root of
+# the hierarchy), from the first hierarchy of this manager that has it.
+cgroup_procs() { # control-group-path
+  local d
+  [ -n "$1" ] || return 0
+  for d in $MGR_CGDIRS; do
+    if [ -r "${d%/*}$1/cgroup.procs" ]; then
+      cat "${d%/*}$1/cgroup.procs" 2>/dev/null
+      return 0
+    fi
+  done
+}
+
 # Waits until the unit's cgroup holds only the main process (the old
 # generation has drained and left). Sets procs. Bounded: 30 s.
 wait_one_process() { # unit
-  local cgpath d file
-  # ControlGroup is the path from the hierarchy's root.
+  local cgpath
   cgpath=$(prop "$1" ControlGroup)
-  procs="?"
-  for d in $MGR_CGDIRS; do
-    file=${d%/*}$cgpath/cgroup.procs
-    [ -r "$file" ] || continue
-    for _ in $(seq 600); do
-      procs=$(grep -c '' "$file")
-      [ "$procs" = 1 ] && return 0
-      sleep 0.05
-    done
-    return 1
+  for _ in $(seq 600); do
+    procs=$(cgroup_procs "$cgpath" | grep -c .)
+    [ "$procs" -le 1 ] && return 0
+    sleep 0.05
   done
-  return 0
+  return 1
 }
 
 # How the unit's last main process was stopped, from the service's own log
@@ -336,7 +357,7 @@ wait_one_process() { # unit
 stop_evidence() { # unit log-offset generation svc-log
   local unit=$1 offset=$2 generation=$3 svclog=$4 mlog kills
   mlog=$(tail -c +"$((offset + 1))" "$B/manager.log" | tr -d '\r')
-  kills=$(grep -F "$unit" <<<"$mlog" | grep -E 'SIGKILL|status=9/KILL|signal=KILL|code=killed' | head -n 3)
+  kills=$(grep -F "$unit" <<<"$mlog" | grep -E 'SIGKILL|status=9/KILL|signal=KILL|code=killed|-> stop-sigkill|-> final-sigkill' | head -n 3)
   if [ -n "$kills" ]; then
     stop_how=sigkill
   elif grep -E "stopping.*generation=$generation|generation=$generation.*stopping" "$svclog" >/dev/null 2>&1 &&
@@ -345,7 +366,7 @@ stop_evidence() { # unit log-offset generation svc-log
   else
     stop_how=unknown
   fi
-  stop_line=$(grep -F "$unit" <<<"$mlog" | grep -E 'Supervising|not our child|Sending signal|Killing|exited|Main process|Failed with|Deactivated|Stopped' | head -n 8)
+  stop_line=$(grep -F "$unit" <<<"$mlog" | grep -E 'Supervising|Changed|Killing|exited|Main process|Failed with|Deactivated' | head -n 8)
 }
 
 # ---------------------------------------------------------------- cases
@@ -356,11 +377,12 @@ stop_evidence() { # unit log-offset generation svc-log
 # managed_case NAME UNIT PORT RELOADS [socket-unit]
 managed_case() {
   local name=$1 unit=$2 port=$3 count=$4 socket=${5:-} svclog old body pidf i t0 elapsed
-  local offset stop_ms result gen=0 reload_log=() start_log last
+  local offset stop_ms result gen=0 reload_log=() start_log last cgpath left p case_offset
   svclog=$B/${unit%.*}.log
   pidf=$B/rt/${unit%.*}.pid
-  reload_fail="" stop_fail="" stop_how="not stopped" stop_line="" case_info=""
+  reload_fail="" stop_fail="" stop_how="not stopped" stop_line="" case_info="" alien=0
   load_line="none"
+  case_offset=$(stat -c %s "$B/manager.log")
   sctl daemon-reload
   if [ -n "$socket" ]; then
     if ! sctl start "$socket" 2>"$B/$name.err"; then
@@ -412,6 +434,8 @@ managed_case() {
       if ! wait_one_process "$unit"; then
         reload_fail="reload $i: the unit's cgroup still holds $procs processes 30 s later"; break
       fi
+      # Each generation serves the load for a while.
+      sleep "$pause"
     done
     stop_load "$name"
     if [ -z "$reload_fail" ] && [ "$load_failed" != 0 ]; then
@@ -423,18 +447,30 @@ managed_case() {
 
   # Stop: SIGTERM, and the service drains and exits; not SIGKILL.
   last=$mainpid
+  cgpath=$(prop "$unit" ControlGroup)
   offset=$(stat -c %s "$B/manager.log")
   t0=$(date +%s%N)
   sctl stop "$unit" 2>"$B/$name.err" || stop_fail="systemctl stop: $(cat "$B/$name.err")"
   stop_ms=$((($(date +%s%N) - t0) / 1000000))
-  for _ in $(seq 200); do kill -0 "$last" 2>/dev/null || break; sleep 0.05; done
-  kill -0 "$last" 2>/dev/null && stop_fail+="${stop_fail:+; }pid $last still alive 10 s after the stop"
+  if [ "${last:-0}" != 0 ]; then
+    for _ in $(seq 200); do kill -0 "$last" 2>/dev/null || break; sleep 0.05; done
+    kill -0 "$last" 2>/dev/null && stop_fail+="${stop_fail:+; }pid $last still alive 10 s after the stop"
+  fi
   result=$(prop "$unit" Result)
   sleep 0.3 # the manager's last lines about the stop
   stop_evidence "$unit" "$offset" "$gen" "$svclog"
-  [ -n "$socket" ] && sctl stop "$socket" 2>/dev/null
+  # (Connections still queued on the socket would start the service again.)
+  [ -n "$socket" ] && sctl stop "$socket" "$unit" 2>/dev/null
+  # Nothing of the service may outlive its stop (an untracked generation
+  # would, with KillMode=process): kill what is left, by pid, and say so.
+  left=$(cgroup_procs "$cgpath")
+  if [ -n "$left" ]; then
+    stop_fail+="${stop_fail:+; }processes left in the unit's cgroup after the stop: ${left//$'\n'/ }"
+    for p in $left; do kill -KILL "$p" 2>/dev/null; done
+  fi
   [ "$stop_how" = sigterm ] || stop_fail+="${stop_fail:+; }stopped by $stop_how, not SIGTERM"
-  case_info="reloads: ${reload_log[*]:-none}; load: $load_line; stop: $stop_how in ${stop_ms}ms, Result=$result"
+  alien=$(tail -c +"$((case_offset + 1))" "$B/manager.log" | grep -F "$unit" | grep -c 'which is not our child')
+  case_info="reloads: ${reload_log[*]:-none}; load: $load_line; stop: $stop_how in ${stop_ms}ms, Result=$result; systemd said 'not our child' $alien times"
 }
 
 # Runs managed_case and reports it. A `finding` reports what happened and
@@ -456,6 +492,12 @@ run_managed() { # case|finding NAME UNIT PORT RELOADS [socket-unit]
   if [ -n "$reload_fail$stop_fail" ]; then
     [ -n "$reload_fail" ] && detail "reload: $reload_fail"
     [ -n "$stop_fail" ] && detail "stop: $stop_fail"
+    if [ "$stop_how" = sigkill ] && [ "${alien:-0}" != 0 ]; then
+      detail "hint: systemd took MAINPID= from a process that was not its child (a successor is the old" \
+        "generation's child): it marks that main process alien and, on stop, sends SIGKILL right after" \
+        "SIGTERM. With PIDFile=, a successor must not send MAINPID=: systemd reads the PID file when the" \
+        "old process exits, and the new one is its child by then."
+    fi
     if [ -n "$stop_line" ]; then
       detail "manager, about the stop:"
       sed 's/^/      /' <<<"$stop_line"
@@ -468,15 +510,17 @@ run_managed() { # case|finding NAME UNIT PORT RELOADS [socket-unit]
 # systemd-socket-activate (no manager): it makes the socket and execs the
 # example with LISTEN_FDS=1, LISTEN_FDNAMES=http; GET, SIGHUP, GET again.
 socket_activate_case() {
-  local tool port dir pid body new why="" i
+  local tool port dir pid body new="" why="" i p
   tool=$(command -v systemd-socket-activate || echo /lib/systemd/systemd-socket-activate)
   [ -x "$tool" ] || { report systemd-socket-activate "$SD_VER" SKIPPED "no systemd-socket-activate"; return; }
   port=$(free_port)
   dir=$work/socket-activate
   mkdir -p "$dir"
-  NO_COLOR=1 RUST_LOG=info "$tool" -l "127.0.0.1:$port" --fdname=http \
+  # It passes the program only the variables named with -E.
+  "$tool" -l "127.0.0.1:$port" --fdname=http -E NO_COLOR=1 -E RUST_LOG=info \
     "$bin" --pid-file "$dir/svc.pid" >"$dir/svc.log" 2>&1 &
   pid=$!
+  disown "$pid"
   bg_pids+=("$pid")
   track_pid "$pid"
   for _ in $(seq 200); do [ -s "$dir/svc.pid" ] && break; kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
@@ -507,6 +551,10 @@ socket_activate_case() {
       fi
     fi
   fi
+  # Whatever of it still runs (after a failure), by pid.
+  for p in "$pid" $new; do kill -TERM "$p" 2>/dev/null; done
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || { [ -n "$new" ] && kill -0 "$new" 2>/dev/null; } || break; sleep 0.05; done
+  for p in "$pid" $new; do kill -KILL "$p" 2>/dev/null; done
   if [ -z "$why" ]; then
     report systemd-socket-activate "$SD_VER" PASS
     detail "generation 0 pid $pid, after SIGHUP pid $new: both served GET /; SIGTERM stopped it"
@@ -521,6 +569,7 @@ socket_activate_case() {
 run_suite() { # label
   local label=$1 has_reload=no port
   if ! start_manager "$label" "$SD_UNITS"; then
+    say "systemd.sh: WARNING: no systemd $SD_VER manager can run here, so its cases are SKIPPED: $start_reason"
     for c in pidfile notify notify-reload socket-activation; do
       # notify-reload is reported by the manager that has it.
       [ "$c" = notify-reload ] && [ "${SD_VER%%.*}" -lt 253 ] 2>/dev/null && [ -n "$backports_root" ] &&
@@ -535,10 +584,14 @@ run_suite() { # label
   if wanted pidfile; then
     port=$(free_port); install_unit http-server-pidfile.service http-server-pidfile.service "$port"
     run_managed case pidfile http-server-pidfile.service "$port" "$reloads"
+    port=$(free_port); install_unit http-server-pidfile.service pidfile-killmode-process.service "$port" 's/^\[Service\]$/[Service]\nKillMode=process/'
+    run_managed finding "pidfile, KillMode=process" pidfile-killmode-process.service "$port" "$reloads"
   fi
   if wanted notify; then
     port=$(free_port); install_unit http-server-notify.service http-server-notify.service "$port"
     run_managed case notify http-server-notify.service "$port" "$reloads"
+    port=$(free_port); install_unit http-server-notify.service notify-killmode-process.service "$port" 's/^\[Service\]$/[Service]\nKillMode=process/'
+    run_managed finding "notify, KillMode=process" notify-killmode-process.service "$port" "$reloads"
     # The same without PIDFile=: systemd learns the new main process from
     # MAINPID= alone.
     port=$(free_port); install_unit http-server-notify.service notify-mainpid.service "$port" '/^PIDFile=/d'
@@ -548,6 +601,8 @@ run_suite() { # label
     if [ "$has_reload" = yes ]; then
       port=$(free_port); install_unit http-server-notify-reload.service http-server-notify-reload.service "$port"
       run_managed case notify-reload http-server-notify-reload.service "$port" "$reloads"
+      port=$(free_port); install_unit http-server-notify-reload.service notify-reload-killmode-process.service "$port" 's/^\[Service\]$/[Service]\nKillMode=process/'
+      run_managed finding "notify-reload, KillMode=process" notify-reload-killmode-process.service "$port" "$reloads"
       if grep -q '^PIDFile=' "$repo/examples/systemd/http-server-notify-reload.service"; then
         port=$(free_port); install_unit http-server-notify-reload.service notify-reload-mainpid.service "$port" '/^PIDFile=/d'
         run_managed finding "notify-reload, MAINPID= only (no PIDFile=)" notify-reload-mainpid.service "$port" "$reloads"

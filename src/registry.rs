@@ -113,7 +113,7 @@ impl Registry {
             fd: link,
             problem,
         })?;
-        let (registry, mut adopted) = Registry::adopt_checked(inherited, Some(link), false)?;
+        let (registry, mut adopted) = Registry::adopt_checked(inherited, Some(link))?;
         let link = adopted.take().ok_or_else(|| {
             Error::io("adopting the handshake link", std::io::ErrorKind::NotFound)
         })?;
@@ -140,9 +140,10 @@ impl Registry {
                 name: name.clone(),
                 kind,
                 fd: *fd,
+                activated: true,
             });
         }
-        let registry = Registry::adopt_checked(&inherited, None, true)?.0;
+        let registry = Registry::adopt_checked(&inherited, None)?.0;
         // systemd passes blocking sockets; every socket this library hands
         // out is non-blocking, ready for tokio. (Inherited from a parent
         // generation, they already are: the flag belongs to the socket.)
@@ -157,7 +158,6 @@ impl Registry {
     fn adopt_checked(
         inherited: &[InheritedFd],
         link: Option<RawFd>,
-        activated: bool,
     ) -> Result<(Registry, Option<OwnedFd>)> {
         let mut locals = Vec::with_capacity(inherited.len());
         for entry in inherited {
@@ -184,7 +184,7 @@ impl Registry {
             // unless systemd made it (the socket unit owns the file).
             let unix_path = local
                 .as_ref()
-                .filter(|_| !activated)
+                .filter(|_| !entry.activated)
                 .and_then(|addr| addr.as_pathname().map(Path::to_path_buf));
             registry.entries.insert(
                 entry.name.clone(),
@@ -194,18 +194,19 @@ impl Registry {
                     unclaimed: true,
                     unix_path,
                     local,
-                    activated,
+                    activated: entry.activated,
                 },
             );
         }
         Ok((registry, link))
     }
 
-    /// Descriptors to hand to a successor, in a fixed order.
-    pub(crate) fn handed_on(&self) -> impl Iterator<Item = (&str, Kind, RawFd)> {
+    /// Descriptors to hand to a successor, in a fixed order: name, kind,
+    /// number, and whether systemd passed it.
+    pub(crate) fn handed_on(&self) -> impl Iterator<Item = (&str, Kind, RawFd, bool)> {
         self.entries
             .iter()
-            .map(|(name, e)| (name.as_str(), e.kind, e.fd.as_raw_fd()))
+            .map(|(name, e)| (name.as_str(), e.kind, e.fd.as_raw_fd(), e.activated))
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -266,8 +266,13 @@ impl Supervisor {
             pidfile::write(path, sys::pid())?;
         }
         // The service manager learns of the new main process before the old
-        // one is told to leave.
-        self.systemd.ready(sys::pid(), generation);
+        // one is told to leave: from the PID file if there is one (systemd
+        // re-reads it when the old main process exits, and this process is
+        // its child by then), else from MAINPID=. A MAINPID= naming a process
+        // that is not systemd's child yet makes it SIGKILL on every later
+        // stop (found under a real systemd: ci/systemd.sh).
+        let main_pid = self.config.pid_file.is_none().then(sys::pid);
+        self.systemd.ready(main_pid, generation);
         if let Some(link) = &mut self.channels.parent_link {
             if let Err(err) = link.write_all(&[READY]) {
                 // The parent is gone (killed while we started): we are the
@@ -452,12 +457,13 @@ impl Supervisor {
         let link_fd: RawFd = 3;
         let mut fds = vec![theirs.as_raw_fd()];
         let mut named = Vec::with_capacity(registry.len());
-        for (i, (name, kind, fd)) in registry.handed_on().enumerate() {
+        for (i, (name, kind, fd, activated)) in registry.handed_on().enumerate() {
             fds.push(fd);
             named.push(InheritedFd {
                 name: name.to_owned(),
                 kind,
                 fd: link_fd + 1 + i as RawFd,
+                activated,
             });
         }
         let inheritance = Inheritance {

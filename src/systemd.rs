@@ -13,6 +13,7 @@ use std::os::unix::ffi::OsStringExt;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::error::{Error, Result};
+use crate::sys;
 use crate::wire::{self, WireError};
 
 /// Sends `sd_notify` messages, if the service runs under systemd.
@@ -52,10 +53,15 @@ impl Notifier {
         }
     }
 
-    /// The generation is ready and is the service's main process now.
-    pub(crate) fn ready(&self, pid: i32, generation: u64) {
+    /// The generation is ready and is the service's main process now;
+    /// `main_pid` is announced with `MAINPID=` (None where a PID file tells).
+    pub(crate) fn ready(&self, main_pid: Option<i32>, generation: u64) {
+        let pid = sys::pid();
+        let main = main_pid
+            .map(|p| format!("MAINPID={p}\n"))
+            .unwrap_or_default();
         self.notify(&format!(
-            "READY=1\nMAINPID={pid}\nSTATUS=serving (generation {generation}, pid {pid})"
+            "READY=1\n{main}STATUS=serving (generation {generation}, pid {pid})"
         ));
     }
 

@@ -239,6 +239,7 @@ impl Upgrader {
         } else {
             state::Status::Complete
         }));
+        let config_has_no_pid_file = options.pid_file.is_none();
         let config = Config {
             generation,
             parent,
@@ -266,6 +267,14 @@ impl Upgrader {
             .spawn(move || supervisor.run())
             .map_err(|e| Error::io("starting the supervisor thread", e))?;
         tracing::info!(generation, parent, pid = sys::pid(), "generation started");
+        if std::env::var_os("NOTIFY_SOCKET").is_some() && config_has_no_pid_file {
+            // Found under a real systemd (ci/systemd.sh): MAINPID= alone does
+            // not carry a service across upgrades; PIDFile= does.
+            tracing::warn!(
+                generation,
+                "running under systemd without a PID file: set Options::pid_file and PIDFile= in the unit, or systemd will lose the service at its first upgrade"
+            );
+        }
         Ok(Upgrader {
             generation,
             parent,
@@ -351,7 +360,7 @@ impl Upgrader {
     pub fn descriptors(&self) -> Vec<(String, Kind)> {
         lock(&self.registry)
             .handed_on()
-            .map(|(name, kind, _)| (name.to_owned(), kind))
+            .map(|(name, kind, _, _)| (name.to_owned(), kind))
             .collect()
     }
 

@@ -4,10 +4,12 @@
 //! `HANDOVER`, holds a `;`-separated list of `key=value` fields:
 //!
 //! ```text
-//! v1;gen=4;parent=1234;link=3;fd=4,tcp,http;fd=5,udp,dns
+//! v1;gen=4;parent=1234;link=3;fd=4,tcp,http;fd=5,udp,dns,activated
 //! ```
 //!
-//! Names are percent-encoded outside `[A-Za-z0-9._-]`. Decoding checks
+//! Names are percent-encoded outside `[A-Za-z0-9._-]`. The optional flag
+//! `activated` marks a socket that systemd passed to generation 0: the name,
+//! not the configured address, decides in every generation. Decoding checks
 //! everything it can without the kernel (version, ranges, duplicates,
 //! sizes) and never panics; whether the descriptors are open and of the
 //! claimed kind is checked afterwards by the registry.
@@ -53,6 +55,8 @@ pub struct InheritedFd {
     pub kind: Kind,
     /// Its descriptor number in the successor.
     pub fd: RawFd,
+    /// Passed by systemd's socket activation to generation 0.
+    pub activated: bool,
 }
 
 /// Why an inheritance string could not be decoded.
@@ -102,6 +106,9 @@ pub fn encode(inheritance: &Inheritance) -> String {
     for entry in &inheritance.fds {
         out.push_str(&format!(";fd={},{},", entry.fd, entry.kind.token()));
         escape_into(&entry.name, &mut out);
+        if entry.activated {
+            out.push_str(",activated");
+        }
     }
     out
 }
@@ -258,13 +265,13 @@ fn descriptor(value: &str, at: usize) -> Result<RawFd, WireError> {
 }
 
 fn entry(value: &str, at: usize) -> Result<InheritedFd, WireError> {
-    let mut parts = value.splitn(3, ',');
-    let (fd, kind, name) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(fd), Some(kind), Some(name)) => (fd, kind, name),
+    let mut parts = value.splitn(4, ',');
+    let (fd, kind, name, flag) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(fd), Some(kind), Some(name), flag) => (fd, kind, name, flag),
         _ => {
             return Err(WireError::new(
                 at,
-                format!("{:?} is not <fd>,<kind>,<name>", clip(value)),
+                format!("{:?} is not <fd>,<kind>,<name>[,activated]", clip(value)),
             ));
         }
     };
@@ -273,9 +280,25 @@ fn entry(value: &str, at: usize) -> Result<InheritedFd, WireError> {
     let kind = Kind::from_token(kind)
         .ok_or_else(|| WireError::new(kind_at, format!("unknown kind {:?}", clip(kind))))?;
     let name_at = kind_at + kind.token().len() + 1;
-    let name = unescape(name, name_at)?;
+    let name_text = name;
+    let name = unescape(name_text, name_at)?;
     check_name(&name).map_err(|problem| WireError::new(name_at, problem))?;
-    Ok(InheritedFd { name, kind, fd })
+    let activated = match flag {
+        None => false,
+        Some("activated") => true,
+        Some(other) => {
+            return Err(WireError::new(
+                name_at + name_text.len() + 1,
+                format!("unknown flag {:?}", clip(other)),
+            ));
+        }
+    };
+    Ok(InheritedFd {
+        name,
+        kind,
+        fd,
+        activated,
+    })
 }
 
 fn unescape(text: &str, at: usize) -> Result<String, WireError> {
@@ -330,11 +353,13 @@ mod tests {
                     name: "http".into(),
                     kind: Kind::TcpListener,
                     fd: 4,
+                    activated: false,
                 },
                 InheritedFd {
                     name: "dns over udp; ünïcode=%".into(),
                     kind: Kind::Udp,
                     fd: 5,
+                    activated: true,
                 },
             ],
         }
@@ -344,7 +369,7 @@ mod tests {
     fn encodes_to_the_documented_shape() {
         assert_eq!(
             encode(&sample()),
-            "v1;gen=4;parent=1234;link=3;fd=4,tcp,http;fd=5,udp,dns%20over%20udp%3B%20%C3%BCn%C3%AFcode%3D%25"
+            "v1;gen=4;parent=1234;link=3;fd=4,tcp,http;fd=5,udp,dns%20over%20udp%3B%20%C3%BCn%C3%AFcode%3D%25,activated"
         );
     }
 
@@ -373,6 +398,7 @@ mod tests {
     #[case::duplicate_name("v1;gen=1;parent=1;link=3;fd=4,tcp,a;fd=5,udp,a", 46, "listed twice")]
     #[case::unknown_kind("v1;gen=1;parent=1;link=3;fd=4,sctp,a", 30, "unknown kind")]
     #[case::short_entry("v1;gen=1;parent=1;link=3;fd=4,tcp", 28, "not <fd>,<kind>,<name>")]
+    #[case::unknown_flag("v1;gen=1;parent=1;link=3;fd=4,tcp,a,sticky", 36, "unknown flag")]
     #[case::empty_name("v1;gen=1;parent=1;link=3;fd=4,tcp,", 34, "must not be empty")]
     #[case::raw_space("v1;gen=1;parent=1;link=3;fd=4,tcp,a b", 35, "must be escaped")]
     #[case::bad_escape("v1;gen=1;parent=1;link=3;fd=4,tcp,a%g1", 35, "bad percent escape")]
@@ -414,7 +440,7 @@ mod tests {
         (
             1..u64::MAX,
             1..i32::MAX,
-            prop::collection::btree_map(".{1,20}", kind(), 0..8),
+            prop::collection::btree_map(".{1,20}", (kind(), any::<bool>()), 0..8),
         )
             .prop_map(|(generation, parent, named)| Inheritance {
                 generation,
@@ -423,10 +449,11 @@ mod tests {
                 fds: named
                     .into_iter()
                     .enumerate()
-                    .map(|(i, (name, kind))| InheritedFd {
+                    .map(|(i, (name, (kind, activated)))| InheritedFd {
                         name,
                         kind,
                         fd: 4 + i as RawFd,
+                        activated,
                     })
                     .collect(),
             })

@@ -82,6 +82,31 @@ fn notifies_on_an_abstract_socket() {
     notify_socket(&format!("@{name}"), || UnixDatagram::bind_addr(&addr));
 }
 
+/// With a PID file, systemd learns the new main process from it: a
+/// `MAINPID=` from a process that is not yet systemd's child would make it
+/// SIGKILL the service on every later stop.
+#[test]
+fn with_a_pid_file_readiness_names_no_main_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut subject = Subject::start(&SubjectConfig {
+        binary: subject_binary(),
+        pid_file: Some(dir.path().join("subject.pid")),
+        env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        ..SubjectConfig::default()
+    })
+    .unwrap();
+    let ready = notification(&socket, "READY=1");
+    assert!(!ready.contains("MAINPID="), "{ready}");
+    subject.upgrade_and_settle(0).unwrap();
+    let ready = notification(&socket, "READY=1");
+    assert!(!ready.contains("MAINPID="), "{ready}");
+}
+
 /// Generation 0 takes the socket systemd passed under its name, serves it,
 /// and hands it over like its own; no successor sees `LISTEN_*`.
 #[test]
@@ -99,6 +124,11 @@ fn socket_activated_listener_is_served_and_handed_over() {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = probe.local_addr().unwrap();
     drop(probe);
+    // The configuration names another address: the activated socket must win
+    // by its name in every generation, not only in generation 0.
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let configured = elsewhere.local_addr().unwrap();
+    drop(elsewhere);
     // systemd-socket-activate listens, and execs the subject (same pid, with
     // LISTEN_FDS) when the first connection comes: this one, which is
     // answered once the subject is ready. It retries only until the tool
@@ -124,6 +154,8 @@ fn socket_activated_listener_is_served_and_handed_over() {
             addr.to_string(),
             "--fdname=http".into(),
             subject_binary().display().to_string(),
+            "--http".into(),
+            configured.to_string(),
         ],
         ..SubjectConfig::default()
     })
@@ -135,9 +167,21 @@ fn socket_activated_listener_is_served_and_handed_over() {
     let (status, body) = first_request.join().unwrap().unwrap();
     assert_eq!((status, body.contains("gen=0")), (200, true), "{body}");
 
-    subject.upgrade_and_settle(0).unwrap();
-    let (status, body) = http_get(addr, "/").unwrap();
-    assert_eq!((status, body.contains("gen=1")), (200, true), "{body}");
+    for generation in 0..2 {
+        subject.upgrade_and_settle(generation).unwrap();
+        let (status, body) = http_get(addr, "/").unwrap();
+        assert_eq!(
+            (status, body.contains(&format!("gen={}", generation + 1))),
+            (200, true),
+            "{body}"
+        );
+        let ready = subject.wait_for(|e| e.is("ready", generation + 1)).unwrap();
+        assert_eq!(
+            ready.fields["http"],
+            addr.to_string(),
+            "still the activated socket"
+        );
+    }
     let environment =
         std::fs::read_to_string(format!("/proc/{}/environ", subject.pid_of(1).unwrap()));
     if let Ok(environment) = environment {

@@ -1,0 +1,129 @@
+//! The example service under a real systemd: `ci/systemd.sh` runs the unit
+//! files of `examples/systemd/` in a private `systemd --user` manager (and
+//! the example behind `systemd-socket-activate`), reloads them under load and
+//! stops them. This test fails on any `FAIL` line. Cases that cannot run here
+//! (no root, no cgroup access, no systemd >= 253) are `SKIPPED` by the
+//! script; their lines, and the `finding:` lines, are written straight to
+//! the terminal so that a skip shows in the test output even when it passes.
+//!
+//! The example is the release build (`cargo build --release --example
+//! http_server`), or the binary named by `HANDOVER_SYSTEMD_BINARY`.
+#![cfg(feature = "chaos")]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The whole script is bounded inside; this only guards against a hang.
+const DEADLINE: Duration = Duration::from_secs(20 * 60);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("the repository")
+}
+
+/// Writes to the terminal, past the test harness's output capture.
+fn shout(text: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{text}");
+}
+
+/// Builds the example in release mode and returns its path (from cargo's
+/// own report, so that CARGO_TARGET_DIR and the like are honoured).
+fn example_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("HANDOVER_SYSTEMD_BINARY") {
+        return PathBuf::from(path);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--example",
+            "http_server",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(repo())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "cargo build --release --example http_server: {}",
+        output.status
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["reason"] == "compiler-artifact")
+        .filter(|message| message["target"]["name"] == "http_server")
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reports the example's executable")
+}
+
+#[test]
+fn example_service_under_a_real_systemd() {
+    if !cfg!(target_os = "linux") {
+        shout("systemd: every case: SKIPPED (systemd runs on Linux only)");
+        return;
+    }
+    let binary = example_binary();
+    let log = tempfile::NamedTempFile::new().expect("a temporary file");
+    let mut child = Command::new("bash")
+        .arg(repo().join("ci/systemd.sh"))
+        .arg(&binary)
+        .current_dir(repo())
+        .stdin(Stdio::null())
+        .stdout(log.reopen().expect("the log"))
+        .stderr(log.reopen().expect("the log"))
+        .spawn()
+        .expect("bash runs");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if started.elapsed() > DEADLINE {
+            // SIGTERM: the script's trap tears its managers down.
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let output = std::fs::read_to_string(log.path()).expect("the script's output");
+    // Shown on failure by the harness; the case lines are shouted anyway.
+    println!("{output}");
+
+    let lines: Vec<&str> = output
+        .lines()
+        .filter(|line| line.starts_with("systemd: "))
+        .collect();
+    shout(&format!(
+        "ci/systemd.sh with {} ({:.0?}):",
+        binary.display(),
+        started.elapsed()
+    ));
+    for line in &lines {
+        shout(&format!("  {line}"));
+    }
+    let status = status.unwrap_or_else(|| panic!("ci/systemd.sh ran past {DEADLINE:?}\n{output}"));
+    let failed: Vec<&&str> = lines
+        .iter()
+        .filter(|line| line.contains(": FAIL"))
+        .collect();
+    assert!(failed.is_empty(), "failed: {failed:#?}\n\n{output}");
+    assert!(status.success(), "ci/systemd.sh: {status}\n\n{output}");
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains(": PASS") || line.contains(": SKIPPED")),
+        "ci/systemd.sh reported no case\n\n{output}"
+    );
+}
