@@ -84,18 +84,24 @@ fn example_service_under_a_real_systemd() {
         .stderr(log.reopen().expect("the log"))
         .spawn()
         .expect("bash runs");
+    // Wait for the script's exit; a watchdog sends SIGTERM (the script's trap
+    // tears its managers down) only if it is still running at the deadline.
     let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
+    let pid = Pid::from_raw(child.id() as i32);
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let expired = finished.recv_timeout(DEADLINE).is_err();
+        if expired {
+            let _ = kill(pid, Signal::SIGTERM);
         }
-        if started.elapsed() > DEADLINE {
-            // SIGTERM: the script's trap tears its managers down.
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
+        expired
+    });
+    let exit = child.wait().expect("wait for the script");
+    let _ = done.send(());
+    let status = if watchdog.join().unwrap_or(false) {
+        None
+    } else {
+        Some(exit)
     };
     let output = std::fs::read_to_string(log.path()).expect("the script's output");
     // Shown on failure by the harness; the case lines are shouted anyway.
