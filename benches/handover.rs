@@ -42,6 +42,17 @@ fn main() {
     group.bench_function("floor", |b| {
         b.iter_custom(|n| (0..n).map(|_| spawn_floor()).sum())
     });
+    // The same bare spawn from a parent that holds as many descriptors as
+    // upgrade/256's parent (256 listeners, each with the caller's copy): how
+    // much of upgrade/256 is only the cost of spawning from a process with
+    // that many descriptors (the kernel copies the table, exec closes them).
+    group.bench_function("floor_holding_256", |b| {
+        let held: Vec<std::net::TcpListener> = (0..512)
+            .map(|_| std::net::TcpListener::bind(loopback()).expect("bind"))
+            .collect();
+        b.iter_custom(|n| (0..n).map(|_| spawn_floor()).sum());
+        drop(held);
+    });
     for size in SIZES {
         group.bench_with_input(BenchmarkId::new("upgrade", size), &size, |b, &size| {
             b.iter_custom(|n| (0..n).map(|_| one_upgrade(size)).sum())
@@ -210,17 +221,24 @@ fn print_ratios() {
         return;
     };
     println!("\nmedians beside the floor (same run):");
-    println!("  {:<16} {:>9.3} ms   1.00 x floor", "floor", floor / 1e6);
+    println!("  {:<18} {:>9.3} ms   1.00 x floor", "floor", floor / 1e6);
     let mut ids: Vec<String> = SIZES.iter().map(|n| format!("upgrade/{n}")).collect();
     ids.push("old_gone".into());
+    ids.push("floor_holding_256".into());
     for id in ids {
         if let Some(m) = median(&id) {
             println!(
-                "  {:<16} {:>9.3} ms   {:.2} x floor",
+                "  {:<18} {:>9.3} ms   {:.2} x floor",
                 id,
                 m / 1e6,
                 m / floor
             );
         }
+    }
+    if let (Some(upgrade), Some(holding)) = (median("upgrade/256"), median("floor_holding_256")) {
+        println!(
+            "  upgrade/256 / floor_holding_256: {:.2} (the library's own share with 256 descriptors)",
+            upgrade / holding
+        );
     }
 }
