@@ -200,12 +200,19 @@ impl Activity {
         }
     }
 
-    fn touch(&self, delta: isize) {
-        if delta > 0 {
-            self.in_flight.fetch_add(1, Ordering::AcqRel);
-        } else {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        }
+    /// A request arrived.
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.changed_now();
+    }
+
+    /// A request was answered.
+    fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.changed_now();
+    }
+
+    fn changed_now(&self) {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         self.changed.notify_waiters();
     }
@@ -339,13 +346,13 @@ mod http {
         type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
 
         fn call(&self, request: Request<Incoming>) -> Self::Future {
-            self.activity.touch(1);
+            self.activity.begin();
             let response = self.inner.call(request);
             let drain = self.drain.clone();
             let activity = Arc::clone(&self.activity);
             Box::pin(async move {
                 let result = response.await;
-                activity.touch(-1);
+                activity.end();
                 result.map(|mut response| {
                     if drain.is_draining() {
                         response
@@ -399,7 +406,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn quiet_waits_for_in_flight_requests_and_the_period() {
         let activity = Arc::new(Activity::new());
-        activity.touch(1);
+        activity.begin();
         let quiet = tokio::spawn({
             let activity = Arc::clone(&activity);
             async move {
@@ -409,7 +416,7 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(!quiet.is_finished(), "quiet while a request is in flight");
-        activity.touch(-1);
+        activity.end();
         let finished_at = Instant::now();
         assert_eq!(quiet.await.unwrap() - finished_at, Duration::from_secs(1));
     }
