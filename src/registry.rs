@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -103,31 +103,47 @@ impl fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// Adopts the handshake link and the descriptors the parent named,
-    /// checking that each is open and of the kind the parent claims. On error
-    /// nothing has been adopted and nothing is closed: a tampered environment
-    /// may name descriptors this process uses for something else.
-    pub(crate) fn adopt(inherited: &[InheritedFd], link: RawFd) -> Result<(Registry, OwnedFd)> {
-        sys::check_inherited(link, Kind::Fd).map_err(|problem| Error::InheritedDescriptor {
+    /// Receives the descriptors the parent named on the handshake link,
+    /// checks that each is of the kind the parent claims, and adopts the
+    /// link. On error the received descriptors are closed and the link is
+    /// left alone: a tampered environment may name a descriptor this process
+    /// uses for something else.
+    pub(crate) fn adopt(inherited: Vec<InheritedFd>, link: RawFd) -> Result<(Registry, OwnedFd)> {
+        let link_error = |problem| Error::InheritedDescriptor {
             name: "(handshake link)".into(),
             fd: link,
             problem,
-        })?;
-        let (registry, mut adopted) = Registry::adopt_checked(inherited, Some(link))?;
-        let link = adopted.take().ok_or_else(|| {
-            Error::io("adopting the handshake link", std::io::ErrorKind::NotFound)
-        })?;
+        };
+        let fds = sys::receive_fds(link, inherited.len()).map_err(link_error)?;
+        let mut registry = Registry::default();
+        for (entry, fd) in inherited.into_iter().zip(fds) {
+            let local = sys::check_kind(fd.as_fd(), entry.kind).map_err(|problem| {
+                Error::InheritedDescriptor {
+                    name: entry.name.clone(),
+                    fd: fd.as_raw_fd(),
+                    problem,
+                }
+            })?;
+            registry.insert_inherited(entry, fd, local);
+        }
+        let link = sys::adopt(&[link])
+            .map_err(|e| Error::io("marking the handshake link close-on-exec", e))?
+            .pop()
+            .ok_or_else(|| {
+                Error::io("adopting the handshake link", std::io::ErrorKind::NotFound)
+            })?;
         Ok((registry, link))
     }
 
     /// Adopts sockets passed by systemd's socket activation, whose kinds are
-    /// found out here (the names come from `LISTEN_FDNAMES`).
+    /// found out here (the names come from `LISTEN_FDNAMES`). On error
+    /// nothing has been adopted and nothing is closed.
     pub(crate) fn adopt_activated(passed: &[(String, RawFd)]) -> Result<Registry> {
         let mut inherited = Vec::with_capacity(passed.len());
         for (name, fd) in passed {
-            let kind = match sys::inspect(*fd) {
-                Ok(Some((Some(kind), _))) => kind,
-                Ok(_) => Kind::Fd,
+            let (kind, local) = match sys::inspect(*fd) {
+                Ok(Some((Some(kind), local))) => (kind, Some(local)),
+                Ok(_) => (Kind::Fd, None),
                 Err(problem) => {
                     return Err(Error::InheritedDescriptor {
                         name: name.clone(),
@@ -136,14 +152,20 @@ impl Registry {
                     });
                 }
             };
-            inherited.push(InheritedFd {
+            let entry = InheritedFd {
                 name: name.clone(),
                 kind,
-                fd: *fd,
                 activated: true,
-            });
+            };
+            inherited.push((entry, local));
         }
-        let registry = Registry::adopt_checked(&inherited, None)?.0;
+        let numbers: Vec<RawFd> = passed.iter().map(|(_, fd)| *fd).collect();
+        let adopted = sys::adopt(&numbers)
+            .map_err(|e| Error::io("marking activated sockets close-on-exec", e))?;
+        let mut registry = Registry::default();
+        for ((entry, local), fd) in inherited.into_iter().zip(adopted) {
+            registry.insert_inherited(entry, fd, local);
+        }
         // systemd passes blocking sockets; every socket this library hands
         // out is non-blocking, ready for tokio. (Inherited from a parent
         // generation, they already are: the flag belongs to the socket.)
@@ -155,58 +177,32 @@ impl Registry {
         Ok(registry)
     }
 
-    fn adopt_checked(
-        inherited: &[InheritedFd],
-        link: Option<RawFd>,
-    ) -> Result<(Registry, Option<OwnedFd>)> {
-        let mut locals = Vec::with_capacity(inherited.len());
-        for entry in inherited {
-            let local = sys::check_inherited(entry.fd, entry.kind).map_err(|problem| {
-                Error::InheritedDescriptor {
-                    name: entry.name.clone(),
-                    fd: entry.fd,
-                    problem,
-                }
-            })?;
-            locals.push(local);
-        }
-        let numbers: Vec<RawFd> = link
-            .into_iter()
-            .chain(inherited.iter().map(|e| e.fd))
-            .collect();
-        let mut adopted = sys::adopt(&numbers)
-            .map_err(|e| Error::io("marking inherited descriptors close-on-exec", e))?
-            .into_iter();
-        let link = if link.is_some() { adopted.next() } else { None };
-        let mut registry = Registry::default();
-        for ((entry, local), fd) in inherited.iter().zip(locals).zip(adopted) {
-            // A final stop in this generation removes the path it now serves,
-            // unless systemd made it (the socket unit owns the file).
-            let unix_path = local
-                .as_ref()
-                .filter(|_| !entry.activated)
-                .and_then(|addr| addr.as_pathname().map(Path::to_path_buf));
-            registry.entries.insert(
-                entry.name.clone(),
-                Entry {
-                    kind: entry.kind,
-                    fd,
-                    unclaimed: true,
-                    unix_path,
-                    local,
-                    activated: entry.activated,
-                },
-            );
-        }
-        Ok((registry, link))
+    fn insert_inherited(&mut self, entry: InheritedFd, fd: OwnedFd, local: Option<SockAddr>) {
+        // A final stop in this generation removes the path it now serves,
+        // unless systemd made it (the socket unit owns the file).
+        let unix_path = local
+            .as_ref()
+            .filter(|_| !entry.activated)
+            .and_then(|addr| addr.as_pathname().map(Path::to_path_buf));
+        self.entries.insert(
+            entry.name,
+            Entry {
+                kind: entry.kind,
+                fd,
+                unclaimed: true,
+                unix_path,
+                local,
+                activated: entry.activated,
+            },
+        );
     }
 
     /// Descriptors to hand to a successor, in a fixed order: name, kind,
     /// number, and whether systemd passed it.
-    pub(crate) fn handed_on(&self) -> impl Iterator<Item = (&str, Kind, RawFd, bool)> {
+    pub(crate) fn handed_on(&self) -> impl Iterator<Item = (&str, Kind, BorrowedFd<'_>, bool)> {
         self.entries
             .iter()
-            .map(|(name, e)| (name.as_str(), e.kind, e.fd.as_raw_fd(), e.activated))
+            .map(|(name, e)| (name.as_str(), e.kind, e.fd.as_fd(), e.activated))
     }
 
     pub(crate) fn len(&self) -> usize {

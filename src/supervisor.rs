@@ -8,7 +8,7 @@
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -451,25 +451,27 @@ impl Supervisor {
         }
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| Error::io("creating the handshake link", e))?;
-        ours.set_nonblocking(true)
-            .map_err(|e| Error::io("creating the handshake link", e))?;
         let registry = lock(&self.registry);
-        let link_fd: RawFd = 3;
-        let mut fds = vec![theirs.as_raw_fd()];
+        let mut fds = Vec::with_capacity(registry.len());
         let mut named = Vec::with_capacity(registry.len());
-        for (i, (name, kind, fd, activated)) in registry.handed_on().enumerate() {
+        for (name, kind, fd, activated) in registry.handed_on() {
             fds.push(fd);
             named.push(InheritedFd {
                 name: name.to_owned(),
                 kind,
-                fd: link_fd + 1 + i as RawFd,
                 activated,
             });
         }
+        // Queued before the successor exists, so they wait for it on the link.
+        sys::send_fds(ours.as_fd(), &fds)
+            .map_err(|e| Error::io("sending descriptors on the handshake link", e))?;
+        drop(registry);
+        ours.set_nonblocking(true)
+            .map_err(|e| Error::io("creating the handshake link", e))?;
         let inheritance = Inheritance {
             generation: self.config.generation + 1,
             parent: sys::pid(),
-            link: link_fd,
+            link: sys::LINK_FD,
             fds: named,
         };
         let mut env: Vec<OsString> = std::env::vars_os()
@@ -485,7 +487,7 @@ impl Supervisor {
             path: &self.config.executable,
             args: &self.config.args,
             env,
-            fds: &fds,
+            link: theirs.as_fd(),
             blocked: self.config.upgrade_signal,
         };
         let pid = sys::spawn(&request).map_err(|source| Error::Spawn {

@@ -1,16 +1,19 @@
 //! The platform layer: every `unsafe` block and raw system call of the crate.
 //!
-//! One POSIX path for Linux and macOS through `nix`; there is no platform
-//! branch in this file. What it provides:
-//! - checking and adopting descriptors named by the inheritance environment;
-//! - starting a successor with `posix_spawn(3)`, its descriptors placed at
-//!   3, 4, ... and the upgrade signal blocked from its first instruction;
+//! One POSIX path for Linux and macOS through `nix`; the platform branches
+//! (`close_range(2)` and `MSG_CMSG_CLOEXEC`, both Linux-only speed-ups with
+//! a portable fallback) are named in `ARCHITECTURE.md`. What it provides:
+//! - passing descriptors on the handshake link (`SCM_RIGHTS`) and checking
+//!   what each one is;
+//! - adopting sockets passed by systemd's socket activation;
+//! - starting a successor with `posix_spawn(3)`, its handshake link placed
+//!   at 3 and the upgrade signal blocked from its first instruction;
 //! - unblocking the upgrade signal, reaping, killing, polling;
 //! - removing the inheritance variables from this process's environment.
 
 use std::ffi::{CString, OsString};
-use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 use std::time::Duration;
@@ -21,7 +24,7 @@ use nix::libc;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
-use nix::sys::socket::{SockType, getsockopt, sockopt};
+use nix::sys::socket::{ControlMessage, MsgFlags, SockType, getsockopt, sendmsg, sockopt};
 use nix::sys::stat::SFlag;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
@@ -30,23 +33,22 @@ use socket2::{Domain, SockAddr, SockRef};
 use crate::error::ExitStatus;
 use crate::registry::Kind;
 
-/// Checks that `fd` is open and is the kind of object `kind` names,
-/// without taking ownership of it; returns a socket's local address for the
-/// registry to keep. The error says what it is instead.
+/// Checks that a received descriptor is the kind of object `kind` names;
+/// returns a socket's local address for the registry to keep. The error
+/// says what it is instead.
 ///
 /// Runs for every inherited descriptor at startup, so it asks the kernel as
-/// little as it can: one `getsockname(2)` tells open, socket and family.
-pub(crate) fn check_inherited(fd: RawFd, kind: Kind) -> Result<Option<SockAddr>, String> {
+/// little as it can: one `getsockname(2)` tells socket and family, and one
+/// `getsockopt(2)` listening or (for one that does not listen) the type.
+pub(crate) fn check_kind(fd: BorrowedFd<'_>, kind: Kind) -> Result<Option<SockAddr>, String> {
     if kind == Kind::Fd {
-        // SAFETY: F_GETFD only reads the descriptor table entry for `fd`; on
-        // a number that is not open it fails with EBADF and touches nothing.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-            return Err(format!("it is not open ({})", io::Error::last_os_error()));
-        }
         return Ok(None);
     }
-    match inspect(fd)? {
-        None => Err(format!("expected a {kind}, found {}", describe(fd))),
+    match inspect(fd.as_raw_fd())? {
+        None => Err(format!(
+            "expected a {kind}, found {}",
+            describe(fd.as_raw_fd())
+        )),
         Some((Some(found), addr)) if found == kind => Ok(Some(addr)),
         Some((Some(found), _)) => Err(format!("expected a {kind}, found a {found}")),
         Some((None, _)) => Err(format!("expected a {kind}, found another kind of socket")),
@@ -137,59 +139,22 @@ fn socket_kind(fd: BorrowedFd<'_>, addr: &SockAddr) -> io::Result<Option<Kind>> 
     Ok(kind)
 }
 
-/// Takes ownership of inherited descriptors and marks them close-on-exec,
-/// so they reach no process but the next generation (which gets them again
-/// through the spawn's file actions).
+/// Takes ownership of inherited descriptors (the handshake link, sockets
+/// passed by systemd) and marks them close-on-exec, so they reach no other
+/// process (the next generation gets them on the handshake link).
 pub(crate) fn adopt(fds: &[RawFd]) -> io::Result<Vec<OwnedFd>> {
     let owned: Vec<OwnedFd> = fds
         .iter()
-        // SAFETY: each `fd` was checked open by `check_inherited`, the parent
-        // handed it to this process for the library alone (the inheritance
-        // environment names it), and the wire decoder refused duplicates, so
-        // exactly one owner is created per descriptor.
+        // SAFETY: each `fd` was checked open (by `inspect`), was
+        // handed to this process for the library alone (the inheritance
+        // environment or LISTEN_FDS names it), and callers pass distinct
+        // numbers, so exactly one owner is created per descriptor.
         .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
-    let mut sorted: Vec<RawFd> = fds.to_vec();
-    sorted.sort_unstable();
-    let mut run_start = 0;
-    for i in 1..=sorted.len() {
-        if i == sorted.len() || sorted[i] != sorted[i - 1] + 1 {
-            if !sorted.is_empty() {
-                cloexec_range(sorted[run_start], sorted[i - 1])?;
-            }
-            run_start = i;
-        }
+    for fd in &owned {
+        set_cloexec(fd)?;
     }
     Ok(owned)
-}
-
-/// Marks `first..=last` close-on-exec. Platform branch: Linux (5.11+) does a
-/// whole run in one `close_range(2)` call; elsewhere, and on older kernels,
-/// one `fcntl(2)` per descriptor.
-fn cloexec_range(first: RawFd, last: RawFd) -> io::Result<()> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on the
-        // descriptors in the range, all of which this process owns (adopted
-        // just before); it closes nothing.
-        let done = unsafe {
-            libc::syscall(
-                libc::SYS_close_range,
-                first as libc::c_uint,
-                last as libc::c_uint,
-                libc::CLOSE_RANGE_CLOEXEC,
-            )
-        } == 0;
-        if done {
-            return Ok(());
-        }
-    }
-    for fd in first..=last {
-        // SAFETY: every descriptor in the range was adopted by the caller and
-        // stays open while borrowed for this one call.
-        set_cloexec(&unsafe { BorrowedFd::borrow_raw(fd) })?;
-    }
-    Ok(())
 }
 
 pub(crate) fn set_cloexec(fd: &impl AsFd) -> io::Result<()> {
@@ -225,87 +190,202 @@ pub(crate) fn unblock(signal: Signal) -> io::Result<()> {
     Ok(())
 }
 
-/// What to start, and with which descriptors.
+/// Descriptors travel on the handshake link in messages of at most this
+/// many (Linux takes up to 253 per message; macOS fewer in some versions).
+pub(crate) const FDS_PER_MESSAGE: usize = 64;
+
+/// The one data byte that carries each message of descriptors.
+const FDS_MARK: u8 = b'F';
+
+/// Sends `fds` on the handshake link, before the successor starts: one byte
+/// per message of at most [`FDS_PER_MESSAGE`], the descriptors attached as
+/// `SCM_RIGHTS`. The kernel gives the successor its own references, so
+/// nothing is placed by number and no descriptor but the link is inherited.
+pub(crate) fn send_fds(link: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    for chunk in raw.chunks(FDS_PER_MESSAGE) {
+        let sent = sendmsg::<()>(
+            link.as_raw_fd(),
+            &[IoSlice::new(&[FDS_MARK])],
+            &[ControlMessage::ScmRights(chunk)],
+            MsgFlags::empty(),
+            None,
+        )?;
+        if sent != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "the handshake link took no byte",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Receives exactly `count` descriptors sent by [`send_fds`], close-on-exec.
+/// The parent sent them before it started this process, so they are all
+/// waiting: this never blocks, and anything else (fewer, more, another byte,
+/// not a socket) is an error that says so. Whatever was received is closed
+/// on error; the link itself is only borrowed.
+pub(crate) fn receive_fds(link: RawFd, count: usize) -> Result<Vec<OwnedFd>, String> {
+    if inspect(link)?.is_none() {
+        return Err(format!("expected a socket, found {}", describe(link)));
+    }
+    // SAFETY: `link` is an open socket (just checked), and it is only
+    // borrowed for this call: nothing here closes it.
+    let link = unsafe { BorrowedFd::borrow_raw(link) };
+    let mut received: Vec<OwnedFd> = Vec::with_capacity(count);
+    while received.len() < count {
+        let before = received.len();
+        let byte = receive_some(link, &mut received).map_err(|e| match e.raw_os_error() {
+            Some(libc::EAGAIN) => {
+                format!("only {before} of {count} descriptors were waiting on it")
+            }
+            Some(libc::ENOTSOCK) => "it is not a socket".to_owned(),
+            _ => format!("receiving descriptors on it failed: {e}"),
+        })?;
+        match byte {
+            None => {
+                return Err(format!(
+                    "it was closed after {before} of {count} descriptors"
+                ));
+            }
+            Some(FDS_MARK) => {}
+            Some(other) => {
+                return Err(format!(
+                    "it carried byte 0x{other:02x} instead of descriptors"
+                ));
+            }
+        }
+        if received.len() == before {
+            return Err(format!("a message after {before} descriptors carried none"));
+        }
+    }
+    if received.len() > count {
+        return Err(format!(
+            "it carried {} descriptors, the inheritance names {count}",
+            received.len()
+        ));
+    }
+    Ok(received)
+}
+
+/// One `recvmsg(2)` of one byte and at most [`FDS_PER_MESSAGE`] descriptors,
+/// appended to `into` as owned, close-on-exec descriptors. `None` at end of
+/// stream.
+fn receive_some(link: BorrowedFd<'_>, into: &mut Vec<OwnedFd>) -> io::Result<Option<u8>> {
+    const FD_BYTES: usize = FDS_PER_MESSAGE * std::mem::size_of::<libc::c_int>();
+    // SAFETY: CMSG_SPACE only computes a size from its argument.
+    let space = unsafe { libc::CMSG_SPACE(FD_BYTES as libc::c_uint) } as usize;
+    // u64 words: cmsghdr needs its alignment, which a byte buffer lacks.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let first_new = into.len();
+    let mut byte = 0u8;
+    let mut iov = libc::iovec {
+        iov_base: (&raw mut byte).cast(),
+        iov_len: 1,
+    };
+    // SAFETY: an all-zero msghdr is a valid empty header (null pointers,
+    // zero lengths); the fields that matter are set just below.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &raw mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.as_mut_ptr().cast();
+    header.msg_controllen = (control.len() * 8) as _;
+    // Platform branch: Linux marks received descriptors close-on-exec
+    // atomically; macOS has no MSG_CMSG_CLOEXEC, so each is marked below.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let flags = libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let flags = libc::MSG_DONTWAIT;
+    let n = loop {
+        // SAFETY: `header` points at `iov` (one byte, `byte`) and `control`
+        // (`msg_controllen` bytes), all alive and exclusively borrowed for
+        // the call; recvmsg writes at most those lengths and updates the
+        // header's lengths and flags.
+        let n = unsafe { libc::recvmsg(link.as_raw_fd(), &raw mut header, flags) };
+        if n == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        break n;
+    };
+    if n == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // Take ownership of every descriptor that arrived before looking at
+    // anything else, so that none leaks whatever the verdict.
+    // SAFETY: recvmsg filled `header`; CMSG_FIRSTHDR and CMSG_NXTHDR walk
+    // only the `msg_controllen` bytes it reported, within `control`.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const header) };
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` is non-null and points at a complete header inside
+        // `control` (CMSG_FIRSTHDR/CMSG_NXTHDR check that).
+        let (level, kind, len) =
+            unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+        if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN only computes a size.
+            let header_len = unsafe { libc::CMSG_LEN(0) } as usize;
+            // cmsg_len is a usize on Linux and a socklen_t on macOS.
+            #[allow(clippy::unnecessary_cast)]
+            let len = len as usize;
+            let fds = len.saturating_sub(header_len) / std::mem::size_of::<libc::c_int>();
+            // SAFETY: CMSG_DATA points at the data of this message, which
+            // holds `fds` descriptors (its length says so) within `control`.
+            let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<libc::c_int>();
+            for i in 0..fds {
+                // SAFETY: `i < fds`, inside the message's data; the data may
+                // be unaligned for c_int, hence read_unaligned.
+                let raw = unsafe { data.add(i).read_unaligned() };
+                // SAFETY: the kernel just installed `raw` in this process for
+                // this message alone; nothing else knows the number.
+                into.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR; returns null after the last one.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&raw const header, cmsg) };
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    for fd in &into[first_new..] {
+        set_cloexec(fd)?;
+    }
+    if header.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a message carried more than {FDS_PER_MESSAGE} descriptors"),
+        ));
+    }
+    Ok((n == 1).then_some(byte))
+}
+
+/// What to start, with its handshake link.
 pub(crate) struct SpawnRequest<'a> {
     pub path: &'a Path,
     pub args: &'a [OsString],
     pub env: Vec<OsString>,
-    /// Placed at 3, 4, ... in the successor, in this order, not close-on-exec there.
-    pub fds: &'a [RawFd],
+    /// Placed at 3 in the successor, not close-on-exec there.
+    pub link: BorrowedFd<'a>,
     /// Blocked in the successor from its first instruction.
     pub blocked: Option<Signal>,
 }
 
-/// Orders the `dup2`s that put `fds` at 3, 4, ... so that none overwrites a
-/// source still to be copied: a parallel move. A source is copied above the
-/// targets (by `copy`) only to break a cycle, or when it already sits at its
-/// target (`dup2(fd, fd)` would leave it close-on-exec). Returns the
-/// (source, target) pairs in order.
-fn placement(
-    fds: &[RawFd],
-    copy: &mut impl FnMut(RawFd) -> io::Result<RawFd>,
-) -> io::Result<Vec<(RawFd, RawFd)>> {
-    use std::collections::HashMap;
-    let mut sources: Vec<RawFd> = fds.to_vec();
-    let target_of = |i: usize| 3 + i as RawFd;
-    // How many pending moves still read each descriptor.
-    let mut readers: HashMap<RawFd, usize> = HashMap::new();
-    for (i, source) in sources.iter_mut().enumerate() {
-        if *source == target_of(i) {
-            *source = copy(*source)?;
-        }
-        *readers.entry(*source).or_default() += 1;
-    }
-    let mut pending: Vec<usize> = (0..sources.len()).collect();
-    let mut order = Vec::with_capacity(sources.len());
-    while !pending.is_empty() {
-        let before = pending.len();
-        pending.retain(|&i| {
-            let free = readers.get(&target_of(i)).copied().unwrap_or(0) == 0;
-            if free {
-                order.push((sources[i], target_of(i)));
-                if let Some(n) = readers.get_mut(&sources[i]) {
-                    *n -= 1;
-                }
-            }
-            !free
-        });
-        if pending.len() == before {
-            // Every pending target is still a source: a cycle. Copy one
-            // source out of the way, which frees its descriptor as a target.
-            let i = pending[0];
-            if let Some(n) = readers.get_mut(&sources[i]) {
-                *n -= 1;
-            }
-            sources[i] = copy(sources[i])?;
-            *readers.entry(sources[i]).or_default() += 1;
-        }
-    }
-    Ok(order)
-}
+/// The descriptor number the successor finds its handshake link at.
+pub(crate) const LINK_FD: RawFd = 3;
 
 /// Starts a successor with `posix_spawn(3)`: no fork of this (possibly large)
 /// process, and the exec error (ENOENT, EACCES, ENOEXEC) is returned here.
+/// Its only inherited descriptor (besides stdio) is the link, at 3.
 pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<Pid> {
-    let mut moved: Vec<OwnedFd> = Vec::new();
-    let end = 3 + request.fds.len() as RawFd;
-    let mut copy_above_targets = |fd: RawFd| -> io::Result<RawFd> {
-        // SAFETY: the registry owns `fd` and holds its lock for the whole
-        // spawn (the link is owned by the caller), so it stays open while
-        // borrowed.
-        let raw = fcntl(
-            unsafe { BorrowedFd::borrow_raw(fd) },
-            FcntlArg::F_DUPFD_CLOEXEC(end),
-        )?;
-        // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor nothing else owns.
-        let copy = unsafe { OwnedFd::from_raw_fd(raw) };
-        moved.push(copy);
-        Ok(raw)
+    // dup2(3, 3) would leave the link close-on-exec: copy it elsewhere first.
+    let copy = if request.link.as_raw_fd() == LINK_FD {
+        Some(request.link.try_clone_to_owned()?)
+    } else {
+        None
     };
+    let source = copy
+        .as_ref()
+        .map_or(request.link.as_raw_fd(), AsRawFd::as_raw_fd);
     let mut actions = PosixSpawnFileActions::init()?;
-    for (source, target) in placement(request.fds, &mut copy_above_targets)? {
-        actions.add_dup2(source, target)?;
-    }
+    actions.add_dup2(source, LINK_FD)?;
 
     let mut attr = PosixSpawnAttr::init()?;
     let mut mask = SigSet::empty();
@@ -325,7 +405,7 @@ pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<Pid> {
     let args = c_strings(request.args.iter().cloned())?;
     let env = c_strings(request.env.iter().cloned())?;
     let pid = posix_spawn(request.path, &actions, &attr, &args, &env)?;
-    drop(moved);
+    drop(copy);
     Ok(pid)
 }
 
@@ -414,60 +494,103 @@ pub(crate) fn pid() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::unix::net::UnixStream;
 
-    /// Runs the moves on a model descriptor table and checks every target
-    /// ends up with its source's object.
-    fn check(fds: &[RawFd]) {
-        let mut next_copy = 10_000;
-        let mut copies = Vec::new();
-        let order = placement(fds, &mut |fd| {
-            next_copy += 1;
-            copies.push((fd, next_copy));
-            Ok(next_copy)
-        })
-        .unwrap();
-        let mut table: std::collections::HashMap<RawFd, RawFd> =
-            fds.iter().map(|&fd| (fd, fd)).collect();
-        for &(from, to) in &copies {
-            table.insert(to, table[&from]);
-        }
-        for (source, target) in order {
-            assert_ne!(source, target, "dup2(fd, fd) leaves it close-on-exec");
-            let object = table[&source];
-            table.insert(target, object);
-        }
-        for (i, &fd) in fds.iter().enumerate() {
-            assert_eq!(table[&(3 + i as RawFd)], fd, "target {} of {fds:?}", 3 + i);
+    fn listener() -> TcpListener {
+        TcpListener::bind("127.0.0.1:0").unwrap()
+    }
+
+    fn borrowed(listeners: &[TcpListener]) -> Vec<BorrowedFd<'_>> {
+        listeners.iter().map(AsFd::as_fd).collect()
+    }
+
+    /// A port nobody holds any more refuses connections: a listener whose
+    /// every descriptor was closed, the received ones included.
+    fn assert_closed_everywhere(port: u16) {
+        let refused = TcpStream::connect(("127.0.0.1", port))
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn passes_more_descriptors_than_fit_in_one_message() {
+        let listeners: Vec<TcpListener> =
+            (0..FDS_PER_MESSAGE * 3 + 5).map(|_| listener()).collect();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        send_fds(ours.as_fd(), &borrowed(&listeners)).unwrap();
+        let received = receive_fds(theirs.as_raw_fd(), listeners.len()).unwrap();
+        assert_eq!(received.len(), listeners.len());
+        for (sent, got) in listeners.iter().zip(&received) {
+            // The same socket, in the order sent, close-on-exec here.
+            assert_eq!(
+                local_addr(got).unwrap().as_socket(),
+                Some(sent.local_addr().unwrap())
+            );
+            let flags = fcntl(got.as_fd(), FcntlArg::F_GETFD).unwrap();
+            assert!(FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC));
         }
     }
 
     #[test]
-    fn places_chains_cycles_and_fixed_points() {
-        check(&[]);
-        check(&[3]); // already in place
-        check(&[4, 3]); // a swap
-        check(&[4, 5, 3]); // a three-cycle
-        check(&[10, 11, 12]); // nothing overlaps
-        check(&[5, 3, 20]); // a chain
+    fn fewer_descriptors_than_named_is_an_error_and_closes_what_came() {
+        let sent = listener();
+        let port = sent.local_addr().unwrap().port();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        send_fds(ours.as_fd(), &[sent.as_fd()]).unwrap();
+        drop(sent);
+        let err = receive_fds(theirs.as_raw_fd(), 2).unwrap_err();
+        assert_eq!(err, "only 1 of 2 descriptors were waiting on it");
+        drop((ours, theirs));
+        assert_closed_everywhere(port);
     }
 
     #[test]
-    fn copies_only_to_break_cycles() {
-        let mut copies = 0;
-        placement(&[10, 3, 4, 5, 6], &mut |fd| {
-            copies += 1;
-            Ok(fd + 1000)
-        })
-        .unwrap();
-        assert_eq!(copies, 0);
+    fn more_descriptors_than_named_is_an_error_and_closes_them_all() {
+        let sent = [listener(), listener()];
+        let ports: Vec<u16> = sent
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        send_fds(ours.as_fd(), &borrowed(&sent)).unwrap();
+        drop(sent);
+        let err = receive_fds(theirs.as_raw_fd(), 1).unwrap_err();
+        assert_eq!(err, "it carried 2 descriptors, the inheritance names 1");
+        drop((ours, theirs));
+        for port in ports {
+            assert_closed_everywhere(port);
+        }
     }
 
-    proptest! {
-        #[test]
-        fn any_distinct_sources_are_placed(fds in prop::collection::hash_set(3..40i32, 0..30)) {
-            let fds: Vec<RawFd> = fds.into_iter().collect();
-            check(&fds);
-        }
+    #[test]
+    fn a_closed_link_or_another_byte_is_an_error() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(ours);
+        let err = receive_fds(theirs.as_raw_fd(), 1).unwrap_err();
+        assert_eq!(err, "it was closed after 0 of 1 descriptors");
+
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        io::Write::write_all(&mut ours, b"R").unwrap();
+        let err = receive_fds(theirs.as_raw_fd(), 1).unwrap_err();
+        assert_eq!(err, "it carried byte 0x52 instead of descriptors");
+    }
+
+    #[test]
+    fn a_link_that_is_not_a_socket_is_an_error() {
+        let file = tempfile::tempfile().unwrap();
+        let err = receive_fds(file.as_raw_fd(), 1).unwrap_err();
+        assert_eq!(err, "expected a socket, found a regular file");
+    }
+
+    #[test]
+    fn no_descriptors_named_reads_nothing_from_the_link() {
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        io::Write::write_all(&mut ours, b"state").unwrap();
+        assert!(receive_fds(theirs.as_raw_fd(), 0).unwrap().is_empty());
+        let mut rest = [0u8; 5];
+        io::Read::read_exact(&mut &theirs, &mut rest).unwrap();
+        assert_eq!(&rest, b"state");
     }
 }

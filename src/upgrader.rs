@@ -162,9 +162,11 @@ impl Upgrader {
                 });
             }
         };
-        let (registry, parent_link) = match &inheritance {
+        let generation = inheritance.as_ref().map_or(0, |i| i.generation);
+        let parent = inheritance.as_ref().map(|i| i.parent);
+        let (registry, parent_link) = match inheritance {
             Some(inheritance) => {
-                let (registry, link) = Registry::adopt(&inheritance.fds, inheritance.link)?;
+                let (registry, link) = Registry::adopt(inheritance.fds, inheritance.link)?;
                 let link = UnixStream::from(link);
                 link.set_nonblocking(true)
                     .map_err(|e| Error::io("configuring the handshake link", e))?;
@@ -181,9 +183,6 @@ impl Upgrader {
             Some(path) => path,
             None => current_executable()?,
         };
-        let generation = inheritance.as_ref().map_or(0, |i| i.generation);
-        let parent = inheritance.as_ref().map(|i| i.parent);
-
         let self_pipe = || -> Result<(UnixStream, UnixStream)> {
             let (read, write) =
                 UnixStream::pair().map_err(|e| Error::io("creating a self-pipe", e))?;

@@ -4,14 +4,16 @@
 //! `HANDOVER`, holds a `;`-separated list of `key=value` fields:
 //!
 //! ```text
-//! v1;gen=4;parent=1234;link=3;fd=4,tcp,http;fd=5,udp,dns,activated
+//! v1;gen=4;parent=1234;link=3;fd=tcp,http;fd=udp,dns,activated
 //! ```
 //!
-//! Names are percent-encoded outside `[A-Za-z0-9._-]`. The optional flag
+//! The descriptors themselves travel on the handshake link (`SCM_RIGHTS`),
+//! in the order the `fd` fields list them; the variable says what each one
+//! is. Names are percent-encoded outside `[A-Za-z0-9._-]`. The optional flag
 //! `activated` marks a socket that systemd passed to generation 0: the name,
 //! not the configured address, decides in every generation. Decoding checks
 //! everything it can without the kernel (version, ranges, duplicates,
-//! sizes) and never panics; whether the descriptors are open and of the
+//! sizes) and never panics; whether the descriptors arrived and are of the
 //! claimed kind is checked afterwards by the registry.
 
 use std::fmt;
@@ -28,7 +30,7 @@ const VERSION: &str = "v1";
 pub const MAX_LEN: usize = 1 << 20;
 /// At most this many named descriptors.
 pub const MAX_FDS: usize = 4096;
-/// Descriptor numbers above this are refused (far above any sane limit).
+/// A link descriptor number above this is refused (far above any sane limit).
 pub const MAX_FD: RawFd = 1 << 20;
 /// Longest descriptor name, in bytes.
 pub const MAX_NAME: usize = 255;
@@ -42,7 +44,7 @@ pub struct Inheritance {
     pub parent: i32,
     /// The descriptor of the handshake link to the parent.
     pub link: RawFd,
-    /// The named descriptors, in the order the parent listed them.
+    /// The named descriptors, in the order the parent sends them.
     pub fds: Vec<InheritedFd>,
 }
 
@@ -53,8 +55,6 @@ pub struct InheritedFd {
     pub name: String,
     /// What kind of object the parent says it is.
     pub kind: Kind,
-    /// Its descriptor number in the successor.
-    pub fd: RawFd,
     /// Passed by systemd's socket activation to generation 0.
     pub activated: bool,
 }
@@ -104,7 +104,9 @@ pub fn encode(inheritance: &Inheritance) -> String {
         inheritance.generation, inheritance.parent, inheritance.link
     );
     for entry in &inheritance.fds {
-        out.push_str(&format!(";fd={},{},", entry.fd, entry.kind.token()));
+        out.push_str(";fd=");
+        out.push_str(entry.kind.token());
+        out.push(',');
         escape_into(&entry.name, &mut out);
         if entry.activated {
             out.push_str(",activated");
@@ -188,14 +190,6 @@ pub fn decode(text: &str) -> Result<Inheritance, WireError> {
         return Err(WireError::new(end, "an inherited generation cannot be 0"));
     }
 
-    let mut numbers: Vec<RawFd> = fds.iter().map(|e| e.fd).chain([link]).collect();
-    numbers.sort_unstable();
-    if let Some(pair) = numbers.windows(2).find(|pair| pair[0] == pair[1]) {
-        return Err(WireError::new(
-            end,
-            format!("descriptor {} is listed twice", pair[0]),
-        ));
-    }
     let mut names: Vec<&str> = fds.iter().map(|e| e.name.as_str()).collect();
     names.sort_unstable();
     if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
@@ -265,21 +259,19 @@ fn descriptor(value: &str, at: usize) -> Result<RawFd, WireError> {
 }
 
 fn entry(value: &str, at: usize) -> Result<InheritedFd, WireError> {
-    let mut parts = value.splitn(4, ',');
-    let (fd, kind, name, flag) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(fd), Some(kind), Some(name), flag) => (fd, kind, name, flag),
+    let mut parts = value.splitn(3, ',');
+    let (kind, name, flag) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(kind), Some(name), flag) => (kind, name, flag),
         _ => {
             return Err(WireError::new(
                 at,
-                format!("{:?} is not <fd>,<kind>,<name>[,activated]", clip(value)),
+                format!("{:?} is not <kind>,<name>[,activated]", clip(value)),
             ));
         }
     };
-    let fd = descriptor(fd, at)?;
-    let kind_at = at + value.find(',').unwrap_or(0) + 1;
     let kind = Kind::from_token(kind)
-        .ok_or_else(|| WireError::new(kind_at, format!("unknown kind {:?}", clip(kind))))?;
-    let name_at = kind_at + kind.token().len() + 1;
+        .ok_or_else(|| WireError::new(at, format!("unknown kind {:?}", clip(kind))))?;
+    let name_at = at + kind.token().len() + 1;
     let name_text = name;
     let name = unescape(name_text, name_at)?;
     check_name(&name).map_err(|problem| WireError::new(name_at, problem))?;
@@ -296,7 +288,6 @@ fn entry(value: &str, at: usize) -> Result<InheritedFd, WireError> {
     Ok(InheritedFd {
         name,
         kind,
-        fd,
         activated,
     })
 }
@@ -352,13 +343,11 @@ mod tests {
                 InheritedFd {
                     name: "http".into(),
                     kind: Kind::TcpListener,
-                    fd: 4,
                     activated: false,
                 },
                 InheritedFd {
                     name: "dns over udp; ünïcode=%".into(),
                     kind: Kind::Udp,
-                    fd: 5,
                     activated: true,
                 },
             ],
@@ -369,7 +358,7 @@ mod tests {
     fn encodes_to_the_documented_shape() {
         assert_eq!(
             encode(&sample()),
-            "v1;gen=4;parent=1234;link=3;fd=4,tcp,http;fd=5,udp,dns%20over%20udp%3B%20%C3%BCn%C3%AFcode%3D%25,activated"
+            "v1;gen=4;parent=1234;link=3;fd=tcp,http;fd=udp,dns%20over%20udp%3B%20%C3%BCn%C3%AFcode%3D%25,activated"
         );
     }
 
@@ -389,21 +378,20 @@ mod tests {
     #[case::not_a_number("v1;gen=x;parent=1;link=3", 7, "not a number")]
     #[case::plus_sign("v1;gen=+1;parent=1;link=3", 7, "not a number")]
     #[case::enormous("v1;gen=99999999999999999999999;parent=1;link=3", 7, "out of range")]
-    #[case::enormous_fd("v1;gen=1;parent=1;link=3;fd=2147483647,tcp,a", 28, "outside")]
+    #[case::enormous_fd("v1;gen=1;parent=1;link=2147483647", 23, "outside")]
     #[case::negative_fd("v1;gen=1;parent=1;link=-4", 23, "outside")]
-    #[case::stdio("v1;gen=1;parent=1;link=3;fd=1,tcp,a", 28, "outside")]
+    #[case::stdio("v1;gen=1;parent=1;link=1", 23, "outside")]
     #[case::bad_parent("v1;gen=1;parent=0;link=3", 16, "not a process")]
     #[case::twice("v1;gen=1;gen=2;parent=1;link=3", 9, "appears twice")]
-    #[case::duplicate_fd("v1;gen=1;parent=1;link=3;fd=3,tcp,a", 35, "listed twice")]
-    #[case::duplicate_name("v1;gen=1;parent=1;link=3;fd=4,tcp,a;fd=5,udp,a", 46, "listed twice")]
-    #[case::unknown_kind("v1;gen=1;parent=1;link=3;fd=4,sctp,a", 30, "unknown kind")]
-    #[case::short_entry("v1;gen=1;parent=1;link=3;fd=4,tcp", 28, "not <fd>,<kind>,<name>")]
-    #[case::unknown_flag("v1;gen=1;parent=1;link=3;fd=4,tcp,a,sticky", 36, "unknown flag")]
-    #[case::empty_name("v1;gen=1;parent=1;link=3;fd=4,tcp,", 34, "must not be empty")]
-    #[case::raw_space("v1;gen=1;parent=1;link=3;fd=4,tcp,a b", 35, "must be escaped")]
-    #[case::bad_escape("v1;gen=1;parent=1;link=3;fd=4,tcp,a%g1", 35, "bad percent escape")]
-    #[case::cut_escape("v1;gen=1;parent=1;link=3;fd=4,tcp,a%4", 35, "bad percent escape")]
-    #[case::not_utf8("v1;gen=1;parent=1;link=3;fd=4,tcp,%FF", 34, "not UTF-8")]
+    #[case::duplicate_name("v1;gen=1;parent=1;link=3;fd=tcp,a;fd=udp,a", 42, "listed twice")]
+    #[case::unknown_kind("v1;gen=1;parent=1;link=3;fd=sctp,a", 28, "unknown kind")]
+    #[case::short_entry("v1;gen=1;parent=1;link=3;fd=tcp", 28, "not <kind>,<name>")]
+    #[case::unknown_flag("v1;gen=1;parent=1;link=3;fd=tcp,a,sticky", 34, "unknown flag")]
+    #[case::empty_name("v1;gen=1;parent=1;link=3;fd=tcp,", 32, "must not be empty")]
+    #[case::raw_space("v1;gen=1;parent=1;link=3;fd=tcp,a b", 33, "must be escaped")]
+    #[case::bad_escape("v1;gen=1;parent=1;link=3;fd=tcp,a%g1", 33, "bad percent escape")]
+    #[case::cut_escape("v1;gen=1;parent=1;link=3;fd=tcp,a%4", 33, "bad percent escape")]
+    #[case::not_utf8("v1;gen=1;parent=1;link=3;fd=tcp,%FF", 32, "not UTF-8")]
     fn refuses_bad_input_saying_where(
         #[case] text: &str,
         #[case] position: usize,
@@ -427,7 +415,7 @@ mod tests {
     fn refuses_too_many_descriptors() {
         let mut text = String::from("v1;gen=1;parent=1;link=3");
         for i in 0..=MAX_FDS {
-            text.push_str(&format!(";fd={},fd,n{i}", i + 4));
+            text.push_str(&format!(";fd=fd,n{i}"));
         }
         assert!(decode(&text).unwrap_err().problem.contains("more than"));
     }
@@ -448,11 +436,9 @@ mod tests {
                 link: 3,
                 fds: named
                     .into_iter()
-                    .enumerate()
-                    .map(|(i, (name, (kind, activated)))| InheritedFd {
+                    .map(|(name, (kind, activated))| InheritedFd {
                         name,
                         kind,
-                        fd: 4 + i as RawFd,
                         activated,
                     })
                     .collect(),

@@ -39,7 +39,14 @@ pub enum Fault {
     /// Hang before the library starts: the successor reads nothing at all
     /// (not even the state its parent hands over).
     HangBeforeStart,
+    /// Before the library starts, announce `event=gated` and wait until a
+    /// writer opens the FIFO named by [`GATE_VAR`]: a test can act while a
+    /// successor has not yet read anything its parent sent it.
+    GateBeforeStart,
 }
+
+/// The FIFO a `gate-before-start` generation waits on.
+pub const GATE_VAR: &str = "SUBJECT_GATE";
 
 impl FromStr for Fault {
     type Err = String;
@@ -55,6 +62,7 @@ impl FromStr for Fault {
             "abort" => Fault::Abort,
             "crash-after-ready" => Fault::CrashAfterReady,
             "hang-before-start" => Fault::HangBeforeStart,
+            "gate-before-start" => Fault::GateBeforeStart,
             other => match other.strip_prefix("slow-init:").map(str::parse::<u64>) {
                 Some(Ok(millis)) => Fault::SlowInit(Duration::from_millis(millis)),
                 _ => return Err(format!("unknown fault {other:?}")),
@@ -66,10 +74,22 @@ impl FromStr for Fault {
 impl Fault {
     /// Plays the part of the fault that comes before the library starts.
     pub fn before_start(self) {
-        if self == Fault::HangBeforeStart {
-            loop {
+        match self {
+            Fault::HangBeforeStart => loop {
                 std::thread::park();
+            },
+            Fault::GateBeforeStart => {
+                println!(
+                    "event=gated gen={} pid={}",
+                    Faults::generation_to_be(),
+                    std::process::id()
+                );
+                // Opening a FIFO for reading blocks until a writer opens it.
+                if let Some(path) = std::env::var_os(GATE_VAR) {
+                    let _ = std::fs::File::open(path);
+                }
             }
+            _ => {}
         }
     }
 
@@ -92,7 +112,8 @@ impl Fault {
             Fault::None
             | Fault::CrashBeforeListen
             | Fault::CrashAfterReady
-            | Fault::HangBeforeStart => {}
+            | Fault::HangBeforeStart
+            | Fault::GateBeforeStart => {}
         }
     }
 

@@ -53,6 +53,39 @@ fn successor_serves_when_the_old_generation_is_killed_during_its_init() {
     assert_eq!(live.len(), 1, "{live:?}");
 }
 
+/// The descriptors wait for the successor on the handshake link, not in the
+/// parent: a parent killed before its successor has read anything still
+/// leaves it every listener.
+#[test]
+fn successor_gets_its_listeners_when_the_parent_dies_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let mut subject = Subject::start(&SubjectConfig {
+        faults: Some("1=gate-before-start".into()),
+        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        ..config()
+    })
+    .unwrap();
+    let first = subject.first_pid();
+    subject.signal(first, Signal::SIGHUP).unwrap();
+    subject.wait_for(|e| e.is("gated", 1)).unwrap();
+    subject.signal(first, Signal::SIGKILL).unwrap();
+    subject.wait_exit(first).unwrap();
+    // Open the gate: the successor starts its library only now.
+    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+
+    subject.wait_for(|e| e.is("ready", 1)).unwrap();
+    assert_served_by(&subject, 1);
+    let mut tcp = TcpStream::connect(subject.addresses.tcp).unwrap();
+    tcp.write_all(b"ping\n").unwrap();
+    let mut echo = [0u8; 5];
+    tcp.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping\n");
+    let live = subject.live_pids();
+    assert_eq!(live.len(), 1, "{live:?}");
+}
+
 #[test]
 fn upgrade_signal_before_ready_is_held_not_fatal() {
     let mut subject = Subject::start(&SubjectConfig {
@@ -379,29 +412,55 @@ fn hundred_upgrades_leak_no_descriptor_and_leave_no_zombie() {
 
 /// A successor started with a bad inheritance exits non-zero with one line
 /// that says what is wrong and where; it does not panic.
+///
+/// As a tampered parent might leave them: fd 7 is a regular file, fd 8 a
+/// socket on which one descriptor (that same file) is waiting, sent the way
+/// the library sends them.
 #[rstest]
 #[case::garbage("garbage", "unknown version")]
 #[case::truncated("v1;gen=1;parent=1;li", "has no '='")]
-#[case::not_open("v1;gen=1;parent=1;link=900", "(fd 900) is unusable: it is not open")]
-#[case::wrong_kind(
-    "v1;gen=1;parent=1;link=8;fd=7,tcp,http",
-    "\"http\" (fd 7) is unusable: expected a tcp listener, found a regular file"
-)]
-#[case::duplicate(
-    "v1;gen=1;parent=1;link=7;fd=7,tcp,http",
-    "descriptor 7 is listed twice"
-)]
 #[case::enormous("v1;gen=1;parent=1;link=99999999999999999999", "out of range")]
+#[case::duplicate_name(
+    "v1;gen=1;parent=1;link=8;fd=tcp,http;fd=tcp,http",
+    "name \"http\" is listed twice"
+)]
+#[case::link_not_open("v1;gen=1;parent=1;link=900", "(fd 900) is unusable: it is not open")]
+#[case::link_not_a_socket(
+    "v1;gen=1;parent=1;link=7;fd=tcp,http",
+    "(fd 7) is unusable: expected a socket, found a regular file"
+)]
+#[case::wrong_kind(
+    "v1;gen=1;parent=1;link=8;fd=tcp,http",
+    "is unusable: expected a tcp listener, found a regular file"
+)]
+#[case::missing_descriptor(
+    "v1;gen=1;parent=1;link=8;fd=fd,config;fd=tcp,http",
+    "(fd 8) is unusable: only 1 of 2 descriptors were waiting on it"
+)]
 fn bad_inheritance_environment_is_a_one_line_error(#[case] value: &str, #[case] detail: &str) {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::{AsRawFd, OwnedFd};
+
     let file = tempfile::NamedTempFile::new().unwrap();
-    // fd 7 is a regular file, fd 8 a socket, as a tampered parent might leave them.
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let sent = sendmsg::<()>(
+        ours.as_raw_fd(),
+        &[std::io::IoSlice::new(b"F")],
+        &[ControlMessage::ScmRights(&[file.as_file().as_raw_fd()])],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(sent, 1);
+    // The socket arrives as stdin and moves to 8; the file opens at 7.
     let output = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            r#"exec 7<"{}" 8<>/dev/null; exec "$0""#,
+            r#"exec 7<"{}" 8<&0 0</dev/null; exec "$0""#,
             file.path().display()
         ))
         .arg(subject_binary())
+        .stdin(OwnedFd::from(theirs))
         .env("HANDOVER", value)
         .output()
         .unwrap();
