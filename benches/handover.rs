@@ -10,7 +10,12 @@
 //!   process having exited, with nothing to drain.
 //!
 //! This binary plays every role: which one comes from its environment. After
-//! criterion's report it prints each median beside the floor's, as a ratio.
+//! criterion's report it prints each median beside the floor's, as a ratio,
+//! then a paired measurement: rounds that take the floor and every figure
+//! in turn, so that all of them live through the same moments of a noisy
+//! machine (criterion measures one figure after another). The targets are
+//! read from the paired table. `HANDOVER_BENCH_ROUNDS` sets its rounds
+//! (default 200; 0 skips it; skipped too when criterion gets a filter).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -64,6 +69,75 @@ fn main() {
     group.finish();
     criterion.final_summary();
     print_ratios();
+    print_paired(paired_rounds());
+}
+
+/// Rounds of the paired measurement: `HANDOVER_BENCH_ROUNDS`, else 200
+/// (a few seconds), or none when criterion was asked for a subset.
+fn paired_rounds() -> usize {
+    if let Ok(rounds) = std::env::var("HANDOVER_BENCH_ROUNDS") {
+        return rounds.parse().unwrap_or(0);
+    }
+    let filtered = std::env::args().skip(1).any(|arg| !arg.starts_with('-'));
+    if filtered { 0 } else { 200 }
+}
+
+/// Each figure and the floor sampled in turn, round after round, so that
+/// they live through the same moments of a noisy machine; the medians and
+/// their ratios come from the same rounds. Criterion's figures above are
+/// measured one after another, minutes apart.
+fn print_paired(rounds: usize) {
+    if rounds == 0 {
+        return;
+    }
+    let mut floor = Vec::with_capacity(rounds);
+    let mut upgrades: Vec<Vec<Duration>> =
+        SIZES.iter().map(|_| Vec::with_capacity(rounds)).collect();
+    let mut gone = Vec::with_capacity(rounds);
+    // Each round starts one figure later than the one before, so that no
+    // figure always follows the same one.
+    let figures = SIZES.len() + 2;
+    for round in 0..rounds {
+        for turn in 0..figures {
+            match (round + turn) % figures {
+                0 => floor.push(spawn_floor()),
+                i if i <= SIZES.len() => upgrades[i - 1].push(one_upgrade(SIZES[i - 1])),
+                _ => gone.push(old_gone()),
+            }
+        }
+    }
+    let median = |samples: &mut Vec<Duration>| -> f64 {
+        samples.sort_unstable();
+        samples[samples.len() / 2].as_secs_f64() * 1e3
+    };
+    let floor_ms = median(&mut floor);
+    println!(
+        "\npaired medians ({rounds} rounds; each round takes every figure once, in a rotating order):"
+    );
+    println!("  {:<18} {:>9.3} ms   1.00 x floor", "floor", floor_ms);
+    for (samples, size) in upgrades.iter_mut().zip(SIZES) {
+        let ms = median(samples);
+        println!(
+            "  {:<18} {:>9.3} ms   {:.2} x floor",
+            format!("upgrade/{size}"),
+            ms,
+            ms / floor_ms
+        );
+    }
+    let gone_ms = median(&mut gone);
+    println!(
+        "  {:<18} {:>9.3} ms   {:.2} x floor",
+        "old_gone",
+        gone_ms,
+        gone_ms / floor_ms
+    );
+    // upgrade/1's successor and old_gone's are the same program with one
+    // listener; the difference is the old process's exit after readiness.
+    let ready_ms = median(&mut upgrades[0]);
+    println!(
+        "  old generation gone {:.3} ms after its successor's readiness (old_gone - upgrade/1)",
+        gone_ms - ready_ms
+    );
 }
 
 fn loopback() -> SocketAddr {
@@ -220,7 +294,7 @@ fn print_ratios() {
     let Some(floor) = median("floor") else {
         return;
     };
-    println!("\nmedians beside the floor (same run):");
+    println!("\ncriterion medians beside the floor (same run, one figure after another):");
     println!("  {:<18} {:>9.3} ms   1.00 x floor", "floor", floor / 1e6);
     let mut ids: Vec<String> = SIZES.iter().map(|n| format!("upgrade/{n}")).collect();
     ids.push("old_gone".into());

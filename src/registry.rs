@@ -77,8 +77,10 @@ struct Entry {
     unclaimed: bool,
     /// The socket path this generation serves (removed on a final stop).
     unix_path: Option<PathBuf>,
-    /// A socket's local address, read once.
-    local: Option<SockAddr>,
+    /// An internet socket's local address, read once. (Kept small: a
+    /// successor builds one entry per inherited descriptor at startup, and
+    /// every fresh page it touches is a page fault.)
+    inet: Option<SocketAddr>,
     /// Passed by systemd's socket activation: the name decides, whatever
     /// address the service's configuration gives.
     activated: bool,
@@ -191,7 +193,7 @@ impl Registry {
                 fd,
                 unclaimed: true,
                 unix_path,
-                local,
+                inet: local.as_ref().and_then(SockAddr::as_socket),
                 activated: entry.activated,
             },
         );
@@ -238,7 +240,7 @@ impl Registry {
         &mut self,
         name: &str,
         kind: Kind,
-        matches: impl FnOnce(Option<&SockAddr>) -> bool,
+        matches: impl FnOnce(&Entry) -> bool,
     ) -> Result<Option<OwnedFd>> {
         wire::check_name(name).map_err(|problem| Error::InvalidName {
             name: name.into(),
@@ -254,7 +256,7 @@ impl Registry {
                 found: entry.kind,
             });
         }
-        if !entry.activated && !matches(entry.local.as_ref()) {
+        if !entry.activated && !matches(entry) {
             tracing::info!(
                 name,
                 "address changed: binding a new socket instead of the inherited one"
@@ -274,10 +276,10 @@ impl Registry {
         unix_path: Option<PathBuf>,
     ) -> Result<OwnedFd> {
         let copy = duplicate(&fd)?;
-        let local = if kind == Kind::Fd {
-            None
+        let inet = if kind == Kind::TcpListener || kind == Kind::Udp {
+            sys::local_addr(&fd).ok().and_then(|addr| addr.as_socket())
         } else {
-            sys::local_addr(&fd).ok()
+            None
         };
         self.entries.insert(
             name.into(),
@@ -286,7 +288,7 @@ impl Registry {
                 fd,
                 unclaimed: false,
                 unix_path,
-                local,
+                inet,
                 activated: false,
             },
         );
@@ -294,9 +296,7 @@ impl Registry {
     }
 
     pub(crate) fn tcp_listener(&mut self, name: &str, addr: SocketAddr) -> Result<OwnedFd> {
-        if let Some(fd) =
-            self.claim(name, Kind::TcpListener, |local| same_inet_addr(local, addr))?
-        {
+        if let Some(fd) = self.claim(name, Kind::TcpListener, |e| same_inet_addr(e.inet, addr))? {
             return Ok(fd);
         }
         let bind_err = |source| Error::Bind {
@@ -314,7 +314,7 @@ impl Registry {
     }
 
     pub(crate) fn udp_socket(&mut self, name: &str, addr: SocketAddr) -> Result<OwnedFd> {
-        if let Some(fd) = self.claim(name, Kind::Udp, |local| same_inet_addr(local, addr))? {
+        if let Some(fd) = self.claim(name, Kind::Udp, |e| same_inet_addr(e.inet, addr))? {
             return Ok(fd);
         }
         let bind_err = |source| Error::Bind {
@@ -329,7 +329,7 @@ impl Registry {
     }
 
     pub(crate) fn unix_socket(&mut self, name: &str, kind: Kind, path: &Path) -> Result<OwnedFd> {
-        if let Some(fd) = self.claim(name, kind, |local| same_unix_path(local, path))? {
+        if let Some(fd) = self.claim(name, kind, |e| e.unix_path.as_deref() == Some(path))? {
             return Ok(fd);
         }
         let bind_err = |source| Error::Bind {
@@ -398,18 +398,12 @@ fn duplicate(fd: &impl AsFd) -> Result<OwnedFd> {
         .map_err(|e| Error::io("duplicating a descriptor", e))
 }
 
-fn same_inet_addr(local: Option<&SockAddr>, wanted: SocketAddr) -> bool {
-    let Some(local) = local.and_then(SockAddr::as_socket) else {
+fn same_inet_addr(local: Option<SocketAddr>, wanted: SocketAddr) -> bool {
+    let Some(local) = local else {
         return false;
     };
     // Port 0 asks for any port: the inherited one is as good as a new one.
     local.ip() == wanted.ip() && (wanted.port() == 0 || local.port() == wanted.port())
-}
-
-fn same_unix_path(local: Option<&SockAddr>, wanted: &Path) -> bool {
-    local
-        .and_then(SockAddr::as_pathname)
-        .is_some_and(|path| path == wanted)
 }
 
 fn is_stale_socket(path: &Path, ty: Type) -> bool {
