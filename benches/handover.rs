@@ -94,12 +94,25 @@ fn print_paired(rounds: usize) {
     let mut upgrades: Vec<Vec<Duration>> =
         SIZES.iter().map(|_| Vec::with_capacity(rounds)).collect();
     let mut gone = Vec::with_capacity(rounds);
-    // Each round starts one figure later than the one before, so that no
-    // figure always follows the same one.
+    // Each round takes the figures in a fresh order (a Fisher-Yates shuffle
+    // driven by xorshift, fixed seed), so that no figure always follows the
+    // same one: whatever a figure leaves behind (sockets closing, caches)
+    // falls on all of them alike.
     let figures = SIZES.len() + 2;
-    for round in 0..rounds {
-        for turn in 0..figures {
-            match (round + turn) % figures {
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..rounds {
+        let mut order: Vec<usize> = (0..figures).collect();
+        for i in (1..figures).rev() {
+            order.swap(i, (next() % (i as u64 + 1)) as usize);
+        }
+        for figure in order {
+            match figure {
                 0 => floor.push(spawn_floor()),
                 i if i <= SIZES.len() => upgrades[i - 1].push(one_upgrade(SIZES[i - 1])),
                 _ => gone.push(old_gone()),
@@ -112,7 +125,7 @@ fn print_paired(rounds: usize) {
     };
     let floor_ms = median(&mut floor);
     println!(
-        "\npaired medians ({rounds} rounds; each round takes every figure once, in a rotating order):"
+        "\npaired medians ({rounds} rounds; each round takes every figure once, in a shuffled order):"
     );
     println!("  {:<18} {:>9.3} ms   1.00 x floor", "floor", floor_ms);
     for (samples, size) in upgrades.iter_mut().zip(SIZES) {
