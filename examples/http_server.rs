@@ -106,9 +106,9 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
 
     // 3. Ready: the PID file now names us, and the parent starts to drain.
     upgrader.ready()?;
-    if let Some(control) = control {
-        tokio::spawn(control.serve());
-    }
+    //    The control socket answers until exit; its task is awaited at the
+    //    end so that a request it accepted is answered before we leave.
+    let control = control.map(|control| tokio::spawn(control.serve()));
     let generation = upgrader.generation();
     tracing::info!(generation, addr = %listener.local_addr()?, "serving");
 
@@ -148,6 +148,9 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
         ExitReason::Stopped => tracing::info!(generation, "stopping"),
     }
     let outcome = drain.wait().await;
+    if let Some(control) = control {
+        let _ = control.await;
+    }
     tracing::info!(generation, ?outcome, "exiting");
     Ok(())
 }

@@ -17,6 +17,14 @@
 //! request while one runs is answered `in_progress`. A client that hangs up
 //! before its answer does not cancel the upgrade it asked for, and leaves
 //! nothing behind. `handover upgrade --socket PATH` is the client.
+//!
+//! Every accepted request is answered. A generation that must exit stops
+//! accepting (its successor, holding the same socket, accepts from then
+//! on) and answers what it had already accepted before
+//! [`serve`](ControlSocket::serve) returns: an `upgrade` that reached it in
+//! its last moments gets `error reason=exiting`, which means nothing was
+//! done and the request should be sent again (the `handover` client does
+//! so).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -36,6 +44,9 @@ pub const CONTROL_NAME: &str = "handover.control";
 pub const MAX_REQUEST: usize = 1024;
 /// A client has this long to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Once this generation must exit, requests it already accepted have this
+/// long to arrive and be answered; a client slower than that is cut off.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 /// A control socket, ready to [`serve`](ControlSocket::serve).
 #[derive(Debug)]
@@ -50,7 +61,8 @@ pub struct ControlSocket {
 impl Upgrader {
     /// The control socket at `path`: inherited from the parent generation,
     /// or created with mode 0600. Serve it with
-    /// `tokio::spawn(control.serve())` after [`ready`](Upgrader::ready).
+    /// `tokio::spawn(control.serve())` after [`ready`](Upgrader::ready), and
+    /// await that task before returning from `main`.
     ///
     /// # Errors
     /// [`Error::Bind`] if the socket cannot be created, [`Error::WrongKind`]
@@ -82,7 +94,11 @@ impl ControlSocket {
     }
 
     /// Answers requests until this generation must exit; then the successor
-    /// (which holds the same socket) answers them. Needs a tokio runtime.
+    /// (which holds the same socket) answers them. Returns once the requests
+    /// this generation accepted are answered (at most a second after it must
+    /// exit): spawn it after [`ready`](Upgrader::ready), and await its task
+    /// before returning from `main`, so that no client is left without an
+    /// answer. Needs a tokio runtime.
     pub async fn serve(self) {
         let listener = match UnixListener::from_std(self.listener) {
             Ok(listener) => listener,
@@ -92,15 +108,28 @@ impl ControlSocket {
             }
         };
         let mut exit = self.exit;
+        let mut answering = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
-                _ = exit.wait_for(Option::is_some) => return,
+                // Exit first: once it is due, accept nothing more.
+                biased;
+                _ = exit.wait_for(Option::is_some) => break,
                 accepted = listener.accept() => {
                     if let Ok((stream, _)) = accepted {
-                        tokio::spawn(answer(stream, self.supervisor.clone(), self.generation));
+                        answering.spawn(answer(stream, self.supervisor.clone(), self.generation));
                     }
                 }
+                // Reap finished answers as they end.
+                Some(_) = answering.join_next(), if !answering.is_empty() => {}
             }
+        }
+        drop(listener);
+        let answered = async { while answering.join_next().await.is_some() {} };
+        if tokio::time::timeout(EXIT_GRACE, answered).await.is_err() {
+            tracing::warn!(
+                generation = self.generation,
+                "control requests not received within a second of exiting were cut off"
+            );
         }
     }
 }

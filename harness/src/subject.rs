@@ -204,9 +204,8 @@ async fn serve(
         ));
     }
     upgrader.ready()?;
-    if let Some(control_socket) = control_socket {
-        tokio::spawn(control_socket.serve());
-    }
+    // Awaited before exiting, so that every accepted request is answered.
+    let control_socket = control_socket.map(|control| tokio::spawn(control.serve()));
     event(format_args!(
         "ready gen={generation} http={} tcp={} udp={} control={}",
         http.local_addr()?,
@@ -258,6 +257,9 @@ async fn serve(
     };
     event(format_args!("exiting gen={generation} reason={reason}"));
     while accepting.join_next().await.is_some() {}
+    if let Some(control_socket) = control_socket {
+        let _ = control_socket.await;
+    }
     let outcome = drain.wait().await;
     event(format_args!("exited gen={generation} drain={outcome:?}"));
     Ok(())

@@ -214,3 +214,47 @@ fn requests_from_another_user_are_refused() {
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     assert!(text(&output).contains("(forbidden)"), "{}", text(&output));
 }
+
+/// Every request gets an answer, even one that reaches a generation in its
+/// last moments: back to back, each `handover upgrade` either succeeds or is
+/// refused with a reason (`parent_alive` while the previous generation still
+/// drains), and never finds the connection closed without one.
+#[test]
+fn back_to_back_upgrades_are_all_answered() {
+    let service = service();
+    let socket = service.socket.to_str().unwrap();
+    let mut succeeded = 0;
+    for attempt in 0..100 {
+        let output = cli(&["upgrade", "--socket", socket]);
+        match output.status.code() {
+            Some(0) => succeeded += 1,
+            Some(1) => assert!(
+                text(&output).contains("parent_alive"),
+                "attempt {attempt}: {}",
+                text(&output)
+            ),
+            _ => panic!("attempt {attempt} got no answer: {}", text(&output)),
+        }
+    }
+    assert!(succeeded > 0);
+}
+
+/// A connection the old generation accepted before its successor became
+/// ready, whose request comes only after: the old generation answers it
+/// (`exiting`: nothing done, ask again) before it leaves, rather than
+/// closing it unanswered.
+#[test]
+fn a_request_accepted_as_the_generation_exits_is_answered() {
+    let service = service();
+    // Accepted by generation 0: the only one, and first in the queue.
+    let mut early = UnixStream::connect(&service.socket).unwrap();
+    let upgraded = raw_request(&service.socket, b"upgrade\n");
+    assert!(upgraded.starts_with("ok "), "{upgraded}");
+    early.write_all(b"upgrade\n").unwrap();
+    let mut answer = String::new();
+    early.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("error reason=exiting "),
+        "generation 0 answered {answer:?}"
+    );
+}

@@ -47,32 +47,20 @@ fn run() -> Result<ExitCode, String> {
         }
     }
     let socket = socket.ok_or(USAGE)?;
-    let mut stream =
-        UnixStream::connect(&socket).map_err(|e| format!("cannot reach {socket}: {e}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    // A service that refuses at once answers and closes before reading: the
-    // write then fails, but its answer is there to read.
-    let sent = stream.write_all(format!("{request}\n").as_bytes());
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(|e| {
-        if matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ) {
-            format!("no answer from {socket} within {timeout:?} (the upgrade may still be running)")
-        } else {
-            format!("no answer from {socket}: {e}")
+    // A generation in its last moments answers `exiting`: nothing was done,
+    // and its successor, on the same socket, takes the next connection.
+    let mut answer = ask(&socket, &request, timeout)?;
+    for _ in 0..RETRIES_WHEN_EXITING {
+        if !answer.contains("reason=exiting") {
+            break;
         }
-    })?;
-    let answer = answer.trim();
-    if answer.is_empty() {
-        return Err(match sent {
-            Err(e) => format!("cannot ask {socket}: {e}"),
-            Ok(()) => format!("{socket} closed the connection without an answer"),
-        });
+        match ask(&socket, &request, timeout) {
+            Ok(next) => answer = next,
+            // No successor: a final stop. Report the exiting answer.
+            Err(_) => break,
+        }
     }
+    let answer = answer.as_str();
     let field = |key: &str| {
         answer
             .split_whitespace()
@@ -102,6 +90,40 @@ fn run() -> Result<ExitCode, String> {
         println!("{request} failed ({}): {message}", field("reason"));
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// How many times a request answered `exiting` is sent again.
+const RETRIES_WHEN_EXITING: usize = 3;
+
+/// Sends one request and reads its one-line answer.
+fn ask(socket: &str, request: &str, timeout: Duration) -> Result<String, String> {
+    let mut stream =
+        UnixStream::connect(socket).map_err(|e| format!("cannot reach {socket}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    // A service that refuses at once answers and closes before reading: the
+    // write then fails, but its answer is there to read.
+    let sent = stream.write_all(format!("{request}\n").as_bytes());
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(|e| {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            format!("no answer from {socket} within {timeout:?} (the upgrade may still be running)")
+        } else {
+            format!("no answer from {socket}: {e}")
+        }
+    })?;
+    let answer = answer.trim();
+    if answer.is_empty() {
+        return Err(match sent {
+            Err(e) => format!("cannot ask {socket}: {e}"),
+            Ok(()) => format!("{socket} closed the connection without an answer"),
+        });
+    }
+    Ok(answer.to_owned())
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
