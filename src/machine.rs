@@ -118,6 +118,13 @@ impl Machine {
         }
     }
 
+    /// Whether this generation serves its Unix socket paths, so that a
+    /// final stop now must remove them: not while it starts and its parent,
+    /// which still serves them, lives.
+    pub(crate) fn serves_paths(&self) -> bool {
+        !(self.phase == Phase::Initializing && self.parent_alive)
+    }
+
     /// `stop()` was called. `true` means an upgrade is running and must be
     /// aborted.
     pub(crate) fn stop(&mut self) -> bool {
@@ -251,6 +258,21 @@ mod tests {
             machine.request_upgrade(Origin::Signal),
             Decision::Refuse(Refusal::Exiting)
         );
+    }
+
+    #[test]
+    fn a_starting_successor_does_not_serve_its_parents_paths() {
+        let mut machine = Machine::new(true);
+        assert!(!machine.serves_paths(), "starting, parent alive");
+        machine.parent_gone();
+        assert!(
+            machine.serves_paths(),
+            "starting, parent gone: the only one"
+        );
+        let mut machine = Machine::new(true);
+        machine.ready().unwrap();
+        assert!(machine.serves_paths(), "ready: the parent is leaving");
+        assert!(Machine::new(false).serves_paths(), "generation 0");
     }
 
     #[test]

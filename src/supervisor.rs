@@ -290,6 +290,7 @@ impl Supervisor {
             return;
         }
         let generation = self.config.generation;
+        let serves_paths = self.machine.serves_paths();
         if self.machine.stop() {
             if let Some(inflight) = self.inflight.take() {
                 let status = sys::kill_and_reap(inflight.pid);
@@ -304,8 +305,14 @@ impl Supervisor {
                 }
             }
         }
-        // A final stop: nobody serves these paths after us.
-        for path in lock(&self.registry).unix_paths() {
+        // A final stop: nobody serves these paths after us. (A successor
+        // stopped while it starts leaves them to its parent.)
+        let paths = if serves_paths {
+            lock(&self.registry).unix_paths()
+        } else {
+            Vec::new()
+        };
+        for path in paths {
             if let Err(err) = std::fs::remove_file(&path) {
                 tracing::warn!(generation, path = %path.display(), error = %err, "cannot remove socket path");
             }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::fault::{Fault, Faults};
 use bytes::Bytes;
 use handover::drain::{Drain, DrainOptions};
-use handover::{ExitReason, Options, Upgrader};
+use handover::{ExitReason, Options, Signal, Upgrader};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -39,6 +39,10 @@ struct Args {
     state_bytes: usize,
     upgrade_timeout: Duration,
     quiet_period: Duration,
+    /// SIGTERM and SIGINT stop the generation through the library
+    /// (`Options::stop_signals`) from its first instruction, not only
+    /// once it serves.
+    library_stop_signals: bool,
 }
 
 fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -55,6 +59,7 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
         state_bytes: 0,
         upgrade_timeout: Duration::from_secs(10),
         quiet_period: Duration::from_millis(500),
+        library_stop_signals: false,
     };
     let mut words = words;
     while let Some(flag) = words.next() {
@@ -86,6 +91,10 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             "--upgrade-timeout-ms" => args.upgrade_timeout = millis()?,
             "--quiet-period-ms" => args.quiet_period = millis()?,
+            "--library-stop-signals" => {
+                args.library_stop_signals =
+                    value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -121,6 +130,9 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
     }
     if let Some(path) = &args.executable {
         options = options.executable(path);
+    }
+    if args.library_stop_signals {
+        options = options.stop_signals([Signal::SIGTERM, Signal::SIGINT]);
     }
     let upgrader = match Upgrader::new(options) {
         Ok(upgrader) => Arc::new(upgrader),
@@ -169,6 +181,15 @@ async fn serve(
     fault: Fault,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let generation = upgrader.generation();
+    if args.library_stop_signals {
+        // A stop can come at any moment now, even during init: say when.
+        let exit = upgrader.exit();
+        tokio::spawn(async move {
+            if let ExitReason::Stopped = exit.await {
+                event(format_args!("stop-seen gen={generation}"));
+            }
+        });
+    }
     event(format_args!("started gen={generation}"));
     fault.before_listen();
 

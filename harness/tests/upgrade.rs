@@ -362,6 +362,38 @@ fn unix_socket_path_survives_the_handover_and_goes_on_a_final_stop() {
     assert!(!path.exists(), "a final stop removes the path");
 }
 
+/// A successor stopped before it was ready leaves the path alone: its
+/// parent still serves it.
+#[test]
+fn unix_socket_path_stays_when_a_starting_successor_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("service.sock");
+    let mut subject = Subject::start(&SubjectConfig {
+        unix: Some(path.clone()),
+        faults: Some("1=hang".into()),
+        args: vec![
+            "--quiet-period-ms".into(),
+            "100".into(),
+            "--library-stop-signals".into(),
+            "true".into(),
+        ],
+        ..config()
+    })
+    .unwrap();
+    let first = subject.first_pid();
+    subject.signal(first, Signal::SIGHUP).unwrap();
+    let second = subject.wait_for(|e| e.is("started", 1)).unwrap().pid;
+    subject.signal(second, Signal::SIGTERM).unwrap();
+    subject.wait_for(|e| e.is("stop-seen", 1)).unwrap();
+
+    assert!(path.exists(), "the parent's path was removed");
+    let mut stream = UnixStream::connect(&path).unwrap();
+    stream.write_all(b"ping").unwrap();
+    let mut echoed = [0u8; 4];
+    stream.read_exact(&mut echoed).unwrap();
+    assert_served_by(&subject, 0);
+}
+
 #[test]
 fn pid_file_names_the_serving_process_after_every_upgrade() {
     let dir = tempfile::tempdir().unwrap();
