@@ -469,12 +469,12 @@ impl Supervisor {
                 activated,
             });
         }
-        // Queued before the successor exists, so they wait for it on the link.
-        sys::send_fds(ours.as_fd(), &fds)
-            .map_err(|e| Error::io("sending descriptors on the handshake link", e))?;
-        drop(registry);
         ours.set_nonblocking(true)
             .map_err(|e| Error::io("creating the handshake link", e))?;
+        // Queued before the successor exists, so they wait for it on the link.
+        sys::send_fds(ours.as_fd(), theirs.as_fd(), &fds)
+            .map_err(|e| Error::io("sending descriptors on the handshake link", e))?;
+        drop(registry);
         let inheritance = Inheritance {
             generation: self.config.generation + 1,
             parent: sys::pid(),

@@ -1,8 +1,9 @@
 //! The platform layer: every `unsafe` block and raw system call of the crate.
 //!
-//! One POSIX path for Linux and macOS through `nix`; the platform branches
-//! (`close_range(2)` and `MSG_CMSG_CLOEXEC`, both Linux-only speed-ups with
-//! a portable fallback) are named in `ARCHITECTURE.md`. What it provides:
+//! One POSIX path for Linux and macOS through `nix`; the one platform
+//! branch (`MSG_CMSG_CLOEXEC`, a Linux-only way to receive descriptors
+//! close-on-exec, with a portable fallback) is named in `ARCHITECTURE.md`.
+//! What it provides:
 //! - passing descriptors on the handshake link (`SCM_RIGHTS`) and checking
 //!   what each one is;
 //! - adopting sockets passed by systemd's socket activation;
@@ -201,14 +202,36 @@ const FDS_MARK: u8 = b'F';
 /// per message of at most [`FDS_PER_MESSAGE`], the descriptors attached as
 /// `SCM_RIGHTS`. The kernel gives the successor its own references, so
 /// nothing is placed by number and no descriptor but the link is inherited.
-pub(crate) fn send_fds(link: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+///
+/// Everything must fit in the link's buffers until the successor reads it:
+/// Linux counts a stream socket's queued messages against the sender's
+/// `SO_SNDBUF`, macOS against the receiver's `SO_RCVBUF` (8 KiB by default,
+/// too little for a few hundred descriptors), so both are raised to what
+/// `fds` needs. Sending never blocks: a full buffer is an error, not a
+/// hang of the supervisor.
+pub(crate) fn send_fds(
+    link: BorrowedFd<'_>,
+    peer: BorrowedFd<'_>,
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    let messages = fds.len().div_ceil(FDS_PER_MESSAGE);
+    // A generous bound per message: its byte, the control message (a
+    // pointer per descriptor inside the kernel) and the buffers' overhead.
+    let needed = LINK_BUFFER_BASE + messages * LINK_BUFFER_PER_MESSAGE;
+    let (ours, theirs) = (SockRef::from(&link), SockRef::from(&peer));
+    if ours.send_buffer_size()? < needed {
+        ours.set_send_buffer_size(needed)?;
+    }
+    if theirs.recv_buffer_size()? < needed {
+        theirs.set_recv_buffer_size(needed)?;
+    }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     for chunk in raw.chunks(FDS_PER_MESSAGE) {
         let sent = sendmsg::<()>(
             link.as_raw_fd(),
             &[IoSlice::new(&[FDS_MARK])],
             &[ControlMessage::ScmRights(chunk)],
-            MsgFlags::empty(),
+            MsgFlags::MSG_DONTWAIT,
             None,
         )?;
         if sent != 1 {
@@ -220,6 +243,11 @@ pub(crate) fn send_fds(link: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> io::Resu
     }
     Ok(())
 }
+
+/// The link's buffers hold at least this much, plus
+/// [`LINK_BUFFER_PER_MESSAGE`] per message of descriptors.
+const LINK_BUFFER_BASE: usize = 64 * 1024;
+const LINK_BUFFER_PER_MESSAGE: usize = 4 * 1024;
 
 /// Receives exactly `count` descriptors sent by [`send_fds`], close-on-exec.
 /// The parent sent them before it started this process, so they are all
@@ -328,13 +356,21 @@ fn receive_some(link: BorrowedFd<'_>, into: &mut Vec<OwnedFd>) -> io::Result<Opt
             // cmsg_len is a usize on Linux and a socklen_t on macOS.
             #[allow(clippy::unnecessary_cast)]
             let len = len as usize;
-            let fds = len.saturating_sub(header_len) / std::mem::size_of::<libc::c_int>();
-            // SAFETY: CMSG_DATA points at the data of this message, which
-            // holds `fds` descriptors (its length says so) within `control`.
+            // SAFETY: CMSG_DATA only computes the address of this message's
+            // data from its header, which is inside `control`.
             let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<libc::c_int>();
+            // The length a truncated message claims can exceed what was
+            // written (macOS reports the untruncated length): read only what
+            // lies within the bytes recvmsg reported.
+            #[allow(clippy::unnecessary_cast)]
+            let written = (header.msg_controllen as usize).min(control.len() * 8);
+            let end = control.as_ptr() as usize + written;
+            let room = end.saturating_sub(data as usize);
+            let fds = len.saturating_sub(header_len).min(room) / std::mem::size_of::<libc::c_int>();
             for i in 0..fds {
-                // SAFETY: `i < fds`, inside the message's data; the data may
-                // be unaligned for c_int, hence read_unaligned.
+                // SAFETY: `i < fds`, inside the message's data and within the
+                // bytes recvmsg wrote; the data may be unaligned for c_int,
+                // hence read_unaligned.
                 let raw = unsafe { data.add(i).read_unaligned() };
                 // SAFETY: the kernel just installed `raw` in this process for
                 // this message alone; nothing else knows the number.
@@ -514,12 +550,24 @@ mod tests {
         assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
     }
 
+    /// Lets this test process hold `n` more descriptors (macOS starts
+    /// processes with a soft limit of 256).
+    fn allow_descriptors(n: u64) {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let wanted = (soft + n).min(hard);
+        if wanted > soft {
+            setrlimit(Resource::RLIMIT_NOFILE, wanted, hard).unwrap();
+        }
+    }
+
     #[test]
     fn passes_more_descriptors_than_fit_in_one_message() {
+        allow_descriptors(1024);
         let listeners: Vec<TcpListener> =
             (0..FDS_PER_MESSAGE * 3 + 5).map(|_| listener()).collect();
         let (ours, theirs) = UnixStream::pair().unwrap();
-        send_fds(ours.as_fd(), &borrowed(&listeners)).unwrap();
+        send_fds(ours.as_fd(), theirs.as_fd(), &borrowed(&listeners)).unwrap();
         let received = receive_fds(theirs.as_raw_fd(), listeners.len()).unwrap();
         assert_eq!(received.len(), listeners.len());
         for (sent, got) in listeners.iter().zip(&received) {
@@ -533,12 +581,36 @@ mod tests {
         }
     }
 
+    /// The most a handover can name, all queued before anyone reads: the
+    /// link's buffers are sized for them, and sending never blocks.
+    #[test]
+    fn the_most_descriptors_a_handover_names_fit_on_the_link() {
+        let count = crate::wire::MAX_FDS;
+        allow_descriptors(2 * count as u64 + 64);
+        let sent = listener();
+        let copies = vec![sent.as_fd(); count];
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        // As small as the systems allow (macOS starts at 8 KiB): what the
+        // messages need must come from send_fds.
+        SockRef::from(&ours).set_send_buffer_size(4096).unwrap();
+        SockRef::from(&theirs).set_recv_buffer_size(4096).unwrap();
+        send_fds(ours.as_fd(), theirs.as_fd(), &copies).unwrap();
+        let received = receive_fds(theirs.as_raw_fd(), count).unwrap();
+        assert_eq!(received.len(), count);
+        let addr = sent.local_addr().unwrap();
+        assert!(
+            received
+                .iter()
+                .all(|fd| local_addr(fd).unwrap().as_socket() == Some(addr))
+        );
+    }
+
     #[test]
     fn fewer_descriptors_than_named_is_an_error_and_closes_what_came() {
         let sent = listener();
         let port = sent.local_addr().unwrap().port();
         let (ours, theirs) = UnixStream::pair().unwrap();
-        send_fds(ours.as_fd(), &[sent.as_fd()]).unwrap();
+        send_fds(ours.as_fd(), theirs.as_fd(), &[sent.as_fd()]).unwrap();
         drop(sent);
         let err = receive_fds(theirs.as_raw_fd(), 2).unwrap_err();
         assert_eq!(err, "only 1 of 2 descriptors were waiting on it");
@@ -554,7 +626,7 @@ mod tests {
             .map(|l| l.local_addr().unwrap().port())
             .collect();
         let (ours, theirs) = UnixStream::pair().unwrap();
-        send_fds(ours.as_fd(), &borrowed(&sent)).unwrap();
+        send_fds(ours.as_fd(), theirs.as_fd(), &borrowed(&sent)).unwrap();
         drop(sent);
         let err = receive_fds(theirs.as_raw_fd(), 1).unwrap_err();
         assert_eq!(err, "it carried 2 descriptors, the inheritance names 1");
