@@ -426,7 +426,7 @@ impl Supervisor {
                 self.inflight = Some(Inflight {
                     pid,
                     link,
-                    outbox: Some(outbox),
+                    outbox,
                     link_closed: false,
                     started,
                     deadline: started + self.config.upgrade_timeout,
@@ -437,7 +437,7 @@ impl Supervisor {
         }
     }
 
-    fn spawn_successor(&self) -> Result<(Pid, UnixStream, Outbox)> {
+    fn spawn_successor(&self) -> Result<(Pid, UnixStream, Option<Outbox>)> {
         let state = match &*self
             .config
             .state_provider
@@ -475,6 +475,16 @@ impl Supervisor {
         sys::send_fds(ours.as_fd(), theirs.as_fd(), &fds)
             .map_err(|e| Error::io("sending descriptors on the handshake link", e))?;
         drop(registry);
+        // As much of the state as the link takes now, also before the
+        // successor exists (all of it, when it is small): a parent killed
+        // while its successor starts leaves that much behind. The poll loop
+        // writes the rest as the successor reads.
+        let mut outbox = Outbox::new(state);
+        let outbox = match outbox.write_some(&ours) {
+            Ok(true) => None,
+            Ok(false) => Some(outbox),
+            Err(e) => return Err(Error::io("handing over state", e)),
+        };
         let inheritance = Inheritance {
             generation: self.config.generation + 1,
             parent: sys::pid(),
@@ -501,7 +511,7 @@ impl Supervisor {
             path: self.config.executable.clone(),
             source,
         })?;
-        Ok((pid, ours, Outbox::new(state)))
+        Ok((pid, ours, outbox))
     }
 
     fn on_successor_link(&mut self) {

@@ -181,6 +181,7 @@ async fn serve(
     fault: Fault,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let generation = upgrader.generation();
+    tokio::spawn(release_on_sigusr1());
     if args.library_stop_signals {
         // A stop can come at any moment now, even during init: say when.
         let exit = upgrader.exit();
@@ -343,6 +344,23 @@ async fn accept_http(
     .await
 }
 
+/// Released by SIGUSR1 (see `release_on_sigusr1`).
+fn held_requests() -> &'static tokio::sync::watch::Sender<bool> {
+    static HELD: std::sync::OnceLock<tokio::sync::watch::Sender<bool>> = std::sync::OnceLock::new();
+    HELD.get_or_init(|| tokio::sync::watch::channel(false).0)
+}
+
+/// Answers every `/hold` request, now and later, on SIGUSR1.
+async fn release_on_sigusr1() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        return;
+    };
+    if usr1.recv().await.is_some() {
+        held_requests().send_replace(true);
+    }
+}
+
 async fn respond(
     request: Request<Incoming>,
     identity: Bytes,
@@ -360,6 +378,14 @@ async fn respond(
             event(format_args!("slow-request gen={generation} ms={millis}"));
             // The fault itself: a request that takes this long to answer.
             tokio::time::sleep(Duration::from_millis(millis)).await;
+            identity
+        }
+        "/hold" => {
+            // Answered only when this process gets SIGUSR1: a request in
+            // flight for exactly as long as a test needs, with no clock.
+            let mut released = held_requests().subscribe();
+            event(format_args!("hold-request gen={generation}"));
+            let _ = released.wait_for(|released| *released).await;
             identity
         }
         "/fds" => format!("{}\n", crate::open_descriptors()).into(),

@@ -309,12 +309,13 @@ fn concurrent_upgrades_exactly_one_proceeds() {
 #[test]
 fn a_generation_cannot_upgrade_while_its_parent_lives() {
     let mut subject = Subject::start(&config()).unwrap();
-    // An in-flight request keeps generation 0 draining after the upgrade.
-    let slow = std::thread::spawn({
+    // A request held in flight keeps generation 0 draining after the
+    // upgrade, until SIGUSR1 releases it.
+    let held = std::thread::spawn({
         let addr = subject.addresses.http;
-        move || handover_harness::process::http_get(addr, "/slow?ms=1500")
+        move || handover_harness::process::http_get(addr, "/hold")
     });
-    subject.wait_for(|e| e.is("slow-request", 0)).unwrap();
+    subject.wait_for(|e| e.is("hold-request", 0)).unwrap();
     subject.upgrade().unwrap();
     subject.wait_for(|e| e.is("exiting", 0)).unwrap();
 
@@ -325,7 +326,10 @@ fn a_generation_cannot_upgrade_while_its_parent_lives() {
         "{answer}"
     );
 
-    let (status, body) = slow.join().unwrap().unwrap();
+    subject
+        .signal(subject.first_pid(), Signal::SIGUSR1)
+        .unwrap();
+    let (status, body) = held.join().unwrap().unwrap();
     assert_eq!(
         (status, body.contains("gen=0")),
         (200, true),
