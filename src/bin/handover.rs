@@ -6,8 +6,11 @@
 //! ```
 //!
 //! Exit status: 0 when the upgrade succeeded (the new generation serves),
-//! 1 when it failed (the old generation still serves; the reason is
-//! printed), 2 when the service could not be asked at all. Fit for
+//! 1 when it did not happen (it failed, or was refused: `in_progress`,
+//! `parent_alive`, ...; the generation that answered still serves, and the
+//! reason is printed), 2 when the service could not be asked at all. An
+//! answer `exiting` comes from a generation on its way out; the request is
+//! sent again, and the generation serving now answers it. Fit for
 //! `ExecReload=` and deploy scripts.
 
 use std::io::{BufRead, BufReader, Write};
