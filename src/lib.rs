@@ -28,10 +28,14 @@
 //! ```no_run
 //! use handover::{Options, Upgrader, drain::Drain};
 //!
-//! #[tokio::main]
-//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     // First thing: read what the parent handed over.
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // First thing, before the runtime starts its threads: read what the
+//!     // parent handed over (this also clears it from the environment).
 //!     let upgrader = Upgrader::new(Options::default().pid_file("/tmp/service.pid"))?;
+//!     tokio::runtime::Runtime::new()?.block_on(serve(upgrader))
+//! }
+//!
+//! async fn serve(upgrader: Upgrader) -> Result<(), Box<dyn std::error::Error>> {
 //!     // The parent's listener if there is one, else a new one.
 //!     let listener = upgrader.tcp_listener("http", "127.0.0.1:8080".parse()?)?;
 //!     let listener = tokio::net::TcpListener::from_std(listener)?;

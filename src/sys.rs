@@ -173,10 +173,10 @@ pub(crate) fn local_addr(fd: &impl AsFd) -> io::Result<SockAddr> {
 pub(crate) fn remove_env(vars: &[&str]) {
     for var in vars {
         if std::env::var_os(var).is_some() {
-            // SAFETY: called once from `Upgrader::new`, which its documentation
-            // asks to be called at startup, before the service starts threads
-            // that read the environment; the library reads the environment
-            // only in this same call.
+            // SAFETY: called once from `Upgrader::new`, whose documentation
+            // asks for it first thing in `main`, before any other thread
+            // starts; the library reads the environment only in this same
+            // call.
             unsafe { std::env::remove_var(var) };
         }
     }

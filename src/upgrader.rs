@@ -140,9 +140,11 @@ impl Upgrader {
     /// Reads what the parent handed over (if this process is a successor),
     /// takes charge of the upgrade signal, and starts the supervisor thread.
     ///
-    /// Call it at startup, before the service starts threads of its own that
-    /// read the environment: it removes the inheritance variables from it,
-    /// so that no other child of the service sees them.
+    /// Call it first thing in `main`, before any other thread starts (an
+    /// async runtime's included, so not inside `#[tokio::main]`): it
+    /// removes the inheritance variables from the environment, so that no
+    /// other child of the service sees them, and changing the environment
+    /// is only sound while no other thread reads it.
     ///
     /// # Errors
     /// [`Error::Inheritance`] for a malformed inheritance environment and
