@@ -192,7 +192,8 @@ pub(crate) fn unblock(signal: Signal) -> io::Result<()> {
 }
 
 /// Descriptors travel on the handshake link in messages of at most this
-/// many (Linux takes up to 253 per message; macOS fewer in some versions).
+/// many: Linux takes up to 253 per message, and a small fixed size keeps
+/// each control message well inside every system's limits.
 pub(crate) const FDS_PER_MESSAGE: usize = 64;
 
 /// The one data byte that carries each message of descriptors.
