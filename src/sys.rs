@@ -269,7 +269,6 @@ pub(crate) fn receive_fds(link: RawFd, count: usize) -> Result<Vec<OwnedFd>, Str
             Some(libc::EAGAIN) => {
                 format!("only {before} of {count} descriptors were waiting on it")
             }
-            Some(libc::ENOTSOCK) => "it is not a socket".to_owned(),
             _ => format!("receiving descriptors on it failed: {e}"),
         })?;
         match byte {

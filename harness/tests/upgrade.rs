@@ -34,6 +34,14 @@ fn assert_served_by(subject: &Subject, generation: u64) {
     assert!(body.contains(&format!("gen={generation}")), "{body:?}");
 }
 
+/// Sends `message` on an echo connection and checks it comes back whole.
+fn assert_echoes(mut stream: impl Read + Write, message: &[u8]) {
+    stream.write_all(message).unwrap();
+    let mut echoed = vec![0u8; message.len()];
+    stream.read_exact(&mut echoed).unwrap();
+    assert_eq!(echoed, message);
+}
+
 #[test]
 fn successor_serves_when_the_old_generation_is_killed_during_its_init() {
     let mut subject = Subject::start(&SubjectConfig {
@@ -77,11 +85,10 @@ fn successor_gets_its_listeners_when_the_parent_dies_before_it_starts() {
 
     subject.wait_for(|e| e.is("ready", 1)).unwrap();
     assert_served_by(&subject, 1);
-    let mut tcp = TcpStream::connect(subject.addresses.tcp).unwrap();
-    tcp.write_all(b"ping\n").unwrap();
-    let mut echo = [0u8; 5];
-    tcp.read_exact(&mut echo).unwrap();
-    assert_eq!(&echo, b"ping\n");
+    assert_echoes(
+        TcpStream::connect(subject.addresses.tcp).unwrap(),
+        b"ping\n",
+    );
     let live = subject.live_pids();
     assert_eq!(live.len(), 1, "{live:?}");
 }
@@ -146,11 +153,10 @@ fn hands_over_tcp_udp_and_unix_listeners() {
     assert_eq!(ready.fields["udp"], before.udp.to_string());
     assert_served_by(&subject, 1);
 
-    let mut tcp = TcpStream::connect(subject.addresses.tcp).unwrap();
-    tcp.write_all(b"over tcp").unwrap();
-    let mut echoed = [0u8; 8];
-    tcp.read_exact(&mut echoed).unwrap();
-    assert_eq!(&echoed, b"over tcp");
+    assert_echoes(
+        TcpStream::connect(subject.addresses.tcp).unwrap(),
+        b"over tcp",
+    );
 
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.set_read_timeout(Some(handover_harness::process::EVENT_TIMEOUT))
@@ -160,11 +166,7 @@ fn hands_over_tcp_udp_and_unix_listeners() {
     let (n, _) = udp.recv_from(&mut datagram).unwrap();
     assert_eq!(&datagram[..n], b"over udp");
 
-    let mut unix = UnixStream::connect(&path).unwrap();
-    unix.write_all(b"over unix").unwrap();
-    let mut echoed = [0u8; 9];
-    unix.read_exact(&mut echoed).unwrap();
-    assert_eq!(&echoed, b"over unix");
+    assert_echoes(UnixStream::connect(&path).unwrap(), b"over unix");
 }
 
 /// Each fault in generation 1's init: the upgrade fails with the reason,
@@ -356,11 +358,7 @@ fn unix_socket_path_survives_the_handover_and_goes_on_a_final_stop() {
         path.exists(),
         "the old generation left the path to its successor"
     );
-    let mut stream = UnixStream::connect(&path).unwrap();
-    stream.write_all(b"ping").unwrap();
-    let mut echoed = [0u8; 4];
-    stream.read_exact(&mut echoed).unwrap();
-    drop(stream);
+    assert_echoes(UnixStream::connect(&path).unwrap(), b"ping");
 
     subject.terminate().unwrap();
     assert!(!path.exists(), "a final stop removes the path");
@@ -375,12 +373,11 @@ fn unix_socket_path_stays_when_a_starting_successor_is_stopped() {
     let mut subject = Subject::start(&SubjectConfig {
         unix: Some(path.clone()),
         faults: Some("1=hang".into()),
-        args: vec![
-            "--quiet-period-ms".into(),
-            "100".into(),
-            "--library-stop-signals".into(),
-            "true".into(),
-        ],
+        args: [
+            config().args,
+            vec!["--library-stop-signals".into(), "true".into()],
+        ]
+        .concat(),
         ..config()
     })
     .unwrap();
@@ -391,10 +388,7 @@ fn unix_socket_path_stays_when_a_starting_successor_is_stopped() {
     subject.wait_for(|e| e.is("stop-seen", 1)).unwrap();
 
     assert!(path.exists(), "the parent's path was removed");
-    let mut stream = UnixStream::connect(&path).unwrap();
-    stream.write_all(b"ping").unwrap();
-    let mut echoed = [0u8; 4];
-    stream.read_exact(&mut echoed).unwrap();
+    assert_echoes(UnixStream::connect(&path).unwrap(), b"ping");
     assert_served_by(&subject, 0);
 }
 
