@@ -4,7 +4,8 @@
 //! what it decides. Invariants (property-tested below): an upgrade starts
 //! only in a ready generation whose parent is gone and that has no upgrade
 //! running, so at most two generations ever run at once; an upgrade signal
-//! is never lost, only held until it can run, or refused while one runs.
+//! is never lost: it is held until it can run here, or passed on to the
+//! successor that serves next, and refused only by a generation that stops.
 
 /// Where a generation is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,8 +16,11 @@ pub(crate) enum Phase {
     Serving,
     /// A successor is starting.
     Upgrading,
-    /// Its successor is ready or `stop()` was called: it drains and leaves.
+    /// Its successor is ready: it drains and leaves, and passes upgrade
+    /// signals on to the successor.
     Exiting,
+    /// `stop()` was called: a final stop.
+    Stopping,
 }
 
 /// Who asked for an upgrade.
@@ -24,7 +28,8 @@ pub(crate) enum Phase {
 pub(crate) enum Origin {
     /// A call of `upgrade()`; answered at once.
     Call,
-    /// The upgrade signal; held while it cannot run yet.
+    /// The upgrade signal, or a request the parent passed on; held while it
+    /// cannot run yet.
     Signal,
 }
 
@@ -44,9 +49,13 @@ pub(crate) enum Decision {
     Start,
     /// Answer the request with this refusal.
     Refuse(Refusal),
-    /// Keep the (signal) request; it starts once the generation is ready
-    /// and its parent is gone.
+    /// Keep the (signal) request; it starts once the generation is ready,
+    /// its parent is gone and no upgrade runs, or is passed on if the
+    /// running upgrade succeeds.
     Hold,
+    /// Pass the (signal) request on to the ready successor, which serves
+    /// next: it holds it until this generation is gone.
+    Forward,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +81,7 @@ impl Machine {
     pub(crate) fn request_upgrade(&mut self, origin: Origin) -> Decision {
         let refusal = match self.phase {
             Phase::Upgrading => Some(Refusal::InProgress),
-            Phase::Exiting => Some(Refusal::Exiting),
+            Phase::Exiting | Phase::Stopping => Some(Refusal::Exiting),
             Phase::Initializing => Some(Refusal::NotReady),
             Phase::Serving if self.parent_alive => Some(Refusal::ParentAlive),
             Phase::Serving => None,
@@ -82,11 +91,16 @@ impl Machine {
                 self.phase = Phase::Upgrading;
                 Decision::Start
             }
-            (Some(Refusal::NotReady | Refusal::ParentAlive), Origin::Signal) => {
-                self.signal_held = true;
-                Decision::Hold
-            }
-            (Some(refusal), _) => Decision::Refuse(refusal),
+            (Some(refusal), Origin::Call) => Decision::Refuse(refusal),
+            (Some(_), Origin::Signal) => match self.phase {
+                Phase::Exiting => Decision::Forward,
+                Phase::Stopping => Decision::Refuse(Refusal::Exiting),
+                // Initializing, a parent still alive, an upgrade running.
+                _ => {
+                    self.signal_held = true;
+                    Decision::Hold
+                }
+            },
         }
     }
 
@@ -107,29 +121,43 @@ impl Machine {
         self.take_held()
     }
 
-    /// The running upgrade ended.
-    pub(crate) fn upgrade_finished(&mut self, succeeded: bool) {
-        if self.phase == Phase::Upgrading {
-            self.phase = if succeeded {
-                Phase::Exiting
-            } else {
-                Phase::Serving
-            };
+    /// The running upgrade ended. A signal held while it ran now starts
+    /// another upgrade (`Start`: this one failed) or goes to the successor
+    /// (`Forward`: it succeeded).
+    pub(crate) fn upgrade_finished(&mut self, succeeded: bool) -> Option<Decision> {
+        if self.phase != Phase::Upgrading {
+            return None;
+        }
+        if succeeded {
+            self.phase = Phase::Exiting;
+            std::mem::take(&mut self.signal_held).then_some(Decision::Forward)
+        } else {
+            self.phase = Phase::Serving;
+            self.take_held().then_some(Decision::Start)
         }
     }
 
-    /// Whether this generation serves its Unix socket paths, so that a
-    /// final stop now must remove them: not while it starts and its parent,
-    /// which still serves them, lives.
-    pub(crate) fn serves_paths(&self) -> bool {
-        !(self.phase == Phase::Initializing && self.parent_alive)
+    /// Whether this generation is the one that serves, and so speaks for
+    /// the service: to its manager (`STOPPING=1`) and for its Unix socket
+    /// paths (a final stop removes them). Not while it starts and its
+    /// parent, which still serves, lives; not once its successor is ready.
+    pub(crate) fn serves(&self) -> bool {
+        match self.phase {
+            Phase::Initializing => !self.parent_alive,
+            Phase::Serving | Phase::Upgrading => true,
+            Phase::Exiting | Phase::Stopping => false,
+        }
     }
 
     /// `stop()` was called. `true` means an upgrade is running and must be
-    /// aborted.
+    /// aborted. A generation whose successor is ready is leaving already;
+    /// a stop changes nothing for it.
     pub(crate) fn stop(&mut self) -> bool {
+        if self.phase == Phase::Exiting {
+            return false;
+        }
         let was_upgrading = self.phase == Phase::Upgrading;
-        self.phase = Phase::Exiting;
+        self.phase = Phase::Stopping;
         self.signal_held = false;
         was_upgrading
     }
@@ -174,7 +202,7 @@ mod tests {
     proptest! {
         /// Counts live successors as the supervisor would, and checks that
         /// at most one runs, only from a ready generation without a parent,
-        /// and that nothing starts after exiting.
+        /// and that nothing starts after exiting or stopping.
         #[test]
         fn never_two_upgrades_and_never_with_a_parent(
             has_parent in any::<bool>(),
@@ -191,18 +219,77 @@ mod tests {
                     Event::Ready => machine.ready() == Ok(true),
                     Event::ParentGone => { parent_alive = false; machine.parent_gone() }
                     Event::Finished(ok) => {
-                        if running { machine.upgrade_finished(ok); running = false; }
-                        false
+                        let mut again = false;
+                        if running {
+                            running = false;
+                            again = machine.upgrade_finished(ok) == Some(Decision::Start);
+                        }
+                        again
                     }
                     Event::Stop => { machine.stop(); running = false; false }
                 };
                 if started {
                     prop_assert!(!running, "a second upgrade started");
                     prop_assert!(!parent_alive, "an upgrade started while the parent lives");
-                    prop_assert!(matches!(before, Phase::Serving | Phase::Initializing));
+                    prop_assert!(matches!(before, Phase::Serving | Phase::Initializing | Phase::Upgrading));
                     running = true;
                 }
                 prop_assert_eq!(running, machine.phase() == Phase::Upgrading);
+            }
+        }
+
+        /// Every upgrade signal is acted on: it starts an upgrade here (at
+        /// once, or once this generation is ready, its parent gone and the
+        /// running upgrade failed), or it is passed to the successor that
+        /// serves next. Only a generation that stops refuses one.
+        #[test]
+        fn upgrade_signals_are_never_lost(
+            has_parent in any::<bool>(),
+            events in prop::collection::vec(event(), 0..60),
+        ) {
+            let mut machine = Machine::new(has_parent);
+            let mut running = false;
+            // Signals accepted and not yet acted on.
+            let mut pending = 0usize;
+            for event in events {
+                let decision = match event {
+                    Event::Call => Some(machine.request_upgrade(Origin::Call)),
+                    Event::Signal => {
+                        pending += 1;
+                        Some(machine.request_upgrade(Origin::Signal))
+                    }
+                    Event::Ready => (machine.ready() == Ok(true)).then_some(Decision::Start),
+                    Event::ParentGone => machine.parent_gone().then_some(Decision::Start),
+                    Event::Finished(ok) if running => {
+                        running = false;
+                        machine.upgrade_finished(ok)
+                    }
+                    Event::Finished(_) => None,
+                    Event::Stop => {
+                        machine.stop();
+                        running = false;
+                        if machine.phase() == Phase::Stopping {
+                            pending = 0;
+                        }
+                        None
+                    }
+                };
+                match decision {
+                    Some(Decision::Start) => {
+                        running = true;
+                        pending = 0;
+                    }
+                    Some(Decision::Forward) => pending = 0,
+                    Some(Decision::Refuse(_)) if event_is_signal(event) => {
+                        prop_assert_eq!(machine.phase(), Phase::Stopping, "a signal refused");
+                        pending = 0;
+                    }
+                    _ => {}
+                }
+                // Nothing may wait once it could run.
+                if machine.phase() == Phase::Serving && !machine.parent_alive {
+                    prop_assert_eq!(pending, 0, "a held signal did not start an upgrade");
+                }
             }
         }
 
@@ -225,9 +312,13 @@ mod tests {
             prop_assert!(started);
             prop_assert_eq!(machine.phase(), Phase::Upgrading);
             // Held signals coalesce into that one upgrade.
-            machine.upgrade_finished(false);
+            prop_assert_eq!(machine.upgrade_finished(false), None);
             prop_assert_eq!(machine.phase(), Phase::Serving);
         }
+    }
+
+    fn event_is_signal(event: Event) -> bool {
+        matches!(event, Event::Signal)
     }
 
     #[test]
@@ -249,11 +340,40 @@ mod tests {
             machine.request_upgrade(Origin::Call),
             Decision::Refuse(Refusal::InProgress)
         );
+        assert_eq!(machine.upgrade_finished(true), None);
         assert_eq!(
-            machine.request_upgrade(Origin::Signal),
-            Decision::Refuse(Refusal::InProgress)
+            machine.request_upgrade(Origin::Call),
+            Decision::Refuse(Refusal::Exiting)
         );
-        machine.upgrade_finished(true);
+    }
+
+    #[test]
+    fn a_signal_during_an_upgrade_runs_after_it_fails() {
+        let mut machine = Machine::new(false);
+        machine.ready().unwrap();
+        assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Start);
+        assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Hold);
+        assert_eq!(machine.upgrade_finished(false), Some(Decision::Start));
+        assert_eq!(machine.phase(), Phase::Upgrading);
+    }
+
+    #[test]
+    fn a_signal_during_an_upgrade_goes_to_the_successor_after_it_succeeds() {
+        let mut machine = Machine::new(false);
+        machine.ready().unwrap();
+        assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Start);
+        assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Hold);
+        assert_eq!(machine.upgrade_finished(true), Some(Decision::Forward));
+        assert_eq!(machine.phase(), Phase::Exiting);
+        // While it drains, each further signal is passed on too.
+        assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Forward);
+    }
+
+    #[test]
+    fn a_stopping_generation_refuses_signals() {
+        let mut machine = Machine::new(false);
+        machine.ready().unwrap();
+        assert!(!machine.stop());
         assert_eq!(
             machine.request_upgrade(Origin::Signal),
             Decision::Refuse(Refusal::Exiting)
@@ -261,18 +381,24 @@ mod tests {
     }
 
     #[test]
-    fn a_starting_successor_does_not_serve_its_parents_paths() {
+    fn only_the_serving_generation_speaks_for_the_service() {
         let mut machine = Machine::new(true);
-        assert!(!machine.serves_paths(), "starting, parent alive");
+        assert!(!machine.serves(), "starting, parent alive");
         machine.parent_gone();
-        assert!(
-            machine.serves_paths(),
-            "starting, parent gone: the only one"
-        );
+        assert!(machine.serves(), "starting, parent gone: the only one");
         let mut machine = Machine::new(true);
         machine.ready().unwrap();
-        assert!(machine.serves_paths(), "ready: the parent is leaving");
-        assert!(Machine::new(false).serves_paths(), "generation 0");
+        assert!(machine.serves(), "ready: the parent is leaving");
+        assert!(Machine::new(false).serves(), "generation 0");
+        let mut machine = Machine::new(false);
+        machine.ready().unwrap();
+        machine.request_upgrade(Origin::Call);
+        assert!(machine.serves(), "upgrading");
+        machine.upgrade_finished(true);
+        assert!(!machine.serves(), "its successor is ready");
+        let mut machine = Machine::new(true);
+        machine.stop();
+        assert!(!machine.serves(), "stopped while starting");
     }
 
     #[test]
@@ -281,8 +407,18 @@ mod tests {
         machine.ready().unwrap();
         assert_eq!(machine.request_upgrade(Origin::Call), Decision::Start);
         assert!(machine.stop());
-        assert_eq!(machine.phase(), Phase::Exiting);
+        assert_eq!(machine.phase(), Phase::Stopping);
+        assert_eq!(machine.upgrade_finished(true), None);
+        assert_eq!(machine.phase(), Phase::Stopping);
+    }
+
+    #[test]
+    fn a_generation_whose_successor_is_ready_ignores_a_stop() {
+        let mut machine = Machine::new(false);
+        machine.ready().unwrap();
+        machine.request_upgrade(Origin::Call);
         machine.upgrade_finished(true);
+        assert!(!machine.stop());
         assert_eq!(machine.phase(), Phase::Exiting);
     }
 }

@@ -10,6 +10,9 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use std::path::PathBuf;
+use std::sync::{Mutex, Once};
+
 use crate::error::{Error, Result};
 
 /// Replaces the PID file at `path` with `pid`.
@@ -49,6 +52,52 @@ fn write_inner(path: &Path, pid: i32) -> io::Result<()> {
         let _ = fs::remove_file(&temporary);
     }
     result
+}
+
+/// What the PID file must name when this process exits: its successor.
+static AT_EXIT: Mutex<Option<(PathBuf, i32)>> = Mutex::new(None);
+static HOOK: Once = Once::new();
+
+/// Names `successor` in the PID file at `path` as this process's last act,
+/// when it exits, and not before.
+///
+/// Why so late: a service manager that reads the file while this process
+/// still runs (systemd does when an `ExecReload=` command ends) would take
+/// the successor, which is this process's child until this one exits, and
+/// not its own, for the main process, and lose track of it ("Supervising
+/// process N which is not our child"). Read when this process has exited,
+/// the successor is the manager's child (it adopts orphans), and the file
+/// names it. The successor writes the file itself if this process dies
+/// without exiting (a signal), when it sees the handshake link close.
+pub(crate) fn name_at_exit(path: &Path, successor: i32) {
+    *AT_EXIT.lock().unwrap_or_else(|p| p.into_inner()) = Some((path.to_path_buf(), successor));
+    HOOK.call_once(|| {
+        if let Err(error) = crate::sys::at_exit(write_at_exit) {
+            tracing::error!(%error, "cannot arrange to name the successor in the PID file at exit");
+        }
+    });
+}
+
+/// The successor died before this process exited: the file must not name
+/// a dead process.
+pub(crate) fn forget_at_exit(successor: i32) {
+    let mut at_exit = AT_EXIT.lock().unwrap_or_else(|p| p.into_inner());
+    if at_exit.as_ref().is_some_and(|(_, pid)| *pid == successor) {
+        *at_exit = None;
+    }
+}
+
+extern "C" fn write_at_exit() {
+    // Nothing may unwind into libc's exit.
+    let _ = std::panic::catch_unwind(|| {
+        let Some((path, successor)) = AT_EXIT.lock().unwrap_or_else(|p| p.into_inner()).take()
+        else {
+            return;
+        };
+        if let Err(error) = write(&path, successor) {
+            tracing::error!(%error, successor, "cannot name the successor in the PID file");
+        }
+    });
 }
 
 /// The pid the file names, if it can be read.

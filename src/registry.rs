@@ -84,6 +84,9 @@ struct Entry {
     /// Passed by systemd's socket activation: the name decides, whatever
     /// address the service's configuration gives.
     activated: bool,
+    /// Taken by its address or as the only one of its kind, not by name
+    /// (see [`Registry::claim_activated`]).
+    guessed: bool,
 }
 
 /// The named descriptors of one generation.
@@ -195,6 +198,7 @@ impl Registry {
                 unix_path,
                 inet: local.as_ref().and_then(SockAddr::as_socket),
                 activated: entry.activated,
+                guessed: false,
             },
         );
     }
@@ -212,18 +216,53 @@ impl Registry {
     }
 
     /// Closes what the parent handed over but this generation never asked
-    /// for (a listener its new configuration no longer has). Returns the names.
-    pub(crate) fn close_unclaimed(&mut self) -> Vec<String> {
+    /// for (a listener its new configuration no longer has), and says so:
+    /// a socket systemd passed that nobody claimed at WARN, with the fix,
+    /// since the service then serves elsewhere than systemd listens.
+    pub(crate) fn close_unclaimed(&mut self, generation: u64) {
         let unclaimed: Vec<String> = self
             .entries
             .iter()
             .filter(|(_, e)| e.unclaimed)
             .map(|(name, _)| name.clone())
             .collect();
-        for name in &unclaimed {
-            self.entries.remove(name);
+        let mut closed = Vec::new();
+        for name in unclaimed {
+            let Some(entry) = self.entries.remove(&name) else {
+                continue;
+            };
+            if entry.activated {
+                tracing::warn!(
+                    generation,
+                    name,
+                    kind = %entry.kind,
+                    address = %describe_address(&entry),
+                    "systemd passed this socket but the service asked for no socket of that name, address or kind: closed. \
+                     Name it as the service does (FileDescriptorName= in the .socket unit, --fdname= for systemd-socket-activate)"
+                );
+            } else {
+                closed.push(name);
+            }
         }
-        unclaimed
+        if !closed.is_empty() {
+            tracing::info!(generation, names = ?closed, "closed inherited descriptors this generation did not ask for");
+        }
+        for (name, entry) in &self.entries {
+            let same_kind = self
+                .entries
+                .values()
+                .filter(|e| e.kind == entry.kind)
+                .count();
+            if entry.guessed && same_kind > 1 {
+                tracing::warn!(
+                    generation,
+                    name,
+                    address = %describe_address(entry),
+                    "the socket systemd passed without a name was taken as {name:?}, but the service asked for {same_kind} of its kind: \
+                     name them (FileDescriptorName=, --fdname=) so that each goes where it belongs"
+                );
+            }
+        }
     }
 
     /// The Unix socket paths this registry serves, for removal on a final stop.
@@ -240,12 +279,15 @@ impl Registry {
         &mut self,
         name: &str,
         kind: Kind,
-        matches: impl FnOnce(&Entry) -> bool,
+        matches: impl Fn(&Entry) -> bool,
     ) -> Result<Option<OwnedFd>> {
         wire::check_name(name).map_err(|problem| Error::InvalidName {
             name: name.into(),
             problem,
         })?;
+        if !self.entries.contains_key(name) && !self.claim_activated(name, kind, &matches) {
+            return Ok(None);
+        }
         let Some(entry) = self.entries.get_mut(name) else {
             return Ok(None);
         };
@@ -266,6 +308,58 @@ impl Registry {
         }
         entry.unclaimed = false;
         duplicate(&entry.fd).map(Some)
+    }
+
+    /// Nothing goes by `name`: a socket systemd passed under another name
+    /// is the one asked for if it is unclaimed, of `kind`, and either on the
+    /// address asked for or the only one of its kind that systemd passed,
+    /// without a name of its own (`unknown`, or the socket unit's name: a
+    /// `.socket` unit without `FileDescriptorName=`, or
+    /// `systemd-socket-activate` without `--fdname=`), as `listenfd` users
+    /// expect. It is filed under `name` from then on, also for successors.
+    fn claim_activated(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        matches: &impl Fn(&Entry) -> bool,
+    ) -> bool {
+        if kind == Kind::Fd {
+            // Only sockets have an address to go by.
+            return false;
+        }
+        let candidates = || {
+            self.entries
+                .iter()
+                .filter(move |(_, e)| e.activated && e.kind == kind)
+        };
+        let by_address = candidates()
+            .find(|(_, e)| e.unclaimed && matches(e))
+            .map(|(found, _)| found.clone());
+        let (found, how) = match by_address {
+            Some(found) => (found, "its address is the one asked for"),
+            None => {
+                let mut all = candidates();
+                match (all.next(), all.next()) {
+                    (Some((found, e)), None) if e.unclaimed && !has_own_name(found) => (
+                        found.clone(),
+                        "it is the only one of its kind systemd passed, and has no name of its own",
+                    ),
+                    _ => return false,
+                }
+            }
+        };
+        let Some(mut entry) = self.entries.remove(&found) else {
+            return false;
+        };
+        tracing::info!(
+            name,
+            passed_as = found,
+            address = %describe_address(&entry),
+            "taking the socket systemd passed as {found:?} for {name:?}: {how}"
+        );
+        entry.guessed = true;
+        self.entries.insert(name.to_owned(), entry);
+        true
     }
 
     fn insert(
@@ -290,6 +384,7 @@ impl Registry {
                 unix_path,
                 inet,
                 activated: false,
+                guessed: false,
             },
         );
         Ok(copy)
@@ -329,7 +424,14 @@ impl Registry {
     }
 
     pub(crate) fn unix_socket(&mut self, name: &str, kind: Kind, path: &Path) -> Result<OwnedFd> {
-        if let Some(fd) = self.claim(name, kind, |e| e.unix_path.as_deref() == Some(path))? {
+        let same_path = |e: &Entry| {
+            e.unix_path.as_deref() == Some(path)
+                || (e.activated
+                    && sys::local_addr(&e.fd)
+                        .ok()
+                        .is_some_and(|addr| addr.as_pathname() == Some(path)))
+        };
+        if let Some(fd) = self.claim(name, kind, same_path)? {
             return Ok(fd);
         }
         let bind_err = |source| Error::Bind {
@@ -396,6 +498,32 @@ fn duplicate(fd: &impl AsFd) -> Result<OwnedFd> {
     fd.as_fd()
         .try_clone_to_owned()
         .map_err(|e| Error::io("duplicating a descriptor", e))
+}
+
+/// Whether systemd named a socket on purpose: not `unknown` (its name when
+/// none was given, made unique as `unknown.1`, ...) nor a socket unit's name,
+/// its default.
+fn has_own_name(name: &str) -> bool {
+    let base = name.split_once('.').map_or(name, |(base, rest)| {
+        if rest.chars().all(|c| c.is_ascii_digit()) {
+            base
+        } else {
+            name
+        }
+    });
+    base != "unknown" && !name.ends_with(".socket")
+}
+
+/// A socket's address for a log line.
+fn describe_address(entry: &Entry) -> String {
+    match sys::local_addr(&entry.fd) {
+        Ok(addr) => match (addr.as_socket(), addr.as_pathname()) {
+            (Some(inet), _) => inet.to_string(),
+            (None, Some(path)) => path.display().to_string(),
+            (None, None) => "(unnamed)".to_owned(),
+        },
+        Err(_) => "(unknown)".to_owned(),
+    }
 }
 
 fn same_inet_addr(local: Option<SocketAddr>, wanted: SocketAddr) -> bool {

@@ -2,7 +2,8 @@
 //! session tickets, counters).
 //!
 //! They travel on the handshake link, parent to child: an 8-byte big-endian
-//! length, then the bytes (length 0: no state). The parent writes without
+//! length, then the bytes (length 0: no state). After them the link carries
+//! one-byte messages from parent to child ([`FORWARDED_UPGRADE`]). The parent writes without
 //! blocking from its poll loop, so a successor that never reads cannot stall
 //! it; the successor's supervisor reads them as they come, so the parent's
 //! writes always drain while the successor lives. Framing here is pure.
@@ -11,6 +12,12 @@ use std::io::{self, Write};
 
 /// The largest state handed over.
 pub const MAX_STATE: u64 = 1 << 30;
+
+/// The message that passes an upgrade request on to the successor: the
+/// parent got one after its successor was ready (a second `systemctl
+/// reload` while it drains), and the successor, which serves next, runs it
+/// once its parent is gone.
+pub(crate) const FORWARDED_UPGRADE: u8 = b'U';
 
 /// Where the received state stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,11 +52,13 @@ impl Slot {
     }
 }
 
-/// The parent's side: what is left to write.
+/// The parent's side: what is left to write, the state and then the
+/// messages queued after it.
 #[derive(Debug)]
 pub(crate) struct Outbox {
     header: [u8; 8],
     data: Vec<u8>,
+    messages: Vec<u8>,
     sent: usize,
 }
 
@@ -58,18 +67,32 @@ impl Outbox {
         Outbox {
             header: (data.len() as u64).to_be_bytes(),
             data,
+            messages: Vec::new(),
             sent: 0,
         }
     }
 
+    /// Queues a one-byte message after the state.
+    pub(crate) fn push_message(&mut self, message: u8) {
+        self.messages.push(message);
+    }
+
+    /// Whether anything is left to write.
+    pub(crate) fn pending(&self) -> bool {
+        self.sent < self.header.len() + self.data.len() + self.messages.len()
+    }
+
     /// Writes what the socket takes now. `Ok(true)` once everything is sent.
     pub(crate) fn write_some(&mut self, mut out: impl Write) -> io::Result<bool> {
-        let total = self.header.len() + self.data.len();
+        let state = self.header.len() + self.data.len();
+        let total = state + self.messages.len();
         while self.sent < total {
             let chunk = if self.sent < self.header.len() {
                 &self.header[self.sent..]
-            } else {
+            } else if self.sent < state {
                 &self.data[self.sent - self.header.len()..]
+            } else {
+                &self.messages[self.sent - state..]
             };
             match out.write(chunk) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -92,14 +115,21 @@ pub(crate) struct Inbox {
 }
 
 impl Inbox {
-    /// Takes in `bytes`; `Ok(true)` once the state is complete (bytes after
-    /// it are not part of it and are ignored).
-    pub(crate) fn push(&mut self, mut bytes: &[u8]) -> Result<bool, String> {
+    /// Takes in what it needs of `bytes`; `Ok((true, used))` once the state
+    /// is complete, where the bytes after `used` are messages.
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> Result<(bool, usize), String> {
+        let before = bytes.len();
+        let mut bytes = bytes;
+        let complete = self.take(&mut bytes)?;
+        Ok((complete, before - bytes.len()))
+    }
+
+    fn take(&mut self, bytes: &mut &[u8]) -> Result<bool, String> {
         if self.expected.is_none() {
             let wanted = 8 - self.header.len();
             let take = wanted.min(bytes.len());
             self.header.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
+            *bytes = &bytes[take..];
             if self.header.len() < 8 {
                 return Ok(false);
             }
@@ -117,6 +147,7 @@ impl Inbox {
         let expected = self.expected.unwrap_or(0) as usize;
         let take = (expected - self.data.len()).min(bytes.len());
         self.data.extend_from_slice(&bytes[..take]);
+        *bytes = &bytes[take..];
         Ok(self.data.len() == expected)
     }
 
@@ -165,19 +196,35 @@ mod tests {
         #[test]
         fn state_arrives_whole_in_any_chunks(
             data in prop::collection::vec(any::<u8>(), 0..4000),
+            messages in prop::collection::vec(any::<u8>(), 0..4),
             write_limit in 1..700usize,
             read_chunk in 1..900usize,
         ) {
             let mut outbox = Outbox::new(data.clone());
+            for &message in &messages {
+                outbox.push_message(message);
+            }
             let mut wire = Trickle { out: Vec::new(), limit: write_limit, block_next: false };
             while !outbox.write_some(&mut wire).unwrap() {}
+            prop_assert!(!outbox.pending());
             let mut inbox = Inbox::default();
             let mut complete = false;
+            let mut after = Vec::new();
             for chunk in wire.out.chunks(read_chunk) {
-                prop_assert!(!complete, "complete before the last chunk");
-                complete = inbox.push(chunk).unwrap();
+                if complete {
+                    after.extend_from_slice(chunk);
+                    continue;
+                }
+                let (done, used) = inbox.push(chunk).unwrap();
+                complete = done;
+                if complete {
+                    after.extend_from_slice(&chunk[used..]);
+                } else {
+                    prop_assert_eq!(used, chunk.len());
+                }
             }
             prop_assert!(complete);
+            prop_assert_eq!(after, messages);
             prop_assert_eq!(inbox.into_state().unwrap_or_default(), data);
         }
     }
@@ -194,7 +241,7 @@ mod tests {
         let mut inbox = Inbox::default();
         let mut frame = 10u64.to_be_bytes().to_vec();
         frame.extend_from_slice(b"12345");
-        assert_eq!(inbox.push(&frame), Ok(false));
+        assert_eq!(inbox.push(&frame), Ok((false, 13)));
         assert_eq!(inbox.progress(), (5, Some(10)));
     }
 }

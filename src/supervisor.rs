@@ -8,7 +8,7 @@
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -75,6 +75,15 @@ pub(crate) struct Channels {
     pub state: Arc<state::Slot>,
 }
 
+/// The successor that became ready. Its link stays open until this process
+/// exits (that EOF is how it learns we are gone), and carries the rest of
+/// the state and the upgrade requests passed on to it.
+struct Successor {
+    pid: Pid,
+    link: UnixStream,
+    outbox: Outbox,
+}
+
 /// A successor that is starting.
 struct Inflight {
     pid: Pid,
@@ -93,12 +102,12 @@ pub(crate) struct Supervisor {
     registry: Arc<Mutex<Registry>>,
     machine: Machine,
     inflight: Option<Inflight>,
-    /// The successor that became ready: its link stays open until this
-    /// process exits (that EOF is how it learns we are gone).
-    successor: Option<(Pid, UnixStream)>,
+    successor: Option<Successor>,
     systemd: Notifier,
     /// The parent's state, while it arrives.
     inbox: Option<Inbox>,
+    /// Whether what the parent sends now are messages: the state has come.
+    parent_messages: bool,
 }
 
 impl Supervisor {
@@ -114,6 +123,7 @@ impl Supervisor {
             successor: None,
             systemd: Notifier::from_env(),
             inbox,
+            parent_messages: false,
         }
     }
 
@@ -136,6 +146,13 @@ impl Supervisor {
             if let Some(waiter) = inflight.waiter {
                 let _ = waiter.send(Err(Error::Exiting));
             }
+        }
+        // The successor must see its link close when this process exits,
+        // not when the `Upgrader` is dropped: until then the old code still
+        // runs, and the successor must not start another generation, nor
+        // take over the PID file. Close-on-exec, so no other child gets it.
+        if let Some(successor) = self.successor.take() {
+            let _ = successor.link.into_raw_fd();
         }
     }
 
@@ -162,6 +179,9 @@ impl Supervisor {
             let sending = inflight.outbox.is_some();
             watched.push((Source::Successor, (inflight.link.as_fd(), sending)));
         }
+        if let Some(successor) = self.successor.as_ref().filter(|s| s.outbox.pending()) {
+            watched.push((Source::ReadySuccessor, (successor.link.as_fd(), true)));
+        }
         let timeout = self
             .inflight
             .as_ref()
@@ -177,6 +197,7 @@ impl Supervisor {
         for source in sources {
             match source {
                 Source::Successor => self.on_successor_link(),
+                Source::ReadySuccessor => self.write_to_successor(),
                 Source::ChildSignal => {
                     drain(&self.channels.child_signal);
                     self.on_child_signal();
@@ -186,7 +207,7 @@ impl Supervisor {
                     if let Some(signal) = &self.channels.upgrade_signal {
                         drain(signal);
                     }
-                    self.on_upgrade_signal();
+                    self.on_upgrade_request("upgrade signal");
                 }
                 Source::StopSignal => {
                     if let Some(signal) = &self.channels.stop_signal {
@@ -222,7 +243,9 @@ impl Supervisor {
                 Decision::Refuse(refusal) => {
                     let _ = reply.send(Err(self.refusal_error(refusal)));
                 }
-                Decision::Hold => unreachable!("calls are never held"),
+                Decision::Hold | Decision::Forward => {
+                    unreachable!("calls are answered, never held or passed on")
+                }
             },
             Command::Ready(reply) => {
                 let result = self.ready();
@@ -254,23 +277,26 @@ impl Supervisor {
         match self.machine.phase() {
             Phase::Initializing => {}
             // Stopped (by a stop signal) before it was ready.
-            Phase::Exiting => return Err(Error::Exiting),
-            Phase::Serving | Phase::Upgrading => return Err(Error::AlreadyReady),
+            Phase::Stopping => return Err(Error::Exiting),
+            Phase::Serving | Phase::Upgrading | Phase::Exiting => {
+                return Err(Error::AlreadyReady);
+            }
         }
         let generation = self.config.generation;
-        let closed = lock(&self.registry).close_unclaimed();
-        if !closed.is_empty() {
-            tracing::info!(generation, names = ?closed, "closed inherited descriptors this generation did not ask for");
+        lock(&self.registry).close_unclaimed(generation);
+        // The PID file names this process from now on only if no parent
+        // runs: a parent names us in it as its last act, when it exits
+        // (see `pidfile::name_at_exit`), so that a service manager never
+        // reads our pid while we are still another process's child.
+        if self.machine.serves() {
+            if let Some(path) = &self.config.pid_file {
+                pidfile::write(path, sys::pid())?;
+            }
         }
-        if let Some(path) = &self.config.pid_file {
-            pidfile::write(path, sys::pid())?;
-        }
-        // The service manager learns of the new main process before the old
-        // one is told to leave: from the PID file if there is one (systemd
-        // re-reads it when the old main process exits, and this process is
-        // its child by then), else from MAINPID=. A MAINPID= naming a process
-        // that is not systemd's child yet makes it SIGKILL on every later
-        // stop (found under a real systemd: ci/systemd.sh).
+        // With a PID file, systemd learns of the new main process from it
+        // when the old one exits; else from MAINPID=, which makes systemd
+        // SIGKILL on every later stop when the process it names is not its
+        // child yet (found under a real systemd: ci/systemd.sh).
         let main_pid = self.config.pid_file.is_none().then(sys::pid);
         self.systemd.ready(main_pid, generation);
         if let Some(link) = &mut self.channels.parent_link {
@@ -286,11 +312,16 @@ impl Supervisor {
     }
 
     fn stop(&mut self) {
-        if self.machine.phase() == Phase::Exiting {
+        let generation = self.config.generation;
+        if matches!(self.machine.phase(), Phase::Exiting | Phase::Stopping) {
+            // Leaving already; its successor (if any) serves.
+            tracing::info!(generation, "stop asked while exiting: nothing to do");
             return;
         }
-        let generation = self.config.generation;
-        let serves_paths = self.machine.serves_paths();
+        // Only the generation that serves speaks for the service: a
+        // successor stopped while it starts must not tell the manager the
+        // whole service stops, nor remove the paths its parent serves.
+        let serves = self.machine.serves();
         if self.machine.stop() {
             if let Some(inflight) = self.inflight.take() {
                 let status = sys::kill_and_reap(inflight.pid);
@@ -307,39 +338,84 @@ impl Supervisor {
         }
         // A final stop: nobody serves these paths after us. (A successor
         // stopped while it starts leaves them to its parent.)
-        let paths = if serves_paths {
-            lock(&self.registry).unix_paths()
-        } else {
-            Vec::new()
-        };
-        for path in paths {
-            if let Err(err) = std::fs::remove_file(&path) {
-                tracing::warn!(generation, path = %path.display(), error = %err, "cannot remove socket path");
+        if serves {
+            for path in lock(&self.registry).unix_paths() {
+                if let Err(err) = std::fs::remove_file(&path) {
+                    tracing::warn!(generation, path = %path.display(), error = %err, "cannot remove socket path");
+                }
             }
+            self.systemd.stopping();
         }
-        tracing::info!(generation, "stopping");
-        self.systemd.stopping();
+        tracing::info!(generation, serves, "stopping");
         self.channels.exit.send_replace(Some(ExitReason::Stopped));
     }
 
-    fn on_upgrade_signal(&mut self) {
+    /// The upgrade signal, or a request the parent passed on (`from` says
+    /// which, for the log): never lost, only held or passed on, unless this
+    /// generation stops.
+    fn on_upgrade_request(&mut self, from: &'static str) {
         let generation = self.config.generation;
         match self.machine.request_upgrade(Origin::Signal) {
             Decision::Start => self.start_upgrade(None),
             Decision::Hold => {
                 tracing::info!(
                     generation,
-                    "upgrade signal held until this generation is ready and its parent is gone"
+                    from,
+                    "upgrade request held until this generation is ready, its parent is gone and no upgrade runs"
                 );
             }
+            Decision::Forward => self.forward_upgrade(from),
             Decision::Refuse(refusal) => {
                 let error = self.refusal_error(refusal);
                 tracing::warn!(
                     generation,
+                    from,
                     reason = error.reason(),
-                    "upgrade signal refused: {error}"
+                    "upgrade request refused: {error}"
                 );
             }
+        }
+    }
+
+    /// Passes an upgrade request on to the ready successor, which serves
+    /// next and runs it once this generation is gone. A service manager
+    /// that sent it (`Type=notify-reload`) hears `RELOADING=1` now and
+    /// `READY=1` from the generation that upgrade starts.
+    fn forward_upgrade(&mut self, from: &'static str) {
+        let generation = self.config.generation;
+        let Some(successor) = &mut self.successor else {
+            tracing::error!(
+                generation,
+                from,
+                "upgrade request while exiting, but the successor is gone: dropped"
+            );
+            return;
+        };
+        tracing::info!(
+            generation,
+            from,
+            successor = successor.pid.as_raw(),
+            "upgrade request passed on to the successor, which runs it once this generation is gone"
+        );
+        successor.outbox.push_message(state::FORWARDED_UPGRADE);
+        self.systemd.reloading(generation + 1);
+        self.write_to_successor();
+    }
+
+    fn write_to_successor(&mut self) {
+        let Some(successor) = &mut self.successor else {
+            return;
+        };
+        if let Err(error) = successor.outbox.write_some(&successor.link) {
+            tracing::error!(
+                generation = self.config.generation,
+                successor = successor.pid.as_raw(),
+                %error,
+                "cannot write to the successor: it has gone"
+            );
+            successor.outbox = Outbox::new(Vec::new());
+            // Nothing more to send: mark the empty frame as sent.
+            let _ = successor.outbox.write_some(io::sink());
         }
     }
 
@@ -351,13 +427,28 @@ impl Supervisor {
         match link.read(&mut buffer) {
             Ok(0) => self.parent_gone(),
             Ok(n) => {
-                // Bytes after the state belong to no protocol yet: ignored.
+                let mut messages = &buffer[..n];
                 if let Some(inbox) = &mut self.inbox {
-                    match inbox.push(&buffer[..n]) {
-                        Ok(false) => {}
-                        Ok(true) => self.state_received(),
-                        Err(problem) => self.state_lost(&problem),
+                    match inbox.push(messages) {
+                        Ok((false, _)) => messages = &[],
+                        Ok((true, used)) => {
+                            messages = &messages[used..];
+                            self.state_received();
+                        }
+                        Err(problem) => {
+                            messages = &[];
+                            self.state_lost(&problem);
+                        }
                     }
+                }
+                // After a broken state frame, nothing more can be read.
+                let messages = if self.parent_messages {
+                    messages.to_vec()
+                } else {
+                    Vec::new()
+                };
+                for message in messages {
+                    self.on_parent_message(message);
                 }
             }
             Err(err)
@@ -367,7 +458,19 @@ impl Supervisor {
         }
     }
 
+    fn on_parent_message(&mut self, message: u8) {
+        match message {
+            state::FORWARDED_UPGRADE => self.on_upgrade_request("passed on by the parent"),
+            other => tracing::warn!(
+                generation = self.config.generation,
+                message = other,
+                "unknown message from the parent: ignored"
+            ),
+        }
+    }
+
     fn state_received(&mut self) {
+        self.parent_messages = true;
         if let Some(inbox) = self.inbox.take() {
             let (bytes, _) = inbox.progress();
             tracing::debug!(generation = self.config.generation, bytes, "state received");
@@ -410,8 +513,29 @@ impl Supervisor {
             "parent exited"
         );
         self.channels.parent_gone.send_replace(true);
+        // The parent names us in the PID file as it exits; one that died
+        // without exiting (a signal) could not, so do it now if we serve.
+        if self.machine.phase() != Phase::Initializing && self.machine.serves() {
+            self.take_over_pid_file();
+        }
         if self.machine.parent_gone() {
             self.start_upgrade(None);
+        }
+    }
+
+    fn take_over_pid_file(&self) {
+        let Some(path) = &self.config.pid_file else {
+            return;
+        };
+        if pidfile::read(path) != Some(sys::pid()) {
+            tracing::warn!(
+                generation = self.config.generation,
+                path = %path.display(),
+                "the parent left without naming this generation in the PID file: written now"
+            );
+            if let Err(error) = pidfile::write(path, sys::pid()) {
+                tracing::error!(%error, "cannot write the PID file");
+            }
         }
     }
 
@@ -543,9 +667,12 @@ impl Supervisor {
     }
 
     fn on_child_signal(&mut self) {
-        if let Some((pid, _)) = &self.successor {
-            if let Ok(Some(status)) = sys::try_reap(*pid) {
+        if let Some(successor) = &self.successor {
+            let pid = successor.pid;
+            if let Ok(Some(status)) = sys::try_reap(pid) {
                 tracing::error!(generation = self.config.generation, pid = pid.as_raw(), %status, "successor exited after it was ready");
+                pidfile::forget_at_exit(pid.as_raw());
+                // Its link is closed by the kernel; ours may go now.
                 self.successor = None;
             }
         }
@@ -591,7 +718,20 @@ impl Supervisor {
             duration: inflight.started.elapsed(),
         };
         if !already_reaped {
-            self.successor = Some((inflight.pid, inflight.link));
+            if let Some(path) = &self.config.pid_file {
+                pidfile::name_at_exit(path, inflight.pid.as_raw());
+            }
+            // What is left of the state goes on to the ready successor.
+            let outbox = inflight.outbox.unwrap_or_else(|| {
+                let mut sent = Outbox::new(Vec::new());
+                let _ = sent.write_some(io::sink());
+                sent
+            });
+            self.successor = Some(Successor {
+                pid: inflight.pid,
+                link: inflight.link,
+                outbox,
+            });
         }
         self.finish(Ok(upgraded), inflight.waiter);
     }
@@ -618,7 +758,7 @@ impl Supervisor {
         waiter: Option<oneshot::Sender<Result<Upgraded>>>,
     ) {
         let generation = self.config.generation;
-        self.machine.upgrade_finished(outcome.is_ok());
+        let next = self.machine.upgrade_finished(outcome.is_ok());
         match &outcome {
             Ok(upgraded) => {
                 tracing::info!(
@@ -644,10 +784,20 @@ impl Supervisor {
         if let Some(waiter) = waiter {
             let _ = waiter.send(outcome);
         }
+        // An upgrade signal that came while this one ran.
+        match next {
+            Some(Decision::Start) => {
+                tracing::info!(generation, "a held upgrade request runs now");
+                self.start_upgrade(None);
+            }
+            Some(Decision::Forward) => self.forward_upgrade("held while the upgrade ran"),
+            _ => {}
+        }
     }
 
-    /// A successor may have written the PID file just before it failed; it
-    /// must name the serving process again.
+    /// The PID file must name the serving process. (A starting successor
+    /// does not write it while this generation lives; this is a guard
+    /// against anything else that did.)
     fn restore_pid_file(&self) {
         let Some(path) = &self.config.pid_file else {
             return;
@@ -668,6 +818,7 @@ enum Source {
     StopSignal,
     Parent,
     Successor,
+    ReadySuccessor,
 }
 
 #[derive(Debug, PartialEq, Eq)]

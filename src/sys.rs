@@ -527,6 +527,20 @@ pub(crate) fn pid() -> i32 {
     nix::unistd::getpid().as_raw()
 }
 
+/// Runs `hook` when the process exits through `exit(3)` (a return from
+/// `main` or `std::process::exit`), after everything else the program did:
+/// [`atexit(3)`](https://man7.org/linux/man-pages/man3/atexit.3.html).
+pub(crate) fn at_exit(hook: extern "C" fn()) -> io::Result<()> {
+    // SAFETY: atexit only records the function pointer; `hook` is a plain
+    // `extern "C" fn()` with a 'static lifetime, and the callers' hooks
+    // catch every panic, so none unwinds into libc.
+    if unsafe { libc::atexit(hook) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::other("atexit: no room for another handler"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

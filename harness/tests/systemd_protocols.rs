@@ -107,10 +107,127 @@ fn with_a_pid_file_readiness_names_no_main_pid() {
     assert!(!ready.contains("MAINPID="), "{ready}");
 }
 
-/// Generation 0 takes the socket systemd passed under its name, serves it,
-/// and hands it over like its own; no successor sees `LISTEN_*`.
+/// Reads notifications until one contains `needle`; returns every one read.
+fn notifications_until(socket: &UnixDatagram, needle: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let message = notification(socket, "");
+        let done = message.contains(needle);
+        seen.push(message);
+        if done {
+            return seen;
+        }
+    }
+}
+
+fn notified_subject(
+    socket_path: &std::path::Path,
+    faults: &str,
+    args: Vec<String>,
+) -> (UnixDatagram, Subject, tempfile::TempDir) {
+    let socket = UnixDatagram::bind(socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let subject = Subject::start(&SubjectConfig {
+        binary: subject_binary(),
+        faults: Some(faults.into()),
+        pid_file: Some(dir.path().join("subject.pid")),
+        args,
+        env: vec![("NOTIFY_SOCKET".into(), socket_path.display().to_string())],
+        ..SubjectConfig::default()
+    })
+    .unwrap();
+    notification(&socket, "READY=1");
+    (socket, subject, dir)
+}
+
+/// A successor stopped while it starts is not the service: with
+/// `NotifyAccess=all`, a `STOPPING=1` from it would make systemd stop the
+/// whole unit, the serving generation with it.
 #[test]
-fn socket_activated_listener_is_served_and_handed_over() {
+fn a_successor_stopped_during_init_does_not_say_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, mut subject, _pids) = notified_subject(
+        &dir.path().join("notify.sock"),
+        "1=hang",
+        vec!["--library-stop-signals".into(), "true".into()],
+    );
+    let first = subject.first_pid();
+    subject
+        .signal(first, nix::sys::signal::Signal::SIGHUP)
+        .unwrap();
+    let second = subject.wait_for(|e| e.is("started", 1)).unwrap().pid;
+    subject
+        .signal(second, nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    // The successor's notifications, if any, come before its exit, and so
+    // before the parent reports the failed upgrade.
+    let seen = notifications_until(&socket, "upgrade failed");
+    assert!(
+        seen.iter().all(|m| !m.contains("STOPPING=1")),
+        "a starting successor said STOPPING=1: {seen:#?}"
+    );
+    // The serving generation does say it when it stops.
+    subject
+        .signal(first, nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    notification(&socket, "STOPPING=1");
+}
+
+/// `Type=notify-reload`: systemd sends SIGHUP to the main process, which
+/// is the old generation until it exits, and waits for `RELOADING=1` and
+/// then `READY=1`. A reload while the old generation drains is answered
+/// too: `RELOADING=1` at once, `READY=1` from the generation it starts.
+#[test]
+fn a_reload_while_draining_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, mut subject, _pids) =
+        notified_subject(&dir.path().join("notify.sock"), "", Vec::new());
+    let first = subject.first_pid();
+    let addr = subject.addresses.http;
+    let held = std::thread::spawn(move || http_get(addr, "/hold"));
+    subject.wait_for(|e| e.is("hold-request", 0)).unwrap();
+    subject
+        .signal(first, nix::sys::signal::Signal::SIGHUP)
+        .unwrap();
+    notification(&socket, "RELOADING=1");
+    let ready = notification(&socket, "READY=1");
+    assert!(ready.contains("generation 1"), "{ready}");
+    subject.wait_for(|e| e.is("exiting", 0)).unwrap();
+
+    // The second reload, to generation 0 while it drains.
+    subject
+        .signal(first, nix::sys::signal::Signal::SIGHUP)
+        .unwrap();
+    let reloading = notification(&socket, "RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    subject
+        .signal(first, nix::sys::signal::Signal::SIGUSR1)
+        .unwrap();
+    held.join().unwrap().unwrap();
+    let ready = notification(&socket, "READY=1");
+    assert!(ready.contains("generation 2"), "{ready}");
+    subject.wait_for(|e| e.is("parent-gone", 2)).unwrap();
+}
+
+/// How systemd names the socket it passes, and where the service's own
+/// configuration says to listen.
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    /// `--fdname=http`, the name the subject asks for; configured elsewhere.
+    Named,
+    /// No `--fdname` (the socket is `unknown`); configured on its address.
+    UnnamedSameAddress,
+    /// No `--fdname`; configured elsewhere: the only TCP socket passed.
+    UnnamedElsewhere,
+}
+
+/// Generation 0 takes the socket systemd passed, serves it, and hands it
+/// over like its own; no successor sees `LISTEN_*`. The connection that
+/// triggered the activation is answered, never reset.
+fn socket_activated_listener_is_served_and_handed_over(activation: Activation) {
     if Command::new("systemd-socket-activate")
         .arg("--version")
         .output()
@@ -124,11 +241,15 @@ fn socket_activated_listener_is_served_and_handed_over() {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = probe.local_addr().unwrap();
     drop(probe);
-    // The configuration names another address: the activated socket must win
-    // by its name in every generation, not only in generation 0.
-    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let configured = elsewhere.local_addr().unwrap();
-    drop(elsewhere);
+    // Where the configuration says: the activated socket must win in every
+    // generation, not only in generation 0.
+    let configured = match activation {
+        Activation::UnnamedSameAddress => addr,
+        Activation::Named | Activation::UnnamedElsewhere => {
+            let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            elsewhere.local_addr().unwrap()
+        }
+    };
     // systemd-socket-activate listens, and execs the subject (same pid, with
     // LISTEN_FDS) when the first connection comes: this one, which is
     // answered once the subject is ready. It retries only until the tool
@@ -146,23 +267,24 @@ fn socket_activated_listener_is_served_and_handed_over() {
         }
         http_get(addr, "/")
     });
-    // The subject asks for "http" on port 0: the activated socket wins by name.
+    let mut args = vec!["-l".to_owned(), addr.to_string()];
+    if let Activation::Named = activation {
+        args.push("--fdname=http".into());
+    }
+    args.extend([
+        subject_binary().display().to_string(),
+        "--http".into(),
+        configured.to_string(),
+    ]);
     let mut subject = Subject::start(&SubjectConfig {
         binary: "systemd-socket-activate".into(),
-        args: vec![
-            "-l".into(),
-            addr.to_string(),
-            "--fdname=http".into(),
-            subject_binary().display().to_string(),
-            "--http".into(),
-            configured.to_string(),
-        ],
+        args,
         ..SubjectConfig::default()
     })
     .unwrap();
     assert_eq!(
         subject.addresses.http, addr,
-        "the activated socket serves HTTP"
+        "the activated socket serves HTTP ({activation:?})"
     );
     let (status, body) = first_request.join().unwrap().unwrap();
     assert_eq!((status, body.contains("gen=0")), (200, true), "{body}");
@@ -190,4 +312,19 @@ fn socket_activated_listener_is_served_and_handed_over() {
             "a successor sees no stale LISTEN_FDS"
         );
     }
+}
+
+#[test]
+fn socket_activated_listener_is_taken_by_name() {
+    socket_activated_listener_is_served_and_handed_over(Activation::Named);
+}
+
+#[test]
+fn socket_activated_listener_without_a_name_is_taken_by_its_address() {
+    socket_activated_listener_is_served_and_handed_over(Activation::UnnamedSameAddress);
+}
+
+#[test]
+fn the_only_socket_activated_listener_without_a_name_is_taken() {
+    socket_activated_listener_is_served_and_handed_over(Activation::UnnamedElsewhere);
 }

@@ -392,8 +392,30 @@ fn unix_socket_path_stays_when_a_starting_successor_is_stopped() {
     assert_served_by(&subject, 0);
 }
 
+/// Holds a request in flight on `generation`, so that it drains (and lives)
+/// after its successor is ready, until SIGUSR1 releases it.
+fn hold_request(subject: &mut Subject, generation: u64) -> std::thread::JoinHandle<()> {
+    let addr = subject.addresses.http;
+    let held = std::thread::spawn(move || {
+        let (status, body) = handover_harness::process::http_get(addr, "/hold").unwrap();
+        assert_eq!(
+            (status, body.contains(&format!("gen={generation}"))),
+            (200, true),
+            "{body}"
+        );
+    });
+    subject
+        .wait_for(|e| e.is("hold-request", generation))
+        .unwrap();
+    held
+}
+
+/// The PID file names the old generation for as long as it runs, and its
+/// successor from the moment it exits: a service manager that reads it
+/// while both run (systemd does when an `ExecReload=` command ends) must
+/// not take the successor, which is still the old generation's child.
 #[test]
-fn pid_file_names_the_serving_process_after_every_upgrade() {
+fn pid_file_names_the_successor_only_once_the_old_generation_has_exited() {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("subject.pid");
     let mut subject = Subject::start(&SubjectConfig {
@@ -402,17 +424,76 @@ fn pid_file_names_the_serving_process_after_every_upgrade() {
     })
     .unwrap();
     assert_eq!(read_pid_file(&pid_file), Some(subject.first_pid()));
-    for generation in 0..5 {
+    for generation in 0..3 {
+        let old = subject.pid_of(generation).unwrap();
+        let held = hold_request(&mut subject, generation);
         let answer = subject.upgrade().unwrap();
         let pid = subject.pid_of(generation + 1).unwrap();
         assert!(answer.contains(&format!("pid={pid}")), "{answer}");
-        // Written before the old generation was told to exit.
-        assert_eq!(read_pid_file(&pid_file), Some(pid));
-        assert!(is_running(pid));
+        subject.wait_for(|e| e.is("exiting", generation)).unwrap();
+        // Ready, serving, and the old generation drains: still its pid.
+        assert_served_by(&subject, generation + 1);
+        assert!(is_running(old));
+        assert_eq!(read_pid_file(&pid_file), Some(old));
+
+        subject.signal(old, Signal::SIGUSR1).unwrap();
+        held.join().unwrap();
         subject
             .wait_for(|e| e.is("parent-gone", generation + 1))
             .unwrap();
+        assert_eq!(read_pid_file(&pid_file), Some(pid));
+        assert!(is_running(pid));
     }
+}
+
+/// A second `systemctl reload` while the old generation drains goes to the
+/// old generation (systemd's main process until it exits): it is passed on
+/// to the successor, which runs it once its parent is gone.
+#[test]
+fn an_upgrade_signal_while_draining_is_passed_to_the_successor() {
+    let mut subject = Subject::start(&config()).unwrap();
+    let held = hold_request(&mut subject, 0);
+    subject.upgrade().unwrap();
+    subject.wait_for(|e| e.is("exiting", 0)).unwrap();
+    subject.signal(subject.first_pid(), Signal::SIGHUP).unwrap();
+    // Held by generation 1 until generation 0 is gone: never a third
+    // generation beside two.
+    subject
+        .signal(subject.first_pid(), Signal::SIGUSR1)
+        .unwrap();
+    held.join().unwrap();
+    subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
+    subject.wait_for(|e| e.is("ready", 2)).unwrap();
+    subject.wait_for(|e| e.is("parent-gone", 2)).unwrap();
+    assert_served_by(&subject, 2);
+    subject.collect_events();
+    let started = subject
+        .history
+        .iter()
+        .filter(|e| e.kind == "started")
+        .count();
+    assert_eq!(started, 3, "one upgrade per signal: {:#?}", subject.history);
+}
+
+/// An upgrade signal that comes while an upgrade runs is held, not refused:
+/// the upgrade it asked for runs after the running one.
+#[test]
+fn an_upgrade_signal_during_an_upgrade_is_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = dir.path().join("faults");
+    std::fs::write(&faults, "1=slow-init:1000").unwrap();
+    let mut subject = Subject::start(&SubjectConfig {
+        faults_file: Some(faults),
+        ..config()
+    })
+    .unwrap();
+    subject.signal(subject.first_pid(), Signal::SIGHUP).unwrap();
+    subject.wait_for(|e| e.is("started", 1)).unwrap();
+    // Generation 1 takes a second to start: generation 0 is upgrading.
+    subject.signal(subject.first_pid(), Signal::SIGHUP).unwrap();
+    subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
+    subject.wait_for(|e| e.is("parent-gone", 2)).unwrap();
+    assert_served_by(&subject, 2);
 }
 
 /// A soak: part of `cargo test --features chaos`.
