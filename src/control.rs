@@ -7,28 +7,36 @@
 //!
 //! ```text
 //! > upgrade
-//! < ok pid=4250 generation=3 duration_us=2817
+//! < ok pid=4250 generation=3 duration_us=2817 old_pid=4242
 //! < error reason=successor_exited message=successor pid 4250 exited with code 1 before it was ready
 //! > status
 //! < ok pid=4242 generation=2
 //! ```
 //!
-//! Nothing is queued: an upgrade starts when its request is read, and a
-//! request while one runs is answered `in_progress`. A client that hangs up
-//! before its answer does not cancel the upgrade it asked for, and leaves
-//! nothing behind. `handover upgrade --socket PATH` is the client.
+//! An upgrade starts when its request is read; a request while one runs is
+//! answered `in_progress`. One that reaches a generation whose parent still
+//! drains waits until the parent is gone, and then runs (as an upgrade
+//! signal would be held). A client that hangs up before its answer does not
+//! cancel the upgrade it asked for, and leaves nothing behind. `handover
+//! upgrade --socket PATH` is the client.
+//!
+//! After `ok` for an upgrade, the old generation (`old_pid`) keeps the
+//! connection open until its process exits, so the kernel closes it then:
+//! a client that reads to the end knows the old code has stopped running.
 //!
 //! Every accepted request is answered. A generation that must exit stops
 //! accepting (its successor, holding the same socket, accepts from then
 //! on) and answers what it had already accepted before
 //! [`serve`](ControlSocket::serve) returns: an `upgrade` that reached it in
 //! its last moments gets `error reason=exiting`, which means nothing was
-//! done and the request should be sent again (the `handover` client does
-//! so).
+//! done; that connection too stays open until this process exits, and the
+//! request should then be sent again (the `handover` client does so).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use std::os::fd::IntoRawFd;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -55,6 +63,7 @@ pub struct ControlSocket {
     path: PathBuf,
     supervisor: SupervisorHandle,
     exit: watch::Receiver<Option<ExitReason>>,
+    parent_gone: watch::Receiver<bool>,
     generation: u64,
 }
 
@@ -82,6 +91,7 @@ impl Upgrader {
             path: path.to_path_buf(),
             supervisor: self.handle(),
             exit: self.exit_watch(),
+            parent_gone: self.parent_gone_watch(),
             generation: self.generation(),
         })
     }
@@ -116,7 +126,12 @@ impl ControlSocket {
                 _ = exit.wait_for(Option::is_some) => break,
                 accepted = listener.accept() => {
                     if let Ok((stream, _)) = accepted {
-                        answering.spawn(answer(stream, self.supervisor.clone(), self.generation));
+                        answering.spawn(answer(
+                            stream,
+                            self.supervisor.clone(),
+                            self.parent_gone.clone(),
+                            self.generation,
+                        ));
                     }
                 }
                 // Reap finished answers as they end.
@@ -134,7 +149,12 @@ impl ControlSocket {
     }
 }
 
-async fn answer(stream: UnixStream, supervisor: SupervisorHandle, generation: u64) {
+async fn answer(
+    stream: UnixStream,
+    supervisor: SupervisorHandle,
+    mut parent_gone: watch::Receiver<bool>,
+    generation: u64,
+) {
     let allowed = match stream.peer_cred() {
         Ok(peer) => peer.uid() == nix::unistd::geteuid().as_raw() || peer.uid() == 0,
         Err(_) => false,
@@ -149,6 +169,8 @@ async fn answer(stream: UnixStream, supervisor: SupervisorHandle, generation: u6
     let mut line = Vec::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
     let request = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    // Whether this connection must stay open until this process exits.
+    let mut until_exit = false;
     let reply = match request {
         Err(_) => "error reason=bad_request message=no request within 10 s".to_owned(),
         Ok(Err(error)) => format!("error reason=bad_request message={error}"),
@@ -158,20 +180,55 @@ async fn answer(stream: UnixStream, supervisor: SupervisorHandle, generation: u6
             )
         }
         Ok(Ok(_)) => match std::str::from_utf8(&line).map(str::trim) {
-            Ok("upgrade") => match supervisor.upgrade().await {
-                Ok(upgraded) => format!(
-                    "ok pid={} generation={} duration_us={}",
-                    upgraded.pid,
-                    upgraded.generation,
-                    upgraded.duration.as_micros()
-                ),
-                Err(error) => error_line(&error),
+            Ok("upgrade") => match upgrade_when_parent_gone(&supervisor, &mut parent_gone).await {
+                Ok(upgraded) => {
+                    until_exit = true;
+                    format!(
+                        "ok pid={} generation={} duration_us={} old_pid={}",
+                        upgraded.pid,
+                        upgraded.generation,
+                        upgraded.duration.as_micros(),
+                        std::process::id()
+                    )
+                }
+                Err(error) => {
+                    until_exit = matches!(error, Error::Exiting);
+                    error_line(&error)
+                }
             },
             Ok("status") => format!("ok pid={} generation={generation}", std::process::id()),
             _ => "error reason=bad_request message=unknown request (upgrade, status)".to_owned(),
         },
     };
     let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
+    if until_exit {
+        // The kernel closes it when this process exits: that EOF is how the
+        // client learns the old code has stopped running. Close-on-exec,
+        // and one per upgrade (or per request refused while exiting).
+        if let Ok(stream) = reader.into_inner().into_inner().reunite(write) {
+            if let Ok(stream) = stream.into_std() {
+                let _ = stream.into_raw_fd();
+            }
+        }
+    }
+}
+
+/// Runs an upgrade; one asked while the parent generation still drains
+/// runs once it is gone, instead of being refused.
+async fn upgrade_when_parent_gone(
+    supervisor: &SupervisorHandle,
+    parent_gone: &mut watch::Receiver<bool>,
+) -> Result<crate::Upgraded> {
+    loop {
+        match supervisor.upgrade().await {
+            Err(Error::ParentAlive { .. }) => {
+                if parent_gone.wait_for(|gone| *gone).await.is_err() {
+                    return Err(Error::Exiting);
+                }
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 fn error_line(error: &Error) -> String {

@@ -504,6 +504,10 @@ impl Upgrader {
     pub(crate) fn exit_watch(&self) -> watch::Receiver<Option<ExitReason>> {
         self.exit.clone()
     }
+
+    pub(crate) fn parent_gone_watch(&self) -> watch::Receiver<bool> {
+        self.parent_gone.clone()
+    }
 }
 
 /// What it takes to ask the supervisor for something, from anywhere.

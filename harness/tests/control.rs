@@ -1,7 +1,7 @@
 //! The control socket and the `handover` command-line tool, against the
 //! real subject: outcomes, exit codes, bad requests, peer credentials.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -136,9 +136,9 @@ fn failed_upgrade_exits_one_with_the_reason() {
 }
 
 #[test]
-fn an_unreachable_service_exits_two() {
+fn an_unreachable_service_exits_three() {
     let output = cli(&["upgrade", "--socket", "/nonexistent/control.sock"]);
-    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output));
     assert!(
         text(&output).contains("cannot reach /nonexistent/control.sock"),
         "{}",
@@ -148,12 +148,14 @@ fn an_unreachable_service_exits_two() {
     assert_eq!(output.status.code(), Some(2));
 }
 
+/// Sends `bytes` and reads the one-line answer (an old generation keeps
+/// the connection open after it, until it exits).
 fn raw_request(socket: &Path, bytes: &[u8]) -> String {
     let mut stream = UnixStream::connect(socket).unwrap();
     // The service may answer before reading everything it was sent.
     let _ = stream.write_all(bytes);
     let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
+    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut answer);
     answer
 }
 
@@ -216,27 +218,120 @@ fn requests_from_another_user_are_refused() {
 }
 
 /// Every request gets an answer, even one that reaches a generation in its
-/// last moments: back to back, each `handover upgrade` either succeeds or is
-/// refused with a reason (`parent_alive` while the previous generation still
-/// drains), and never finds the connection closed without one.
+/// last moments, and none is refused because the previous generation still
+/// drains: `handover upgrade` returns only once the old generation has
+/// exited, so back to back, every one succeeds.
 #[test]
-fn back_to_back_upgrades_are_all_answered() {
+fn back_to_back_upgrades_all_succeed() {
     let service = service();
     let socket = service.socket.to_str().unwrap();
-    let mut succeeded = 0;
     for attempt in 0..100 {
         let output = cli(&["upgrade", "--socket", socket]);
-        match output.status.code() {
-            Some(0) => succeeded += 1,
-            Some(1) => assert!(
-                text(&output).contains("parent_alive"),
-                "attempt {attempt}: {}",
-                text(&output)
-            ),
-            _ => panic!("attempt {attempt} got no answer: {}", text(&output)),
-        }
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "attempt {attempt}: {}",
+            text(&output)
+        );
+        assert!(
+            text(&output).contains(&format!("generation {} ", attempt + 1)),
+            "attempt {attempt}: {}",
+            text(&output)
+        );
     }
-    assert!(succeeded > 0);
+}
+
+/// `handover upgrade` returns once the old generation has exited, so that
+/// no old code runs after it (and a service manager that reads the PID file
+/// when it ends finds its own child); `--no-wait` returns at readiness.
+#[test]
+fn upgrade_waits_for_the_old_generation_to_exit() {
+    let mut service = service();
+    let socket = service.socket.to_str().unwrap().to_owned();
+    let addr = service.subject.addresses.http;
+    let held = std::thread::spawn(move || handover_harness::process::http_get(addr, "/hold"));
+    service
+        .subject
+        .wait_for(|e| e.is("hold-request", 0))
+        .unwrap();
+    let old = service.subject.first_pid();
+
+    // Generation 0 drains until released: the wait runs out, and says so.
+    let output = cli(&["upgrade", "--socket", &socket, "--timeout", "2s"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert!(
+        text(&output).contains(&format!("old generation (pid {old}) was still finishing")),
+        "{}",
+        text(&output)
+    );
+    assert!(handover_harness::process::is_running(old));
+    service
+        .subject
+        .signal(old, nix::sys::signal::Signal::SIGUSR1)
+        .unwrap();
+    held.join().unwrap().unwrap();
+    service
+        .subject
+        .wait_for(|e| e.is("parent-gone", 1))
+        .unwrap();
+
+    // Generation 1 has nothing in flight: it exits, and the command says so
+    // only after that.
+    let old = service.subject.pid_of(1).unwrap();
+    let output = cli(&["upgrade", "--socket", &socket]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert!(
+        text(&output).contains(&format!("the old generation (pid {old}) exited")),
+        "{}",
+        text(&output)
+    );
+    assert!(!handover_harness::process::is_running(old));
+
+    let old = service.subject.pid_of(2).unwrap();
+    let addr = service.subject.addresses.http;
+    let held = std::thread::spawn(move || handover_harness::process::http_get(addr, "/hold"));
+    service
+        .subject
+        .wait_for(|e| e.is("hold-request", 2))
+        .unwrap();
+    let output = cli(&["upgrade", "--socket", &socket, "--no-wait"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert!(handover_harness::process::is_running(old));
+    service
+        .subject
+        .signal(old, nix::sys::signal::Signal::SIGUSR1)
+        .unwrap();
+    held.join().unwrap().unwrap();
+}
+
+/// Usage mistakes are named, with the usage, and exit 2; `--help` is not a
+/// mistake.
+#[test]
+fn the_command_line_says_what_was_wrong() {
+    for args in [
+        &["upgrade", "--socket", "s", "--timeout", "0"][..],
+        &[
+            "upgrade",
+            "--socket",
+            "s",
+            "--timeout",
+            "307445734561825861m",
+        ],
+        &["upgrade", "--socket", "s", "--frobnicate"],
+        &["upgrade"],
+        &["reload", "--socket", "s"],
+    ] {
+        let output = cli(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", text(&output));
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(said.starts_with("handover: "), "{args:?}: {said}");
+        assert!(said.contains("usage: handover upgrade"), "{args:?}: {said}");
+    }
+    for args in [&["--help"][..], &["upgrade", "--help"], &["--version"]] {
+        let output = cli(args);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {}", text(&output));
+        assert!(!output.stdout.is_empty(), "{args:?}");
+    }
 }
 
 /// A connection the old generation accepted before its successor became
@@ -252,7 +347,7 @@ fn a_request_accepted_as_the_generation_exits_is_answered() {
     assert!(upgraded.starts_with("ok "), "{upgraded}");
     early.write_all(b"upgrade\n").unwrap();
     let mut answer = String::new();
-    early.read_to_string(&mut answer).unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(early), &mut answer).unwrap();
     assert!(
         answer.starts_with("error reason=exiting "),
         "generation 0 answered {answer:?}"

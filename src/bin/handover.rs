@@ -1,69 +1,201 @@
 //! `handover`: ask a running service to upgrade, and say whether it worked.
 //!
 //! ```text
-//! handover upgrade --socket /run/api/control.sock [--timeout 60s]
-//! handover status  --socket /run/api/control.sock
+//! handover upgrade --socket /run/api/control.sock [--timeout 60s] [--no-wait]
+//! handover status  --socket /run/api/control.sock [--timeout 60s]
 //! ```
 //!
+//! `upgrade` returns once the new generation serves and the old one has
+//! exited (so no old code runs any more), or, with `--no-wait`, as soon as
+//! the new generation serves.
+//!
 //! Exit status: 0 when the upgrade succeeded (the new generation serves),
-//! 1 when it did not happen (it failed, or was refused: `in_progress`,
-//! `parent_alive`, ...; the generation that answered still serves, and the
-//! reason is printed), 2 when the service could not be asked at all. An
-//! answer `exiting` comes from a generation on its way out; the request is
-//! sent again, and the generation serving now answers it. Fit for
+//! 1 when it did not happen (it failed, or was refused: `in_progress`, ...;
+//! the generation that answered still serves, and the reason is printed),
+//! 2 for a mistake on the command line, 3 when the service could not be
+//! asked or did not answer in time. An answer `exiting` comes from a
+//! generation on its way out; once it has exited, the request is sent
+//! again, and the generation serving then answers it. Fit for
 //! `ExecReload=` and deploy scripts.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-const USAGE: &str =
-    "usage: handover upgrade|status --socket PATH [--timeout DURATION (60s, 500ms, 2m)]";
+const USAGE: &str = "\
+usage: handover upgrade --socket PATH [--timeout DURATION] [--no-wait]
+       handover status --socket PATH [--timeout DURATION]
 
-fn main() -> ExitCode {
-    match run() {
-        Ok(code) => code,
-        Err(problem) => {
-            eprintln!("handover: {problem}");
-            ExitCode::from(2)
+Asks the service listening on the control socket PATH to upgrade itself
+(Upgrader::control_socket in the service), and says whether it worked.
+
+options:
+  --socket PATH        the service's control socket
+  --timeout DURATION   how long to wait in all, e.g. 60s, 1m30s, 500ms (default 60s)
+  --no-wait            return once the new generation serves, without waiting
+                       for the old one to finish its requests and exit
+  -h, --help           this text
+  -V, --version        the version
+
+exit status: 0 upgraded (or status answered), 1 the upgrade did not happen
+(the reason is printed; the service serves on), 2 a usage mistake,
+3 the service could not be asked or did not answer in time";
+
+/// How many times a request answered `exiting` is sent again.
+const RETRIES_WHEN_EXITING: usize = 3;
+
+#[derive(Debug)]
+enum Request {
+    Upgrade,
+    Status,
+}
+
+impl Request {
+    fn line(&self) -> &'static str {
+        match self {
+            Request::Upgrade => "upgrade",
+            Request::Status => "status",
         }
     }
 }
 
-fn run() -> Result<ExitCode, String> {
-    let mut words = std::env::args().skip(1);
-    let request = words.next().ok_or(USAGE)?;
-    if request != "upgrade" && request != "status" {
-        return Err(format!("unknown request {request:?}\n{USAGE}"));
-    }
+#[derive(Debug)]
+struct Args {
+    request: Request,
+    socket: PathBuf,
+    timeout: Duration,
+    wait_for_exit: bool,
+}
+
+/// What ends the command early: help or version (printed, exit 0), or a
+/// usage mistake (exit 2).
+enum Early {
+    Print(String),
+    Usage(String),
+}
+
+fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Early> {
+    use lexopt::prelude::*;
+    let usage = |problem: String| Early::Usage(problem);
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut request = None;
     let mut socket = None;
     let mut timeout = Duration::from_secs(60);
-    while let Some(flag) = words.next() {
-        let value = words
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        match flag.as_str() {
-            "--socket" => socket = Some(value),
-            "--timeout" => timeout = parse_duration(&value)?,
-            other => return Err(format!("unknown flag {other}\n{USAGE}")),
+    let mut wait_for_exit = true;
+    while let Some(arg) = parser.next().map_err(|e| usage(e.to_string()))? {
+        match arg {
+            Short('h') | Long("help") => return Err(Early::Print(USAGE.to_owned())),
+            Short('V') | Long("version") => {
+                return Err(Early::Print(format!(
+                    "handover {}",
+                    env!("CARGO_PKG_VERSION")
+                )));
+            }
+            Long("socket") => {
+                socket = Some(PathBuf::from(
+                    parser.value().map_err(|e| usage(e.to_string()))?,
+                ))
+            }
+            Long("timeout") => {
+                let value = parser.value().map_err(|e| usage(e.to_string()))?;
+                timeout = parse_timeout(&value.string().map_err(|e| usage(e.to_string()))?)
+                    .map_err(usage)?;
+            }
+            Long("no-wait") => wait_for_exit = false,
+            Value(word) if request.is_none() => {
+                request = Some(match word.to_str() {
+                    Some("upgrade") => Request::Upgrade,
+                    Some("status") => Request::Status,
+                    _ => {
+                        return Err(usage(format!("unknown request {word:?} (upgrade, status)")));
+                    }
+                })
+            }
+            other => return Err(usage(other.unexpected().to_string())),
         }
     }
-    let socket = socket.ok_or(USAGE)?;
-    // A generation in its last moments answers `exiting`: nothing was done,
-    // and its successor, on the same socket, takes the next connection.
-    let mut answer = ask(&socket, &request, timeout)?;
+    let request = request.ok_or_else(|| usage("no request given (upgrade, status)".into()))?;
+    let socket = socket.ok_or_else(|| usage("--socket PATH is required".into()))?;
+    Ok(Args {
+        request,
+        socket,
+        timeout,
+        wait_for_exit,
+    })
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    // A bare number is seconds, as `sleep` and systemd read it.
+    let parsed = match text.parse::<u64>() {
+        Ok(seconds) => Ok(Duration::from_secs(seconds)),
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
+    };
+    match parsed {
+        Ok(duration) if duration.is_zero() => {
+            Err(format!("--timeout {text}: must be longer than zero"))
+        }
+        // Past this, a deadline would overflow the clock: more than a century.
+        Ok(duration) if duration > Duration::from_secs(100 * 365 * 24 * 3600) => {
+            Err(format!("--timeout {text}: longer than a century"))
+        }
+        Ok(duration) => Ok(duration),
+        Err(problem) => Err(format!(
+            "--timeout {text:?}: {problem} (for example 60s, 1m30s, 500ms)"
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args_os().skip(1)) {
+        Ok(args) => args,
+        Err(Early::Print(text)) => {
+            println!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(Early::Usage(problem)) => {
+            eprintln!("handover: {problem}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(code) => code,
+        Err(problem) => {
+            eprintln!("handover: {problem}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// One request on one connection.
+struct Exchange {
+    answer: String,
+    /// The rest of the connection: the old generation keeps it open until
+    /// its process exits.
+    stream: BufReader<UnixStream>,
+}
+
+fn run(args: &Args) -> Result<ExitCode, String> {
+    let deadline = Instant::now()
+        .checked_add(args.timeout)
+        .ok_or("--timeout is too long")?;
+    let socket = args.socket.display().to_string();
+    let mut exchange = ask(&socket, args.request.line(), deadline)?;
+    // A generation on its way out did nothing: once it has exited, its
+    // successor (which serves the same socket) answers.
     for _ in 0..RETRIES_WHEN_EXITING {
-        if !answer.contains("reason=exiting") {
+        if !exchange.answer.contains("reason=exiting") {
             break;
         }
-        match ask(&socket, &request, timeout) {
-            Ok(next) => answer = next,
+        wait_for_close(&mut exchange.stream, deadline);
+        match ask(&socket, args.request.line(), deadline) {
+            Ok(next) => exchange = next,
             // No successor: a final stop. Report the exiting answer.
             Err(_) => break,
         }
     }
-    let answer = answer.as_str();
+    let answer = exchange.answer.as_str();
     let field = |key: &str| {
         answer
             .split_whitespace()
@@ -71,45 +203,70 @@ fn run() -> Result<ExitCode, String> {
             .unwrap_or("?")
             .to_owned()
     };
-    if answer.starts_with("ok") {
-        if request == "upgrade" {
+    if !answer.starts_with("ok") {
+        let message = answer.split_once("message=").map_or(answer, |(_, m)| m);
+        println!(
+            "{} failed ({}): {message}",
+            args.request.line(),
+            field("reason")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    match args.request {
+        Request::Status => println!(
+            "serving: generation {} (pid {})",
+            field("generation"),
+            field("pid")
+        ),
+        Request::Upgrade => {
             let micros: f64 = field("duration_us").parse().unwrap_or(f64::NAN);
-            println!(
+            let serving = format!(
                 "upgraded: generation {} (pid {}) is serving, ready in {:.1} ms",
                 field("generation"),
                 field("pid"),
                 micros / 1000.0
             );
-        } else {
-            println!(
-                "serving: generation {} (pid {})",
-                field("generation"),
-                field("pid")
-            );
+            let old = field("old_pid");
+            if !args.wait_for_exit {
+                println!("{serving}");
+            } else {
+                let waited = Instant::now();
+                let closed = wait_for_close(&mut exchange.stream, deadline)
+                    && old.parse().is_ok_and(|pid| wait_for_exit(pid, deadline));
+                if closed {
+                    println!(
+                        "{serving}; the old generation (pid {old}) exited {:.1} ms later",
+                        waited.elapsed().as_secs_f64() * 1000.0
+                    );
+                } else {
+                    println!("{serving}");
+                    eprintln!(
+                        "handover: the old generation (pid {old}) was still finishing its requests when --timeout ran out"
+                    );
+                }
+            }
         }
-        Ok(ExitCode::SUCCESS)
-    } else {
-        let message = answer.split_once("message=").map_or(answer, |(_, m)| m);
-        println!("{request} failed ({}): {message}", field("reason"));
-        Ok(ExitCode::FAILURE)
     }
+    Ok(ExitCode::SUCCESS)
 }
 
-/// How many times a request answered `exiting` is sent again.
-const RETRIES_WHEN_EXITING: usize = 3;
-
 /// Sends one request and reads its one-line answer.
-fn ask(socket: &str, request: &str, timeout: Duration) -> Result<String, String> {
+fn ask(socket: &str, request: &str, deadline: Instant) -> Result<Exchange, String> {
     let mut stream =
         UnixStream::connect(socket).map_err(|e| format!("cannot reach {socket}: {e}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
     // A service that refuses at once answers and closes before reading: the
     // write then fails, but its answer is there to read.
     let sent = stream.write_all(format!("{request}\n").as_bytes());
+    let mut stream = BufReader::new(stream);
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(|e| {
+    let timeout = remaining(deadline).ok_or_else(|| {
+        format!("no answer from {socket} in time (the upgrade may still be running)")
+    })?;
+    stream
+        .get_ref()
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream.read_line(&mut answer).map_err(|e| {
         if matches!(
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
@@ -119,42 +276,135 @@ fn ask(socket: &str, request: &str, timeout: Duration) -> Result<String, String>
             format!("no answer from {socket}: {e}")
         }
     })?;
-    let answer = answer.trim();
+    let answer = answer.trim().to_owned();
     if answer.is_empty() {
         return Err(match sent {
             Err(e) => format!("cannot ask {socket}: {e}"),
             Ok(()) => format!("{socket} closed the connection without an answer"),
         });
     }
-    Ok(answer.to_owned())
+    Ok(Exchange { answer, stream })
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration (60s, 500ms, 2m)");
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let number: u64 = number.parse().map_err(|_| bad())?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(number),
-        "s" | "" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number * 60),
-        _ => return Err(bad()),
-    })
+/// Time left before `deadline`, if any.
+fn remaining(deadline: Instant) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|left| !left.is_zero())
+}
+
+/// Reads the connection to its end (the answering process closes it only
+/// by exiting). `false` if the deadline came first.
+fn wait_for_close(stream: &mut BufReader<UnixStream>, deadline: Instant) -> bool {
+    let mut buffer = [0u8; 256];
+    loop {
+        let Some(left) = remaining(deadline) else {
+            return false;
+        };
+        if stream.get_ref().set_read_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match stream.read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // A reset is a close too; a timeout is not.
+            Err(e) => {
+                return !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                );
+            }
+        }
+    }
+}
+
+/// The connection closes as the old process exits, a moment before the
+/// kernel hands its children (the new generation) to the service manager.
+/// On Linux, waits until that is done too, so that a manager which reads
+/// the PID file when this command ends (systemd, after `ExecReload=`) finds
+/// its own child there: `/proc/PID/stat` says `Z` (or is gone) from then on.
+#[cfg(target_os = "linux")]
+fn wait_for_exit(pid: u32, deadline: Instant) -> bool {
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        // The state follows the command name, which is in parentheses.
+        let exited = state
+            .as_deref()
+            .and_then(|stat| stat.rsplit_once(") "))
+            .is_none_or(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'));
+        if exited {
+            return true;
+        }
+        if remaining(deadline).is_none() {
+            return false;
+        }
+        // Microseconds at most: the process is past closing its files.
+        std::thread::yield_now();
+    }
+}
+
+/// Elsewhere no service manager reads the PID file after the command.
+#[cfg(not(target_os = "linux"))]
+fn wait_for_exit(_pid: u32, _deadline: Instant) -> bool {
+    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(words: &[&str]) -> Result<Args, String> {
+        parse_args(words.iter().map(Into::into)).map_err(|early| match early {
+            Early::Print(text) => format!("print: {text}"),
+            Early::Usage(problem) => format!("usage: {problem}"),
+        })
+    }
+
     #[test]
     fn durations_read_as_an_operator_writes_them() {
-        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_timeout("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_timeout("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_timeout("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_timeout("30"), Ok(Duration::from_secs(30)));
+        assert!(parse_timeout("soon").is_err());
+    }
+
+    #[test]
+    fn absurd_timeouts_are_usage_mistakes_not_panics() {
+        for text in ["0", "0s", "307445734561825861m", "18446744073709551615"] {
+            let problem = parse_timeout(text).unwrap_err();
+            assert!(problem.contains(text), "{problem}");
+        }
+    }
+
+    #[test]
+    fn flags_take_values_either_way_and_unknown_ones_are_named() {
+        let args = parse(&["upgrade", "--socket=/run/x.sock", "--timeout", "5s"]).unwrap();
+        assert_eq!(args.socket, PathBuf::from("/run/x.sock"));
+        assert_eq!(args.timeout, Duration::from_secs(5));
+        assert!(args.wait_for_exit);
+        assert!(
+            !parse(&["upgrade", "--socket", "s", "--no-wait"])
+                .unwrap()
+                .wait_for_exit
+        );
+        assert!(parse(&["--help"]).unwrap_err().starts_with("print: usage:"));
+        assert!(
+            parse(&["upgrade", "--help"])
+                .unwrap_err()
+                .starts_with("print: usage:")
+        );
+        assert!(parse(&["-V"]).unwrap_err().starts_with("print: handover "));
+        let problem = parse(&["upgrade", "--socket", "s", "--bogus"]).unwrap_err();
+        assert!(problem.contains("--bogus"), "{problem}");
+        let problem = parse(&["reload", "--socket", "s"]).unwrap_err();
+        assert!(problem.contains("reload"), "{problem}");
+        let problem = parse(&["upgrade"]).unwrap_err();
+        assert!(problem.contains("--socket"), "{problem}");
+        let problem = parse(&["upgrade", "--socket"]).unwrap_err();
+        assert!(problem.contains("--socket"), "{problem}");
     }
 }
