@@ -4,9 +4,13 @@ stop file appears or a deadline passes, then write a summary: a line "OK FAILED 
 
 usage: systemd-load.py PORT STOP_FILE MAX_SECONDS OUT_FILE
 
-Half of the threads open a new connection per request (`Connection: close`),
-half keep their connection alive (and open a new one when the server says
-`Connection: close`, as a draining generation does). Every request that does
+Half of the busy threads open a new connection per request (`Connection:
+close`), half keep their connection alive (and open a new one when the
+server says `Connection: close`, as a draining generation does). Two more
+keep a connection idle between requests, as a browser or a pooled client
+does: a draining generation closes those only after its quiet period, so
+every drain lasts at least that long. Like any pooled client, they check
+that the server has not closed an idle connection before they reuse it. Every request that does
 not get `200` and a `pid=... generation=...` body counts as failed, by class:
 refused, reset, timeout, wrong (a non-200 status or an unexpected body), other.
 """
@@ -14,6 +18,7 @@ refused, reset, timeout, wrong (a non-200 status or an unexpected body), other.
 import http.client
 import json
 import os
+import select
 import socket
 import sys
 import threading
@@ -73,7 +78,55 @@ def worker(keep_alive):
         conn.close()
 
 
+def idle_worker():
+    """A keep-alive connection that is idle for IDLE seconds between requests."""
+    conn = None
+    while time.monotonic() < deadline and not os.path.exists(stop_file):
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.connect()
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            body = response.read().decode(errors="replace")
+            if response.status == 200 and body.startswith("pid="):
+                record("ok", pid=body.split()[0][4:])
+            else:
+                record("wrong", f"status {response.status} body {body[:60]!r}")
+            if response.will_close:
+                conn.close()
+                conn = None
+                continue
+            # Idle; a server that closes the connection meanwhile is seen
+            # here (readable at EOF), and a new one is opened.
+            # One wait to the end of the idle time, so that the check comes
+            # right before the next request, as a pool checks at checkout.
+            readable, _, _ = select.select([conn.sock], [], [], IDLE)
+            if readable:
+                conn.close()
+                conn = None
+        except ConnectionRefusedError as e:
+            record("refused", repr(e))
+            conn = None
+        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as e:
+            record("reset", repr(e))
+            conn = None
+        except (socket.timeout, TimeoutError) as e:
+            record("timeout", repr(e))
+            conn = None
+        except Exception as e:  # noqa: BLE001 - every failure is counted
+            record("other", repr(e))
+            conn = None
+    if conn is not None:
+        conn.close()
+
+
+# Longer than the example's quiet period (1 s), so that a draining generation
+# closes these connections while they are idle.
+IDLE = 1.5
+
 threads = [threading.Thread(target=worker, args=(i % 2 == 0,)) for i in range(4)]
+threads += [threading.Thread(target=idle_worker) for _ in range(2)]
 for t in threads:
     t.start()
 for t in threads:

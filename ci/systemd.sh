@@ -9,22 +9,33 @@
 # cannot run here (no privileges for a manager, no systemd >= 253 for
 # Type=notify-reload) is SKIPPED, loudly, never passed.
 #
-#   usage: ci/systemd.sh [PATH-TO-BINARY]
-#     default target/release/examples/http_server (built when missing)
+#   usage: ci/systemd.sh [PATH-TO-BINARY [PATH-TO-HANDOVER-CLI]]
+#     default target/release/examples/http_server and target/release/handover
+#     (built when missing)
 #   env:   SYSTEMD_SUITES="system backports"  which managers to run: the
 #            installed systemd, and Debian bookworm-backports' systemd (254),
 #            unpacked into target/systemd-backports/ (nothing is installed)
 #          SYSTEMD_CASES="..."   run only these cases (names as printed)
-#          SYSTEMD_RELOADS=5     reloads per case (socket activation: 3)
-#          SYSTEMD_RELOAD_PAUSE=0.5  seconds of load on each generation
+#          SYSTEMD_RELOADS=20    reloads per case (back-to-back: this many
+#                                  pairs' worth, in pairs)
+#          SYSTEMD_FINDING_RELOADS=5  reloads per finding
+#          SYSTEMD_RELOAD_PAUSE=0.2  seconds of load on each generation
 #          SYSTEMD_KEEP=1        keep the work folder (logs) even on success
 #
-# Besides PASS/FAIL, every managed case prints its reloads (old -> new pid,
-# generation, time), the load (ci/systemd-load.py: requests ok and failed, by
-# class) and how the stop went. Variants of the example units (without
-# PIDFile=, with KillMode=process) run as `finding:` lines
+# A case passes when every reload moved MainPID to the new generation (and
+# the PID file and GET / agree), no request of the load failed (it keeps
+# idle keep-alive connections, so each drain lasts the example's quiet
+# period), systemd never said "Supervising process N which is not our
+# child", and `systemctl stop` ended it by SIGTERM with Result=success.
+# Cases: each unit of examples/systemd/ (Type=notify-reload on >= 253), the
+# notify unit with `ExecReload=handover upgrade --socket`, and back-to-back
+# reloads (the second while the old generation drains) for notify and
+# notify-reload. Besides PASS/FAIL, every managed case prints its reloads
+# (old -> new pid, generation, time), the load (ci/systemd-load.py: requests
+# ok and failed, by class) and how the stop went. Variants of the example
+# units (without PIDFile=, with KillMode=process) run as `finding:` lines
 # that do not decide the exit status: they record what this systemd does.
-# About 90 s for both managers.
+# About 8 minutes for both managers.
 #
 # Needs root (mount namespace, cgroups). Installs, where missing and
 # possible: systemd, util-linux, bsdutils (script), curl, python3.
@@ -39,6 +50,7 @@ detail() { printf '    %s\n' "$@"; }
 # ---------------------------------------------------------------- setup
 
 bin=${1:-target/release/examples/http_server}
+cli=${2:-target/release/handover}
 if [ ! -x "$bin" ]; then
   if [ $# -eq 0 ]; then
     say "systemd.sh: building the example: cargo build --release --example http_server"
@@ -47,9 +59,19 @@ if [ ! -x "$bin" ]; then
     say "systemd.sh: $bin is not an executable file"; exit 2
   fi
 fi
+if [ ! -x "$cli" ]; then
+  if [ $# -lt 2 ]; then
+    say "systemd.sh: building the client: cargo build --release --bin handover"
+    cargo build --release --bin handover -q || { say "systemd.sh: the build failed"; exit 1; }
+  else
+    say "systemd.sh: $cli is not an executable file"; exit 2
+  fi
+fi
 bin=$(realpath "$bin")
-reloads=${SYSTEMD_RELOADS:-5}
-pause=${SYSTEMD_RELOAD_PAUSE:-0.5}
+cli=$(realpath "$cli")
+reloads=${SYSTEMD_RELOADS:-20}
+finding_reloads=${SYSTEMD_FINDING_RELOADS:-5}
+pause=${SYSTEMD_RELOAD_PAUSE:-0.2}
 suites=${SYSTEMD_SUITES:-system backports}
 only=${SYSTEMD_CASES:-}
 
@@ -275,7 +297,8 @@ start_manager() { # label units-source-folder
 # install_unit SOURCE NAME PORT [sed-expression]
 install_unit() {
   local src=$repo/examples/systemd/$1 name=$2 port=$3 extra=${4:-}
-  sed -e "s|/usr/local/bin/http_server|$bin|g" -e "s|127\.0\.0\.1:8080|127.0.0.1:$port|g" \
+  sed -e "s|/usr/local/bin/http_server|$bin|g" -e "s|/usr/local/bin/handover|$cli|g" \
+    -e "s|127\.0\.0\.1:8080|127.0.0.1:$port|g" \
     ${extra:+-e "$extra"} "$src" >"$B/units/$name"
   mkdir -p "$B/units/$name.d"
   cat >"$B/units/$name.d/ci.conf" <<EOF
@@ -409,7 +432,11 @@ managed_case() {
     reload_fail="after start MainPID=$mainpid but GET / answered '$body'"
   else
     start_load "$port" "$name"
+    if [ "${mode:-}" = back-to-back ]; then
+      back_to_back "$unit" "$port" "$count" "$pidf"
+    fi
     for i in $(seq "$count"); do
+      [ "${mode:-}" = back-to-back ] && break
       old=$mainpid
       t0=$(date +%s%N)
       if ! sctl reload "$unit" 2>"$B/$name.err"; then
@@ -469,8 +496,75 @@ managed_case() {
     for p in $left; do kill -KILL "$p" 2>/dev/null; done
   fi
   [ "$stop_how" = sigterm ] || stop_fail+="${stop_fail:+; }stopped by $stop_how, not SIGTERM"
+  [ "$result" = success ] || stop_fail+="${stop_fail:+; }Result=$result, not success"
   alien=$(tail -c +"$((case_offset + 1))" "$B/manager.log" | grep -F "$unit" | grep -c 'which is not our child')
+  [ "$alien" = 0 ] || reload_fail+="${reload_fail:+; }systemd said 'Supervising process N which is not our child' $alien times"
   case_info="reloads: ${reload_log[*]:-none}; load: $load_line; stop: $stop_how in ${stop_ms}ms, Result=$result; systemd said 'not our child' $alien times"
+}
+
+# Polls GET / until it answers from generation $2: prints the body.
+# Bounded: 30 s.
+get_generation() { # port generation
+  local body="" end=$((SECONDS + 30))
+  while :; do
+    body=$(get "$1" 1)
+    [[ "$body" == *" generation=$2" ]] && break
+    [ $SECONDS -ge $end ] && break
+    sleep 0.02
+  done
+  printf '%s' "$body"
+}
+
+# Reloads in pairs, the second of each pair as soon as the first one's new
+# generation serves, while the old one still drains (the load's idle
+# connections keep it draining for the quiet period). The second reload's
+# signal reaches the old generation (systemd's main process until it
+# exits), which passes it on; the pair must end two generations later with
+# MainPID, the PID file and GET / agreeing. Sets reload_fail and reload_log
+# like managed_case's own loop.
+back_to_back() { # unit port reloads pid-file
+  local unit=$1 port=$2 pairs=$(($3 / 2)) pidf=$4 i old gen body t0 elapsed
+  [ "$pairs" -ge 1 ] || pairs=1
+  for i in $(seq "$pairs"); do
+    old=$mainpid
+    body=$(get_from "$port" "$old")
+    gen=${body##*generation=}
+    t0=$(date +%s%N)
+    if ! sctl reload "$unit" 2>"$B/b2b.err"; then
+      reload_fail="pair $i: first systemctl reload: $(cat "$B/b2b.err")"; return
+    fi
+    body=$(get_generation "$port" $((gen + 1)))
+    if [[ "$body" != *" generation=$((gen + 1))" ]]; then
+      reload_fail="pair $i: generation $((gen + 1)) did not serve after the first reload ('$body')"; return
+    fi
+    if ! kill -0 "$old" 2>/dev/null; then
+      reload_fail="pair $i: the old generation $old had left before the second reload: not back to back"; return
+    fi
+    if ! sctl reload "$unit" 2>"$B/b2b.err"; then
+      reload_fail="pair $i: second systemctl reload, while $old drains: $(cat "$B/b2b.err")"; return
+    fi
+    body=$(get_generation "$port" $((gen + 2)))
+    if [[ "$body" != *" generation=$((gen + 2))" ]]; then
+      reload_fail="pair $i: the second reload was lost: generation $((gen + 2)) never served ('$body')"; return
+    fi
+    if ! wait_one_process "$unit"; then
+      reload_fail="pair $i: the unit's cgroup still holds $procs processes 30 s later"; return
+    fi
+    if ! wait_new_main "$unit" "$old"; then
+      reload_fail="pair $i: 30 s later MainPID is $mainpid (was $old), $active/$sub"; return
+    fi
+    elapsed=$((($(date +%s%N) - t0) / 1000000))
+    track_pid "$mainpid"
+    body=$(get_from "$port" "$mainpid")
+    if [[ "$body" != "pid=$mainpid generation=$((gen + 2))" ]]; then
+      reload_fail="pair $i: MainPID=$mainpid but GET / answered '$body' (want generation $((gen + 2)))"; return
+    fi
+    if [ "$(cat "$pidf" 2>/dev/null)" != "$mainpid" ]; then
+      reload_fail="pair $i: MainPID=$mainpid but the PID file says '$(cat "$pidf" 2>/dev/null)'"; return
+    fi
+    reload_log+=("$old=>$mainpid(gen $((gen + 2)), ${elapsed}ms)")
+    sleep "$pause"
+  done
 }
 
 # Runs managed_case and reports it. A `finding` reports what happened and
@@ -507,26 +601,35 @@ run_managed() { # case|finding NAME UNIT PORT RELOADS [socket-unit]
   fi
 }
 
-# systemd-socket-activate (no manager): it makes the socket and execs the
-# example with LISTEN_FDS=1, LISTEN_FDNAMES=http; GET, SIGHUP, GET again.
-socket_activate_case() {
-  local tool port dir pid body new="" why="" i p
+# systemd-socket-activate (no manager): it makes the socket and, on the
+# first connection, execs the example with LISTEN_FDS=1 (and
+# LISTEN_FDNAMES=http with --fdname=http; without it the socket has no name
+# the example asks for, and must be taken all the same). That first
+# connection must be answered, not reset; then SIGHUP, GET again.
+socket_activate_case() { # case-name [fdname]
+  local name=$1 fdname=${2:-} tool port dir pid body new="" why="" i p rc
   tool=$(command -v systemd-socket-activate || echo /lib/systemd/systemd-socket-activate)
-  [ -x "$tool" ] || { report systemd-socket-activate "$SD_VER" SKIPPED "no systemd-socket-activate"; return; }
+  [ -x "$tool" ] || { report "$name" "$SD_VER" SKIPPED "no systemd-socket-activate"; return; }
   port=$(free_port)
-  dir=$work/socket-activate
+  dir=$work/socket-activate${fdname:+-$fdname}
   mkdir -p "$dir"
-  # It passes the program only the variables named with -E.
-  "$tool" -l "127.0.0.1:$port" --fdname=http -E NO_COLOR=1 -E RUST_LOG=info \
-    "$bin" --pid-file "$dir/svc.pid" >"$dir/svc.log" 2>&1 &
+  # It passes the program only the variables named with -E. The example's
+  # own address (--listen) is elsewhere: the activated socket must win.
+  "$tool" -l "127.0.0.1:$port" ${fdname:+--fdname="$fdname"} -E NO_COLOR=1 -E RUST_LOG=info \
+    "$bin" --listen "127.0.0.1:$(free_port)" --pid-file "$dir/svc.pid" >"$dir/svc.log" 2>&1 &
   pid=$!
   disown "$pid"
   bg_pids+=("$pid")
   track_pid "$pid"
-  for _ in $(seq 200); do [ -s "$dir/svc.pid" ] && break; kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-  body=$(get_from "$port" "$pid")
+  # The first connection starts the example; retried only while the tool
+  # does not listen yet (curl: 7, connection refused).
+  for _ in $(seq 200); do
+    body=$(curl -s --max-time 10 "http://127.0.0.1:$port/" 2>/dev/null); rc=$?
+    [ "$rc" = 7 ] || break
+    sleep 0.05
+  done
   if [[ "$body" != "pid=$pid "* ]]; then
-    why="GET / through systemd-socket-activate answered '$body' (want pid=$pid)"
+    why="the connection that activated the example got '$body' (curl exit $rc; want pid=$pid)"
   else
     kill -HUP "$pid"
     new=""
@@ -556,10 +659,10 @@ socket_activate_case() {
   for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || { [ -n "$new" ] && kill -0 "$new" 2>/dev/null; } || break; sleep 0.05; done
   for p in "$pid" $new; do kill -KILL "$p" 2>/dev/null; done
   if [ -z "$why" ]; then
-    report systemd-socket-activate "$SD_VER" PASS
-    detail "generation 0 pid $pid, after SIGHUP pid $new: both served GET /; SIGTERM stopped it"
+    report "$name" "$SD_VER" PASS
+    detail "generation 0 pid $pid answered the activating connection, after SIGHUP pid $new: both served GET /; SIGTERM stopped it"
   else
-    report systemd-socket-activate "$SD_VER" FAIL
+    report "$name" "$SD_VER" FAIL
     detail "why: $why" "its log, last lines:"
     tail -n 8 "$dir/svc.log" | sed 's/^/      /'
   fi
@@ -585,31 +688,40 @@ run_suite() { # label
     port=$(free_port); install_unit http-server-pidfile.service http-server-pidfile.service "$port"
     run_managed case pidfile http-server-pidfile.service "$port" "$reloads"
     port=$(free_port); install_unit http-server-pidfile.service pidfile-killmode-process.service "$port" 's/^\[Service\]$/[Service]\nKillMode=process/'
-    run_managed finding "pidfile, KillMode=process" pidfile-killmode-process.service "$port" "$reloads"
+    run_managed finding "pidfile, KillMode=process" pidfile-killmode-process.service "$port" "$finding_reloads"
   fi
   if wanted notify; then
     port=$(free_port); install_unit http-server-notify.service http-server-notify.service "$port"
     run_managed case notify http-server-notify.service "$port" "$reloads"
+    # `systemctl reload` that reports the upgrade's outcome.
+    port=$(free_port); install_unit http-server-notify.service notify-handover-upgrade.service "$port" \
+      's|^ExecStart=\(.*\)$|ExecStart=\1 --control-socket %t/%N.sock|; s|^ExecReload=.*$|ExecReload=/usr/local/bin/handover upgrade --socket %t/%N.sock|'
+    sed -i "s|/usr/local/bin/handover|$cli|" "$B/units/notify-handover-upgrade.service"
+    run_managed case "notify, ExecReload=handover upgrade" notify-handover-upgrade.service "$port" "$reloads"
+    port=$(free_port); install_unit http-server-notify.service notify-back-to-back.service "$port"
+    mode=back-to-back run_managed case "notify, back-to-back reloads" notify-back-to-back.service "$port" "$reloads"
     port=$(free_port); install_unit http-server-notify.service notify-killmode-process.service "$port" 's/^\[Service\]$/[Service]\nKillMode=process/'
-    run_managed finding "notify, KillMode=process" notify-killmode-process.service "$port" "$reloads"
+    run_managed finding "notify, KillMode=process" notify-killmode-process.service "$port" "$finding_reloads"
     # The same without PIDFile=: systemd learns the new main process from
     # MAINPID= alone.
     port=$(free_port); install_unit http-server-notify.service notify-mainpid.service "$port" '/^PIDFile=/d'
-    run_managed finding "notify, MAINPID= only (no PIDFile=)" notify-mainpid.service "$port" "$reloads"
+    run_managed finding "notify, MAINPID= only (no PIDFile=)" notify-mainpid.service "$port" "$finding_reloads"
   fi
   if wanted notify-reload; then
     if [ "$has_reload" = yes ]; then
       port=$(free_port); install_unit http-server-notify-reload.service http-server-notify-reload.service "$port"
       run_managed case notify-reload http-server-notify-reload.service "$port" "$reloads"
+      port=$(free_port); install_unit http-server-notify-reload.service notify-reload-back-to-back.service "$port"
+      mode=back-to-back run_managed case "notify-reload, back-to-back reloads" notify-reload-back-to-back.service "$port" "$reloads"
       port=$(free_port); install_unit http-server-notify-reload.service notify-reload-killmode-process.service "$port" 's/^\[Service\]$/[Service]\nKillMode=process/'
-      run_managed finding "notify-reload, KillMode=process" notify-reload-killmode-process.service "$port" "$reloads"
+      run_managed finding "notify-reload, KillMode=process" notify-reload-killmode-process.service "$port" "$finding_reloads"
       if grep -q '^PIDFile=' "$repo/examples/systemd/http-server-notify-reload.service"; then
         port=$(free_port); install_unit http-server-notify-reload.service notify-reload-mainpid.service "$port" '/^PIDFile=/d'
-        run_managed finding "notify-reload, MAINPID= only (no PIDFile=)" notify-reload-mainpid.service "$port" "$reloads"
+        run_managed finding "notify-reload, MAINPID= only (no PIDFile=)" notify-reload-mainpid.service "$port" "$finding_reloads"
       else
         port=$(free_port); install_unit http-server-notify-reload.service notify-reload-pidfile.service "$port" \
           's|^ExecStart=.*--pid-file \(.*\)$|&\nPIDFile=\1|'
-        run_managed finding "notify-reload with PIDFile=" notify-reload-pidfile.service "$port" "$reloads"
+        run_managed finding "notify-reload with PIDFile=" notify-reload-pidfile.service "$port" "$finding_reloads"
       fi
     elif [ -z "$backports_root" ] || [[ " $suites " != *" backports "* ]]; then
       report notify-reload "$SD_VER" SKIPPED "Type=notify-reload needs systemd >= 253; ${backports_reason:-the backports suite was not asked for}"
@@ -620,7 +732,14 @@ run_suite() { # label
     install_unit http-server.socket http-server.socket "$port"
     rm -rf "$B/units/http-server.socket.d"
     install_unit http-server-socket.service http-server-socket.service "$port"
-    run_managed case socket-activation http-server-socket.service "$port" "${SYSTEMD_SOCKET_RELOADS:-3}" http-server.socket
+    run_managed case socket-activation http-server-socket.service "$port" "$reloads" http-server.socket
+    # The same socket unit without FileDescriptorName=: systemd names the
+    # socket after the unit, and the example must still take it.
+    port=$(free_port)
+    install_unit http-server.socket unnamed.socket "$port" '/^FileDescriptorName=/d; s/^Service=.*$/Service=unnamed-socket.service/'
+    rm -rf "$B/units/unnamed.socket.d"
+    install_unit http-server-socket.service unnamed-socket.service "$port" 's/http-server\.socket/unnamed.socket/g'
+    run_managed case "socket-activation, no FileDescriptorName=" unnamed-socket.service "$port" "$finding_reloads" unnamed.socket
   fi
 }
 
@@ -674,7 +793,10 @@ for suite in $suites; do
     continue
   fi
   run_suite "$suite"
-  if [ "$suite" = system ] && wanted systemd-socket-activate; then socket_activate_case; fi
+  if [ "$suite" = system ] && wanted systemd-socket-activate; then
+    socket_activate_case systemd-socket-activate http
+    socket_activate_case "systemd-socket-activate, no --fdname" ""
+  fi
 done
 
 say "systemd.sh: summary"

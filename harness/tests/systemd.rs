@@ -6,8 +6,9 @@
 //! script; their lines, and the `finding:` lines, are written straight to
 //! the terminal so that a skip shows in the test output even when it passes.
 //!
-//! The example is the release build (`cargo build --release --example
-//! http_server`), or the binary named by `HANDOVER_SYSTEMD_BINARY`.
+//! The example and the `handover` client are the release builds (`cargo
+//! build --release --example http_server --bin handover`), or the binaries
+//! named by `HANDOVER_SYSTEMD_BINARY` and `HANDOVER_SYSTEMD_CLI`.
 #![cfg(feature = "chaos")]
 
 use std::io::Write;
@@ -34,11 +35,15 @@ fn shout(text: &str) {
     let _ = writeln!(err, "{text}");
 }
 
-/// Builds the example in release mode and returns its path (from cargo's
-/// own report, so that CARGO_TARGET_DIR and the like are honoured).
-fn example_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("HANDOVER_SYSTEMD_BINARY") {
-        return PathBuf::from(path);
+/// Builds the example and the client in release mode and returns their
+/// paths (from cargo's own report, so that CARGO_TARGET_DIR and the like
+/// are honoured).
+fn binaries() -> (PathBuf, PathBuf) {
+    if let (Some(example), Some(cli)) = (
+        std::env::var_os("HANDOVER_SYSTEMD_BINARY"),
+        std::env::var_os("HANDOVER_SYSTEMD_CLI"),
+    ) {
+        return (PathBuf::from(example), PathBuf::from(cli));
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(cargo)
@@ -47,6 +52,8 @@ fn example_binary() -> PathBuf {
             "--release",
             "--example",
             "http_server",
+            "--bin",
+            "handover",
             "--message-format=json-render-diagnostics",
         ])
         .current_dir(repo())
@@ -55,16 +62,20 @@ fn example_binary() -> PathBuf {
         .expect("cargo runs");
     assert!(
         output.status.success(),
-        "cargo build --release --example http_server: {}",
+        "cargo build --release --example http_server --bin handover: {}",
         output.status
     );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|message| message["reason"] == "compiler-artifact")
-        .filter(|message| message["target"]["name"] == "http_server")
-        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reports the example's executable")
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let executable = |name: &str| {
+        stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|message| message["reason"] == "compiler-artifact")
+            .filter(|message| message["target"]["name"] == name)
+            .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+            .unwrap_or_else(|| panic!("cargo reports the executable of {name}"))
+    };
+    (executable("http_server"), executable("handover"))
 }
 
 #[test]
@@ -73,11 +84,12 @@ fn example_service_under_a_real_systemd() {
         shout("systemd: every case: SKIPPED (systemd runs on Linux only)");
         return;
     }
-    let binary = example_binary();
+    let (binary, cli) = binaries();
     let log = tempfile::NamedTempFile::new().expect("a temporary file");
     let mut child = Command::new("bash")
         .arg(repo().join("ci/systemd.sh"))
         .arg(&binary)
+        .arg(&cli)
         .current_dir(repo())
         .stdin(Stdio::null())
         .stdout(log.reopen().expect("the log"))
