@@ -4,6 +4,9 @@ stop file appears or a deadline passes, then write a summary: a line "OK FAILED 
 
 usage: systemd-load.py PORT STOP_FILE MAX_SECONDS OUT_FILE
 
+OUT_FILE.started appears once every thread has had its first answer, so
+that the caller can wait for the load to be running rather than guess.
+
 Half of the busy threads open a new connection per request (`Connection:
 close`), half keep their connection alive (and open a new one when the
 server says `Connection: close`, as a draining generation does). Two more
@@ -35,8 +38,17 @@ examples = []
 pids = {}
 
 
+answered = set()
+
+
 def record(kind, detail=None, pid=None):
     with lock:
+        if kind == "ok":
+            me = threading.get_ident()
+            if me not in answered:
+                answered.add(me)
+                if len(answered) == len(threads):
+                    open(out + ".started", "w").close()
         counts[kind] += 1
         if detail is not None and len(examples) < 5:
             examples.append(f"{kind}: {detail}")

@@ -310,14 +310,21 @@ TimeoutStopSec=20
 EOF
 }
 
-# The load generator, in the background until stop_load.
+# The load generator, in the background until stop_load. Returns once
+# every one of its clients has had an answer (the idle ones then hold
+# connections that a drain must wait for). Bounded: 30 s.
 start_load() { # port name
-  rm -f "$B/$2.load-stop" "$B/$2.load.json"
-  python3 "$repo/ci/systemd-load.py" "$1" "$B/$2.load-stop" 120 "$B/$2.load.json" &
+  rm -f "$B/$2.load-stop" "$B/$2.load.json" "$B/$2.load.json.started"
+  python3 "$repo/ci/systemd-load.py" "$1" "$B/$2.load-stop" 300 "$B/$2.load.json" &
   load_pid=$!
   disown "$load_pid"
   bg_pids+=("$load_pid")
-  sleep 0.3
+  for _ in $(seq 600); do
+    [ -e "$B/$2.load.json.started" ] && return 0
+    kill -0 "$load_pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  say "systemd.sh: the load generator did not get going within 30 s"
 }
 
 # Stops it and sets load_ok, load_failed and load_line.
@@ -523,7 +530,8 @@ get_generation() { # port generation
 # MainPID, the PID file and GET / agreeing. Sets reload_fail and reload_log
 # like managed_case's own loop.
 back_to_back() { # unit port reloads pid-file
-  local unit=$1 port=$2 pairs=$(($3 / 2)) pidf=$4 i old gen body t0 elapsed
+  # (Sets managed_case's gen: the generation serving at the end.)
+  local unit=$1 port=$2 pairs=$(($3 / 2)) pidf=$4 i old body t0 elapsed
   [ "$pairs" -ge 1 ] || pairs=1
   for i in $(seq "$pairs"); do
     old=$mainpid

@@ -12,8 +12,10 @@ use std::path::Path;
 
 use std::path::PathBuf;
 use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::sys::ProcessId;
 
 /// Replaces the PID file at `path` with `pid`.
 pub(crate) fn write(path: &Path, pid: i32) -> Result<()> {
@@ -78,6 +80,27 @@ pub(crate) fn name_at_exit(path: &Path, successor: i32) {
     });
 }
 
+/// Processes whose end must come before the file changes at exit; see
+/// [`wait_at_exit_for`].
+static WAIT_FOR: Mutex<Vec<ProcessId>> = Mutex::new(Vec::new());
+
+/// How long the exit waits for them, at most.
+const WAIT_AT_EXIT: Duration = Duration::from_secs(5);
+
+/// Before naming the successor at exit, wait until `sender` has been
+/// reaped. It sent the upgrade signal and is this process's sibling: an
+/// `ExecReload=/bin/kill -HUP $MAINPID` of systemd, which reads the PID
+/// file when it handles that command's end and reaps it right after. So
+/// the file must not change between this process's last act and the
+/// kernel's handing the successor to systemd while systemd has yet to
+/// handle that end: usually long done after a drain, but not after an
+/// instant one on a loaded machine (seen under `ci/systemd.sh`).
+pub(crate) fn wait_at_exit_for(sender: ProcessId) {
+    let mut wait_for = WAIT_FOR.lock().unwrap_or_else(|p| p.into_inner());
+    wait_for.retain(|process| !crate::sys::is_reaped(*process));
+    wait_for.push(sender);
+}
+
 /// The successor died before this process exited: the file must not name
 /// a dead process.
 pub(crate) fn forget_at_exit(successor: i32) {
@@ -94,10 +117,34 @@ extern "C" fn write_at_exit() {
         else {
             return;
         };
+        wait_for_reload_commands();
         if let Err(error) = write(&path, successor) {
             tracing::error!(%error, successor, "cannot name the successor in the PID file");
         }
     });
+}
+
+/// Waits (boundedly) until every process noted by [`wait_at_exit_for`] has
+/// been reaped. No event tells of another process's reaping, so this looks
+/// at `/proc` with a short backoff; it runs once, at exit, and rarely finds
+/// anything to wait for.
+fn wait_for_reload_commands() {
+    let wait_for = std::mem::take(&mut *WAIT_FOR.lock().unwrap_or_else(|p| p.into_inner()));
+    let deadline = Instant::now() + WAIT_AT_EXIT;
+    let mut pause = Duration::from_micros(200);
+    for process in wait_for {
+        while !crate::sys::is_reaped(process) {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    pid = process.pid,
+                    "the process that asked for the upgrade still runs: naming the successor in the PID file all the same"
+                );
+                return;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
 }
 
 /// The pid the file names, if it can be read.

@@ -207,6 +207,7 @@ impl Supervisor {
                     if let Some(signal) = &self.channels.upgrade_signal {
                         drain(signal);
                     }
+                    self.note_signal_sender();
                     self.on_upgrade_request("upgrade signal");
                 }
                 Source::StopSignal => {
@@ -374,6 +375,22 @@ impl Supervisor {
                     "upgrade request refused: {error}"
                 );
             }
+        }
+    }
+
+    /// An upgrade signal from a sibling (systemd's `ExecReload=` command)
+    /// must have been handled by the manager before the PID file changes.
+    fn note_signal_sender(&self) {
+        if self.config.pid_file.is_none() {
+            return;
+        }
+        if let Some(sibling) = sys::take_upgrade_signal_sender().and_then(sys::sibling) {
+            tracing::debug!(
+                generation = self.config.generation,
+                sender = sibling.pid,
+                "upgrade signal from a sibling process: the PID file changes only once it is reaped"
+            );
+            pidfile::wait_at_exit_for(sibling);
         }
     }
 

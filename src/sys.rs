@@ -17,6 +17,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -525,6 +526,79 @@ pub(crate) fn poll(
 /// This process's id.
 pub(crate) fn pid() -> i32 {
     nix::unistd::getpid().as_raw()
+}
+
+/// Who sent the last upgrade signal (0: nobody since it was last taken).
+static UPGRADE_SIGNAL_SENDER: AtomicI32 = AtomicI32::new(0);
+
+/// Installs the handler of the upgrade signal: it notes who sent it (see
+/// [`take_upgrade_signal_sender`]) and wakes the supervisor through `wake`,
+/// a non-blocking socket it keeps until the handler is unregistered.
+pub(crate) fn register_upgrade_signal(
+    signal: Signal,
+    wake: std::os::unix::net::UnixStream,
+) -> io::Result<signal_hook_registry::SigId> {
+    let action = move |info: &libc::siginfo_t| {
+        // SAFETY: every siginfo_t the kernel delivers for a signal sent by
+        // kill(2), sigqueue(3) or the kernel itself has si_pid readable
+        // (0 when no process sent it); reading it is a plain load.
+        let sender = unsafe { info.si_pid() };
+        UPGRADE_SIGNAL_SENDER.store(sender, Ordering::Relaxed);
+        // SAFETY: write(2) is async-signal-safe; the buffer is a live
+        // one-byte array, and `wake` is owned by this closure, so its
+        // descriptor is open for as long as the handler is registered. A
+        // full pipe (EAGAIN) already wakes the supervisor.
+        unsafe { libc::write(wake.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+    };
+    // SAFETY: the action does only async-signal-safe work (an atomic store
+    // and write(2)), allocates nothing and takes no lock; signal-hook-registry
+    // chains it with any other handler of the signal.
+    unsafe { signal_hook_registry::register_sigaction(signal as libc::c_int, action) }
+}
+
+/// The process that sent the upgrade signal last, once.
+pub(crate) fn take_upgrade_signal_sender() -> Option<i32> {
+    Some(UPGRADE_SIGNAL_SENDER.swap(0, Ordering::Relaxed)).filter(|pid| *pid > 0)
+}
+
+/// A process, told from a later one with its pid by its start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProcessId {
+    pub(crate) pid: i32,
+    start: u64,
+}
+
+/// `pid`, if it is this process's sibling: a child of the same parent, as
+/// an `ExecReload=` command and the main process are both children of
+/// systemd. Linux reads `/proc/PID/stat`; elsewhere no service manager
+/// reads a PID file after a reload command, and this says `None`.
+pub(crate) fn sibling(pid: i32) -> Option<ProcessId> {
+    let (parent, start) = proc_stat(pid)?;
+    (parent == nix::unistd::getppid().as_raw()).then_some(ProcessId { pid, start })
+}
+
+/// Whether `process` has been reaped (a zombie still counts as there: its
+/// parent has not yet seen it exit).
+pub(crate) fn is_reaped(process: ProcessId) -> bool {
+    proc_stat(process.pid).is_none_or(|(_, start)| start != process.start)
+}
+
+/// The parent and start time of `pid`, from `/proc/PID/stat` (Linux).
+#[cfg(target_os = "linux")]
+fn proc_stat(pid: i32) -> Option<(i32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: count from after it.
+    let (_, fields) = stat.rsplit_once(") ")?;
+    let fields: Vec<&str> = fields.split_whitespace().collect();
+    // Field 3 is the state; 4 the parent; 22 the start time.
+    let parent = fields.get(1)?.parse().ok()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((parent, start))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn proc_stat(_pid: i32) -> Option<(i32, u64)> {
+    None
 }
 
 /// Runs `hook` when the process exits through `exit(3)` (a return from

@@ -208,8 +208,11 @@ impl Upgrader {
             Some(signal) => {
                 let (read, write) = self_pipe()?;
                 // The handler first: a successor may already have this signal
-                // pending, and unblocking it without one would kill it.
-                register(signal, write, &mut signal_ids)?;
+                // pending, and unblocking it without one would kill it. It
+                // notes the sender too (see `pidfile::wait_at_exit_for`).
+                let id = sys::register_upgrade_signal(signal, write)
+                    .map_err(|e| Error::io("installing a signal handler", e))?;
+                signal_ids.push(id);
                 sys::unblock(signal).map_err(|e| Error::io("unblocking the upgrade signal", e))?;
                 Some(read)
             }

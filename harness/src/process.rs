@@ -199,6 +199,29 @@ impl Subject {
         }
     }
 
+    /// Like [`wait_for`](Self::wait_for), but gives up after `within`:
+    /// `None` if no such event came by then. For what must NOT happen
+    /// while a known condition holds (a process that must wait for another).
+    pub fn wait_for_within(
+        &mut self,
+        matches: impl Fn(&Event) -> bool,
+        within: Duration,
+    ) -> Option<Event> {
+        if let Some(event) = self.history.iter().find(|e| matches(e)) {
+            return Some(event.clone());
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = self.events.recv_timeout(left).ok()?;
+            self.pids.insert(event.pid);
+            self.history.push(event.clone());
+            if matches(&event) {
+                return Some(event);
+            }
+        }
+    }
+
     /// Waits until at least `count` events, seen before or arriving now, match.
     pub fn wait_count(&mut self, matches: impl Fn(&Event) -> bool, count: usize) -> io::Result<()> {
         while self.history.iter().filter(|e| matches(e)).count() < count {

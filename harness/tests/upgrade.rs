@@ -446,6 +446,48 @@ fn pid_file_names_the_successor_only_once_the_old_generation_has_exited() {
     }
 }
 
+/// systemd reads `PIDFile=` when an `ExecReload=/bin/kill -HUP $MAINPID`
+/// ends, and reaps that command right after. The old generation, which got
+/// its signal from that command (a sibling: a child of the same parent),
+/// must not name its successor in the PID file, and so must not exit, until
+/// the command has been reaped; here the test is that parent, and reaps the
+/// command when it chooses.
+#[test]
+fn old_generation_names_its_successor_only_after_the_reload_command_is_reaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("subject.pid");
+    let mut subject = Subject::start(&SubjectConfig {
+        pid_file: Some(pid_file.clone()),
+        ..config()
+    })
+    .unwrap();
+    let old = subject.first_pid();
+    // Like systemd's ExecReload=: a child of generation 0's parent, left
+    // unreaped (a zombie) once it has sent the signal.
+    let mut reload_command = Command::new("kill")
+        .args(["-HUP", &old.to_string()])
+        .spawn()
+        .unwrap();
+    subject.wait_for(|e| e.is("ready", 1)).unwrap();
+    subject.wait_for(|e| e.is("exited", 0)).unwrap();
+    // Generation 0 has returned from main; its last act waits.
+    assert!(
+        subject
+            .wait_for_within(
+                |e| e.is("parent-gone", 1),
+                std::time::Duration::from_secs(1)
+            )
+            .is_none(),
+        "generation 0 left before the reload command was reaped"
+    );
+    assert!(is_running(old));
+    assert_eq!(read_pid_file(&pid_file), Some(old));
+
+    reload_command.wait().unwrap();
+    subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
+    assert_eq!(read_pid_file(&pid_file), Some(subject.pid_of(1).unwrap()));
+}
+
 /// A second `systemctl reload` while the old generation drains goes to the
 /// old generation (systemd's main process until it exits): it is passed on
 /// to the successor, which runs it once its parent is gone.
