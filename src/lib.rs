@@ -69,6 +69,13 @@
     unsafe_code
 )]
 
+// The whole library is POSIX: descriptor passing over Unix sockets,
+// posix_spawn, signals. Windows has none of them.
+#[cfg(not(unix))]
+compile_error!(
+    "handover supports Unix only (Linux and macOS): it hands sockets to a new process over a Unix socket and starts it with posix_spawn"
+);
+
 pub mod control;
 pub mod drain;
 mod error;
