@@ -438,7 +438,8 @@ impl Upgrader {
     /// then exit: [`exit`](Self::exit) resolves too) or has failed (this
     /// generation serves on and may try again).
     ///
-    /// The upgrade runs to its end even if this future is dropped.
+    /// The upgrade starts when the future is first polled, and from then on
+    /// runs to its end even if the future is dropped.
     ///
     /// # Errors
     /// [`Error::InProgress`], [`Error::NotReady`], [`Error::ParentAlive`] and
@@ -522,10 +523,12 @@ impl SupervisorHandle {
     }
 
     pub(crate) fn upgrade(&self) -> impl Future<Output = Result<Upgraded>> + Send + 'static {
-        let (reply, answer) = oneshot::channel();
-        let sent = self.send(Command::Upgrade(reply));
+        let handle = self.clone();
+        // Asked for on the first poll, not here: a future that is created
+        // and never polled (a disabled `select!` branch) starts nothing.
         async move {
-            sent?;
+            let (reply, answer) = oneshot::channel();
+            handle.send(Command::Upgrade(reply))?;
             answer.await.unwrap_or(Err(Error::Exiting))
         }
     }

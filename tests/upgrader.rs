@@ -5,6 +5,8 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use handover::{Error, ExitStatus, Kind, Options, Upgrader};
@@ -23,6 +25,39 @@ fn upgrader(executable: &str) -> Upgrader {
             .upgrade_timeout(Duration::from_secs(10)),
     )
     .unwrap()
+}
+
+/// A successor, as a shell script in `dir`: it notes each start in
+/// `dir/starts`, then exits 3 if `dir/fail` exists, else says it is ready and
+/// lives until its parent closes the handshake link.
+fn successor_script(dir: &Path) -> PathBuf {
+    let path = dir.join("successor");
+    let dir = dir.display();
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\necho started >> '{dir}/starts'\n\
+             [ -e '{dir}/fail' ] && exit 3\n\
+             printf R >&3\nexec cat <&3 >/dev/null\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// How many times the script in `dir` started.
+fn starts(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("starts"))
+        .map(|text| text.lines().count())
+        .unwrap_or(0)
+}
+
+/// Ends the test's upgrader and reaps the successor it made ready (which
+/// exits once its handshake link closes).
+fn finish(upgrader: Upgrader, successor: i32) {
+    drop(upgrader);
+    nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(successor), None).unwrap();
 }
 
 #[test]
@@ -169,4 +204,20 @@ async fn a_stop_signal_is_a_final_stop() {
     upgrader.ready().unwrap();
     nix::sys::signal::raise(handover::Signal::SIGUSR2).unwrap();
     assert_eq!(upgrader.exit().await, handover::ExitReason::Stopped);
+}
+
+/// An `upgrade()` future starts its upgrade when first polled: one created
+/// and dropped unpolled (a disabled `select!` branch) starts nothing.
+#[tokio::test]
+async fn an_upgrade_future_never_polled_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let upgrader = upgrader(successor_script(dir.path()).to_str().unwrap());
+    upgrader.ready().unwrap();
+    tokio::select! {
+        _ = upgrader.upgrade(), if false => {}
+        () = std::future::ready(()) => {}
+    }
+    let upgraded = upgrader.upgrade().await.unwrap();
+    assert_eq!(starts(dir.path()), 1, "one successor started");
+    finish(upgrader, upgraded.pid);
 }
