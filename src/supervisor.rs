@@ -83,7 +83,8 @@ struct Inflight {
     outbox: Option<Outbox>,
     link_closed: bool,
     started: Instant,
-    deadline: Instant,
+    /// `None` for a timeout longer than the clock can count: no deadline.
+    deadline: Option<Instant>,
     waiter: Option<oneshot::Sender<Result<Upgraded>>>,
 }
 
@@ -165,7 +166,8 @@ impl Supervisor {
         let timeout = self
             .inflight
             .as_ref()
-            .map(|i| i.deadline.saturating_duration_since(Instant::now()));
+            .and_then(|i| i.deadline)
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()));
         let fds: Vec<(BorrowedFd<'_>, bool)> = watched.iter().map(|(_, fd)| *fd).collect();
         let ready = sys::poll(&fds, timeout)?;
         let sources: Vec<Source> = watched
@@ -208,7 +210,8 @@ impl Supervisor {
         if self
             .inflight
             .as_ref()
-            .is_some_and(|i| Instant::now() >= i.deadline)
+            .and_then(|i| i.deadline)
+            .is_some_and(|deadline| Instant::now() >= deadline)
         {
             self.on_deadline();
         }
@@ -429,7 +432,7 @@ impl Supervisor {
                     outbox,
                     link_closed: false,
                     started,
-                    deadline: started + self.config.upgrade_timeout,
+                    deadline: started.checked_add(self.config.upgrade_timeout),
                     waiter,
                 });
             }

@@ -57,7 +57,9 @@ impl Default for Options {
 
 impl Options {
     /// How long a successor has to call [`Upgrader::ready`] before it is
-    /// killed and the upgrade fails. Default: 60 s, as tableflip.
+    /// killed and the upgrade fails. Default: 60 s, as tableflip. A timeout
+    /// longer than the clock can count from now (`Duration::MAX`) means no
+    /// deadline.
     pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
         self.upgrade_timeout = timeout;
         self

@@ -3,6 +3,7 @@
 //! The process-level contract (a service upgrading itself) is tested on
 //! the harness's subject in `harness/tests/upgrade.rs`.
 
+use std::future::Future;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -51,6 +52,16 @@ fn starts(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("starts"))
         .map(|text| text.lines().count())
         .unwrap_or(0)
+}
+
+/// Checks that `exit()` has not resolved: the generation serves on.
+fn assert_serving(upgrader: &Upgrader) {
+    let exit = std::pin::pin!(upgrader.exit());
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(
+        exit.poll(&mut context).is_pending(),
+        "exit() resolved: this generation would stop serving"
+    );
 }
 
 /// Ends the test's upgrader and reaps the successor it made ready (which
@@ -219,5 +230,30 @@ async fn an_upgrade_future_never_polled_starts_nothing() {
     }
     let upgraded = upgrader.upgrade().await.unwrap();
     assert_eq!(starts(dir.path()), 1, "one successor started");
+    finish(upgrader, upgraded.pid);
+}
+
+/// A timeout too long for the clock is no deadline, not a panic of the
+/// supervisor (which left the service to stop itself and the successor
+/// unwatched).
+#[tokio::test]
+async fn an_upgrade_timeout_of_duration_max_means_no_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let upgrader = Upgrader::new(
+        Options::default()
+            .executable(successor_script(dir.path()))
+            .upgrade_signal(None)
+            .upgrade_timeout(Duration::MAX),
+    )
+    .unwrap();
+    upgrader.ready().unwrap();
+    std::fs::write(dir.path().join("fail"), "").unwrap();
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "successor_exited", "{err}");
+    assert_serving(&upgrader);
+
+    std::fs::remove_file(dir.path().join("fail")).unwrap();
+    let upgraded = upgrader.upgrade().await.unwrap();
+    assert_eq!(starts(dir.path()), 2);
     finish(upgrader, upgraded.pid);
 }
