@@ -197,6 +197,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    /// The state provider (see `Upgrader::set_state_provider`) panicked, so
+    /// this upgrade started no successor. It is called again at the next.
+    #[error("the state provider panicked ({message}); no successor was started")]
+    StateProviderPanicked {
+        /// The panic's message.
+        message: String,
+    },
 }
 
 impl Error {
@@ -221,6 +229,7 @@ impl Error {
             Error::Exiting => "exiting",
             Error::PidFile { .. } => "pid_file",
             Error::Io { .. } => "io",
+            Error::StateProviderPanicked { .. } => "state_provider_panicked",
         }
     }
 
@@ -299,6 +308,9 @@ mod tests {
                 context: "poll",
                 source: io(),
             },
+            Error::StateProviderPanicked {
+                message: "boom".into(),
+            },
         ]
     }
 
@@ -325,6 +337,7 @@ mod tests {
                 "exiting",
                 "pid_file",
                 "io",
+                "state_provider_panicked",
             ]
         );
         let mut unique = reasons.clone();

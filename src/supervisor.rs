@@ -10,6 +10,7 @@ use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -441,15 +442,21 @@ impl Supervisor {
     }
 
     fn spawn_successor(&self) -> Result<(Pid, UnixStream, Option<Outbox>)> {
-        let state = match &*self
-            .config
-            .state_provider
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-        {
-            Some(provider) => (provider.0)(),
-            None => Vec::new(),
-        };
+        let state =
+            match &*self
+                .config
+                .state_provider
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+            {
+                // The service's code, on this thread: its panic fails this
+                // upgrade only, before anything is started.
+                Some(provider) => panic::catch_unwind(AssertUnwindSafe(|| (provider.0)()))
+                    .map_err(|payload| Error::StateProviderPanicked {
+                        message: panic_message(payload.as_ref()),
+                    })?,
+                None => Vec::new(),
+            };
         if state.len() as u64 > state::MAX_STATE {
             return Err(Error::io(
                 "handing over state",
@@ -694,6 +701,17 @@ fn read_link(mut link: &UnixStream) -> LinkRead {
             LinkRead::Nothing
         }
         _ => LinkRead::Closed,
+    }
+}
+
+/// What a panic said, for a log line or an error.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_owned()
     }
 }
 

@@ -372,7 +372,10 @@ impl Upgrader {
     /// upgrade starts, so keep it quick. Megabytes are fine; the limit is
     /// 1 GiB. The successor reads them with
     /// [`inherited_state`](Self::inherited_state). A successor that never
-    /// reads them, or dies first, does not block this generation.
+    /// reads them, or dies first, does not block this generation. A provider
+    /// that panics fails that upgrade with [`Error::StateProviderPanicked`]
+    /// before any successor starts; this generation serves on (with
+    /// `panic = "abort"`, a panic ends the process, as anywhere).
     pub fn set_state_provider(&self, provider: impl Fn() -> Vec<u8> + Send + 'static) {
         *self
             .state_provider
@@ -447,7 +450,8 @@ impl Upgrader {
     /// [`Error::InProgress`], [`Error::NotReady`], [`Error::ParentAlive`] and
     /// [`Error::Exiting`] when no upgrade may start now; [`Error::Spawn`],
     /// [`Error::SuccessorExited`], [`Error::Timeout`] and
-    /// [`Error::Handshake`] when the successor failed.
+    /// [`Error::Handshake`] when the successor failed;
+    /// [`Error::StateProviderPanicked`] when the state provider panicked.
     pub fn upgrade(&self) -> impl Future<Output = Result<Upgraded>> + Send + 'static {
         self.supervisor_handle.upgrade()
     }

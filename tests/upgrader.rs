@@ -257,3 +257,23 @@ async fn an_upgrade_timeout_of_duration_max_means_no_deadline() {
     assert_eq!(starts(dir.path()), 2);
     finish(upgrader, upgraded.pid);
 }
+
+/// A state provider that panics fails that upgrade with a typed error and
+/// starts nothing; the generation serves on and the next upgrade works.
+#[tokio::test]
+async fn a_panicking_state_provider_fails_only_its_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let upgrader = upgrader(successor_script(dir.path()).to_str().unwrap());
+    upgrader.ready().unwrap();
+    upgrader.set_state_provider(|| panic!("no state today"));
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "state_provider_panicked", "{err}");
+    assert!(err.to_string().contains("no state today"), "{err}");
+    assert_eq!(starts(dir.path()), 0, "no successor was started");
+    assert_serving(&upgrader);
+
+    upgrader.set_state_provider(|| b"state".to_vec());
+    let upgraded = upgrader.upgrade().await.unwrap();
+    assert_eq!(starts(dir.path()), 1);
+    finish(upgrader, upgraded.pid);
+}
