@@ -205,6 +205,16 @@ pub enum Error {
         /// The panic's message.
         message: String,
     },
+
+    /// The supervisor thread failed (it panicked, or could not wait for
+    /// events) while it handled this request, or earlier for good. The
+    /// generation serves on; an upgrade it was running was abandoned, its
+    /// successor killed and reaped. The ERROR log says more.
+    #[error("the upgrade supervisor failed ({problem}); this generation serves on")]
+    SupervisorFailed {
+        /// What happened to it.
+        problem: String,
+    },
 }
 
 impl Error {
@@ -230,6 +240,7 @@ impl Error {
             Error::PidFile { .. } => "pid_file",
             Error::Io { .. } => "io",
             Error::StateProviderPanicked { .. } => "state_provider_panicked",
+            Error::SupervisorFailed { .. } => "supervisor_failed",
         }
     }
 
@@ -311,6 +322,9 @@ mod tests {
             Error::StateProviderPanicked {
                 message: "boom".into(),
             },
+            Error::SupervisorFailed {
+                problem: "it panicked: boom".into(),
+            },
         ]
     }
 
@@ -338,6 +352,7 @@ mod tests {
                 "pid_file",
                 "io",
                 "state_provider_panicked",
+                "supervisor_failed",
             ]
         );
         let mut unique = reasons.clone();

@@ -4,7 +4,8 @@
 //! SIGCHLD, the handshake link to the parent and to the successor, the
 //! upgrade deadline) and never polls on a timer. It owns the state machine
 //! and the successor, so an upgrade runs to its end even if the caller of
-//! `upgrade()` goes away, and only one ever runs at a time.
+//! `upgrade()` goes away, and only one ever runs at a time. A panic on
+//! it fails an upgrade, never the service: see [`Supervisor::run`].
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
@@ -76,6 +77,16 @@ pub(crate) struct Channels {
     pub state: Arc<state::Slot>,
 }
 
+/// Panics in consecutive turns after which the supervisor gives up.
+const PANICS_IN_A_ROW: u32 = 3;
+
+/// A panic on the supervisor thread that lost a request's answer with it.
+pub(crate) fn request_dropped() -> Error {
+    Error::SupervisorFailed {
+        problem: "it panicked while it handled this request (see its ERROR log)".to_owned(),
+    }
+}
+
 /// A successor that is starting.
 struct Inflight {
     pid: Pid,
@@ -119,18 +130,46 @@ impl Supervisor {
         }
     }
 
+    /// Runs turns until the `Upgrader` is dropped.
+    ///
+    /// A panic in a turn (a bug, or code this thread calls, such as a
+    /// tracing subscriber) is caught, and the turn's upgrade, if any, fails
+    /// with `supervisor_failed`: what was half-done cannot be trusted, so the
+    /// starting successor is killed and reaped. The next turn goes on, so one
+    /// bad event does not end upgrades for good. A panic while recovering,
+    /// [`PANICS_IN_A_ROW`] panics in a row (an event that panics each time it
+    /// is looked at would spin) or a failing poll(2) fail the supervisor for
+    /// good instead: see [`serve_failed`](Self::serve_failed).
     pub(crate) fn run(mut self) {
-        loop {
-            match self.turn() {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(err) => {
-                    // Only poll(2) itself can fail here; retrying at once
-                    // would spin, so give up the generation's upgrades.
-                    tracing::error!(generation = self.config.generation, error = %err, "supervisor stopped");
-                    break;
+        let generation = self.config.generation;
+        let mut panics_in_a_row = 0;
+        let failure = loop {
+            match panic::catch_unwind(AssertUnwindSafe(|| self.turn())) {
+                Ok(Ok(true)) => panics_in_a_row = 0,
+                Ok(Ok(false)) => break None,
+                // Only poll(2) itself can fail here; retrying at once
+                // would spin.
+                Ok(Err(err)) => break Some(format!("poll(2) failed: {err}")),
+                Err(payload) => {
+                    panics_in_a_row += 1;
+                    let problem = format!("it panicked: {}", panic_message(payload.as_ref()));
+                    guarded(|| {
+                        tracing::error!(
+                            generation,
+                            %problem,
+                            "supervisor panicked; the upgrade it ran, if any, failed"
+                        );
+                    });
+                    let recovered =
+                        panic::catch_unwind(AssertUnwindSafe(|| self.recover(&problem))).is_ok();
+                    if !recovered || panics_in_a_row >= PANICS_IN_A_ROW {
+                        break Some(problem);
+                    }
                 }
             }
+        };
+        if let Some(problem) = failure {
+            self.serve_failed(&problem);
         }
         if let Some(inflight) = self.inflight.take() {
             let pid = inflight.pid;
@@ -138,6 +177,101 @@ impl Supervisor {
             if let Some(waiter) = inflight.waiter {
                 let _ = waiter.send(Err(Error::Exiting));
             }
+        }
+        while let Ok(command) = self.channels.commands.try_recv() {
+            match command {
+                Command::Upgrade(reply) => drop(reply.send(Err(Error::Exiting))),
+                Command::Ready(reply) => drop(reply.send(Err(Error::Exiting))),
+                Command::Stop | Command::Shutdown => {}
+            }
+        }
+    }
+
+    /// After a panic in a turn, leaves no upgrade half-done.
+    fn recover(&mut self, problem: &str) {
+        let failed = || Error::SupervisorFailed {
+            problem: problem.to_owned(),
+        };
+        if self.inflight.is_some() {
+            self.fail_inflight(|_| failed());
+        } else if self.machine.phase() == Phase::Upgrading {
+            self.finish(Err(failed()), None);
+        }
+    }
+
+    /// The supervisor failed for good. It is never taken for a stop, which
+    /// would make a correct service shut itself down: `exit()` stays
+    /// unresolved and the service serves on. It starts no upgrade again but
+    /// answers every request with `supervisor_failed`, and `stop()` and the
+    /// stop signals still stop. Returns when the `Upgrader` is dropped.
+    fn serve_failed(&mut self, problem: &str) {
+        let generation = self.config.generation;
+        let failed = || Error::SupervisorFailed {
+            problem: problem.to_owned(),
+        };
+        guarded(|| {
+            tracing::error!(
+                generation,
+                problem,
+                "upgrade supervisor failed: this generation serves on, but cannot upgrade until it restarts"
+            );
+        });
+        if let Some(inflight) = self.inflight.take() {
+            if let Err(err) = sys::kill_and_reap(inflight.pid) {
+                guarded(
+                    || tracing::error!(pid = inflight.pid.as_raw(), error = %err, "cannot reap the successor"),
+                );
+            }
+            if let Some(waiter) = inflight.waiter {
+                let _ = waiter.send(Err(failed()));
+            }
+            // It may have replaced the PID file before it was killed.
+            guarded(|| self.restore_pid_file());
+        }
+        loop {
+            let ready = {
+                let mut watched = vec![(self.channels.wake.as_fd(), false)];
+                if let Some(signal) = &self.channels.stop_signal {
+                    watched.push((signal.as_fd(), false));
+                }
+                sys::poll(&watched, None)
+            };
+            let command = match ready {
+                Ok(ready) => {
+                    if ready.get(1) == Some(&true) {
+                        if let Some(signal) = &self.channels.stop_signal {
+                            drain(signal);
+                        }
+                        self.stop_even_if_it_panics();
+                    }
+                    drain(&self.channels.wake);
+                    self.channels.commands.try_recv().ok()
+                }
+                // Commands only, then: their channel blocks without poll(2).
+                Err(_) => match self.channels.commands.recv() {
+                    Ok(command) => Some(command),
+                    Err(_) => return,
+                },
+            };
+            let mut next = command;
+            while let Some(command) = next {
+                match command {
+                    Command::Upgrade(reply) => drop(reply.send(Err(failed()))),
+                    Command::Ready(reply) => drop(reply.send(Err(failed()))),
+                    Command::Stop => self.stop_even_if_it_panics(),
+                    Command::Shutdown => return,
+                }
+                next = self.channels.commands.try_recv().ok();
+            }
+        }
+    }
+
+    /// A final stop from a failed supervisor: `exit()` resolves even if the
+    /// rest of the stop panics.
+    fn stop_even_if_it_panics(&mut self) {
+        guarded(|| self.stop());
+        if self.channels.exit.borrow().is_none() {
+            self.channels.exit.send_replace(Some(ExitReason::Stopped));
         }
     }
 
@@ -426,7 +560,8 @@ impl Supervisor {
         self.systemd.reloading(generation);
         match self.spawn_successor() {
             Ok((pid, link, outbox)) => {
-                tracing::info!(generation, pid = pid.as_raw(), "successor started");
+                // Recorded before anything else can panic: a successor
+                // that exists is always killed and reaped if it fails.
                 self.inflight = Some(Inflight {
                     pid,
                     link,
@@ -436,6 +571,7 @@ impl Supervisor {
                     deadline: started.checked_add(self.config.upgrade_timeout),
                     waiter,
                 });
+                tracing::info!(generation, pid = pid.as_raw(), "successor started");
             }
             Err(error) => self.finish(Err(error), waiter),
         }
@@ -702,6 +838,12 @@ fn read_link(mut link: &UnixStream) -> LinkRead {
         }
         _ => LinkRead::Closed,
     }
+}
+
+/// Runs `f`, ignoring a panic in it: for what a failing supervisor still
+/// does (log, restore the PID file) when the code it calls may panic too.
+fn guarded(f: impl FnOnce()) {
+    let _ = panic::catch_unwind(AssertUnwindSafe(f));
 }
 
 /// What a panic said, for a log line or an error.

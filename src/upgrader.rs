@@ -436,7 +436,7 @@ impl Upgrader {
     pub fn ready(&self) -> Result<()> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Ready(reply))?;
-        block_on(answer).unwrap_or(Err(Error::Exiting))
+        block_on(answer).unwrap_or_else(|_| Err(supervisor::request_dropped()))
     }
 
     /// Starts a successor and resolves when it is ready (this generation must
@@ -451,7 +451,9 @@ impl Upgrader {
     /// [`Error::Exiting`] when no upgrade may start now; [`Error::Spawn`],
     /// [`Error::SuccessorExited`], [`Error::Timeout`] and
     /// [`Error::Handshake`] when the successor failed;
-    /// [`Error::StateProviderPanicked`] when the state provider panicked.
+    /// [`Error::StateProviderPanicked`] when the state provider panicked;
+    /// [`Error::SupervisorFailed`] when the supervisor thread failed (this
+    /// generation serves on; see the error).
     pub fn upgrade(&self) -> impl Future<Output = Result<Upgraded>> + Send + 'static {
         self.supervisor_handle.upgrade()
     }
@@ -535,7 +537,9 @@ impl SupervisorHandle {
         async move {
             let (reply, answer) = oneshot::channel();
             handle.send(Command::Upgrade(reply))?;
-            answer.await.unwrap_or(Err(Error::Exiting))
+            answer
+                .await
+                .unwrap_or_else(|_| Err(supervisor::request_dropped()))
         }
     }
 }

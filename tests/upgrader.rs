@@ -1,16 +1,17 @@
 //! The `Upgrader` API in this test process, against the real OS: real
-//! sockets, real successor processes (small system binaries), real signals.
+//! sockets, real successor processes (small system binaries and shell
+//! scripts), real signals.
 //! The process-level contract (a service upgrading itself) is tested on
 //! the harness's subject in `harness/tests/upgrade.rs`.
 
-use std::future::Future;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::{assert_serving, finish, starts, successor_script};
 use handover::{Error, ExitStatus, Kind, Options, Upgrader};
+
+mod common;
 
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
@@ -26,49 +27,6 @@ fn upgrader(executable: &str) -> Upgrader {
             .upgrade_timeout(Duration::from_secs(10)),
     )
     .unwrap()
-}
-
-/// A successor, as a shell script in `dir`: it notes each start in
-/// `dir/starts`, then exits 3 if `dir/fail` exists, else says it is ready and
-/// lives until its parent closes the handshake link.
-fn successor_script(dir: &Path) -> PathBuf {
-    let path = dir.join("successor");
-    let dir = dir.display();
-    std::fs::write(
-        &path,
-        format!(
-            "#!/bin/sh\necho started >> '{dir}/starts'\n\
-             [ -e '{dir}/fail' ] && exit 3\n\
-             printf R >&3\nexec cat <&3 >/dev/null\n"
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
-}
-
-/// How many times the script in `dir` started.
-fn starts(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("starts"))
-        .map(|text| text.lines().count())
-        .unwrap_or(0)
-}
-
-/// Checks that `exit()` has not resolved: the generation serves on.
-fn assert_serving(upgrader: &Upgrader) {
-    let exit = std::pin::pin!(upgrader.exit());
-    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
-    assert!(
-        exit.poll(&mut context).is_pending(),
-        "exit() resolved: this generation would stop serving"
-    );
-}
-
-/// Ends the test's upgrader and reaps the successor it made ready (which
-/// exits once its handshake link closes).
-fn finish(upgrader: Upgrader, successor: i32) {
-    drop(upgrader);
-    nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(successor), None).unwrap();
 }
 
 #[test]

@@ -1,0 +1,218 @@
+//! The supervisor thread when the code it calls misbehaves or is slow, in
+//! this test process against the real OS (real successors, real SIGCHLD).
+//!
+//! A tracing subscriber is code the supervisor calls on its own thread, so
+//! it is how these tests reach into it: a hook on the supervisor's log
+//! events panics there (as a faulty subscriber would) or holds the thread
+//! until a successor has done something (as a slow log writer would), at a
+//! chosen line. The subscriber is process-wide, so the tests take turns.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::time::Duration;
+
+use common::{assert_serving, finish, starts, successor_script};
+use handover::{ExitReason, Options, Upgrader};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+
+mod common;
+
+/// One log event of a supervisor thread.
+#[derive(Debug, Clone)]
+struct Seen {
+    level: Level,
+    message: String,
+    pid: Option<i32>,
+}
+
+impl Visit for Seen {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if field.name() == "pid" {
+            self.pid = i32::try_from(value).ok();
+        }
+    }
+}
+
+type Hook = Arc<dyn Fn(&Seen) + Send + Sync>;
+
+/// Called on every event of a supervisor thread, on that thread.
+static HOOK: Mutex<Option<Hook>> = Mutex::new(None);
+/// Every event of a supervisor thread so far.
+static SEEN: Mutex<Vec<Seen>> = Mutex::new(Vec::new());
+/// Notified when an event is recorded in `SEEN`.
+static ARRIVED: Condvar = Condvar::new();
+/// One test at a time: the hook is process-wide.
+static TURN: Mutex<()> = Mutex::new(());
+
+struct Hooked;
+
+impl<S: Subscriber> Layer<S> for Hooked {
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        let on_supervisor = std::thread::current()
+            .name()
+            .is_some_and(|name| name.starts_with("handover-gen"));
+        if !on_supervisor {
+            return;
+        }
+        let mut seen = Seen {
+            level: *event.metadata().level(),
+            message: String::new(),
+            pid: None,
+        };
+        event.record(&mut seen);
+        lock(&SEEN).push(seen.clone());
+        ARRIVED.notify_all();
+        let hook = lock(&HOOK).clone();
+        if let Some(hook) = hook {
+            hook(&seen);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// This test's turn, with `hook` set until it ends.
+struct Turn {
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl Turn {
+    fn take(hook: impl Fn(&Seen) + Send + Sync + 'static) -> Turn {
+        static SUBSCRIBER: Once = Once::new();
+        SUBSCRIBER.call_once(|| {
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Hooked))
+                .unwrap();
+        });
+        let turn = lock(&TURN);
+        lock(&SEEN).clear();
+        *lock(&HOOK) = Some(Arc::new(hook));
+        Turn { _turn: turn }
+    }
+
+    /// The events seen so far.
+    fn seen(&self) -> Vec<Seen> {
+        lock(&SEEN).clone()
+    }
+
+    /// Waits (boundedly) until an event matches.
+    fn wait_for(&self, matches: impl Fn(&Seen) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut seen = lock(&SEEN);
+        while !seen.iter().any(&matches) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "no such event in {:#?}", *seen);
+            seen = ARRIVED
+                .wait_timeout(seen, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+    }
+
+    /// Removes the hook; the events are still recorded.
+    fn unhook(&self) {
+        *lock(&HOOK) = None;
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        *lock(&HOOK) = None;
+    }
+}
+
+fn upgrader(executable: &std::path::Path) -> Upgrader {
+    Upgrader::new(
+        Options::default()
+            .executable(executable)
+            .upgrade_signal(None)
+            .upgrade_timeout(Duration::from_secs(10)),
+    )
+    .unwrap()
+}
+
+/// A panic in the supervisor's loop, after the successor was spawned, fails
+/// that upgrade with `supervisor_failed` and kills and reaps the successor;
+/// the generation serves on and its next upgrade works.
+#[tokio::test]
+async fn a_panic_in_the_supervisor_fails_that_upgrade_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let spawned = Arc::new(Mutex::new(Vec::new()));
+    let turn = Turn::take({
+        let spawned = Arc::clone(&spawned);
+        move |seen| {
+            if seen.message == "successor started" {
+                let mut spawned = lock(&spawned);
+                spawned.extend(seen.pid);
+                if spawned.len() == 1 {
+                    drop(spawned);
+                    panic!("a faulty log subscriber");
+                }
+            }
+        }
+    });
+    let upgrader = upgrader(&successor_script(dir.path()));
+    upgrader.ready().unwrap();
+
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "supervisor_failed", "{err}");
+    assert!(err.to_string().contains("a faulty log subscriber"), "{err}");
+    let first = lock(&spawned)[0];
+    assert_eq!(
+        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(first), None),
+        Err(nix::errno::Errno::ECHILD),
+        "the abandoned successor was reaped"
+    );
+    assert_serving(&upgrader);
+    assert!(
+        turn.seen()
+            .iter()
+            .any(|s| s.level == Level::ERROR && s.message.contains("supervisor panicked")),
+        "{:#?}",
+        turn.seen()
+    );
+
+    let upgraded = upgrader.upgrade().await.unwrap();
+    assert_eq!(*lock(&spawned), [first, upgraded.pid]);
+    finish(upgrader, upgraded.pid);
+}
+
+/// A supervisor that cannot carry on (here: it panics again while it
+/// recovers) is failed, never a clean stop: `exit()` does not resolve, every
+/// upgrade says `supervisor_failed`, and `stop()` still stops.
+#[tokio::test]
+async fn a_failed_supervisor_is_not_a_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let turn = Turn::take(|seen| {
+        // "upgrade started", then "upgrade failed: ..." while it recovers.
+        if seen.message.starts_with("upgrade ") {
+            panic!("a faulty log subscriber");
+        }
+    });
+    let upgrader = upgrader(&successor_script(dir.path()));
+    upgrader.ready().unwrap();
+
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "supervisor_failed", "{err}");
+    turn.wait_for(|s| s.level == Level::ERROR && s.message.contains("supervisor failed"));
+    turn.unhook();
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "supervisor_failed", "{err}");
+    assert!(err.to_string().contains("a faulty log subscriber"), "{err}");
+    assert_eq!(starts(dir.path()), 0);
+    assert_serving(&upgrader);
+
+    upgrader.stop();
+    assert_eq!(upgrader.exit().await, ExitReason::Stopped);
+}
