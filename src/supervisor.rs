@@ -673,11 +673,7 @@ impl Supervisor {
             }
         }
         match read_link(&inflight.link) {
-            LinkRead::Ready => {
-                if let Some(inflight) = self.inflight.take() {
-                    self.succeed(inflight, false);
-                }
-            }
+            LinkRead::Ready => self.ready_byte_read(),
             LinkRead::Unexpected(byte) => {
                 let problem = format!("sent byte 0x{byte:02x} instead of the ready byte");
                 self.fail_inflight(|pid| Error::Handshake { pid, problem });
@@ -703,26 +699,56 @@ impl Supervisor {
                 let Some(inflight) = self.inflight.take() else {
                     return;
                 };
-                // SIGCHLD and the ready byte can arrive in the same wake-up:
-                // a successor that said it was ready and then exited was ready.
+                // SIGCHLD and the ready byte can arrive in the same wake-up.
+                // Either way it is gone before this generation heard it was
+                // ready: were it to leave, nobody would serve.
                 if read_link(&inflight.link) == LinkRead::Ready {
-                    tracing::error!(
+                    tracing::warn!(
                         generation = self.config.generation,
                         pid = inflight.pid.as_raw(),
                         %status,
-                        "successor exited right after it was ready"
+                        "successor said it was ready but had exited before we heard it; serving on"
                     );
-                    self.succeed(inflight, true);
-                } else {
-                    let error = Error::SuccessorExited {
-                        pid: inflight.pid.as_raw(),
-                        status,
-                    };
-                    self.finish(Err(error), inflight.waiter);
                 }
+                let error = Error::SuccessorExited {
+                    pid: inflight.pid.as_raw(),
+                    status,
+                };
+                self.finish(Err(error), inflight.waiter);
             }
             Ok(None) => {} // another child of this process
             Err(err) => {
+                let problem = format!("cannot wait for it: {err}");
+                self.fail_inflight(|pid| Error::Handshake { pid, problem });
+            }
+        }
+    }
+
+    /// The starting successor's ready byte was read. It succeeds if it is
+    /// still alive now (if it dies a moment later, it was ready all the
+    /// same); one already gone would leave nobody serving once this
+    /// generation left, so that upgrade fails and this generation serves on.
+    fn ready_byte_read(&mut self) {
+        let Some(inflight) = self.inflight.take() else {
+            return;
+        };
+        match sys::try_reap(inflight.pid) {
+            Ok(None) => self.succeed(inflight, false),
+            Ok(Some(status)) => {
+                tracing::warn!(
+                    generation = self.config.generation,
+                    pid = inflight.pid.as_raw(),
+                    %status,
+                    "successor said it was ready but had exited before we heard it; serving on"
+                );
+                let error = Error::SuccessorExited {
+                    pid: inflight.pid.as_raw(),
+                    status,
+                };
+                self.finish(Err(error), inflight.waiter);
+            }
+            Err(err) => {
+                self.inflight = Some(inflight);
                 let problem = format!("cannot wait for it: {err}");
                 self.fail_inflight(|pid| Error::Handshake { pid, problem });
             }

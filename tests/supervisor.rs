@@ -7,11 +7,13 @@
 //! until a successor has done something (as a slow log writer would), at a
 //! chosen line. The subscriber is process-wide, so the tests take turns.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::Duration;
 
 use common::{assert_serving, finish, starts, successor_script};
-use handover::{ExitReason, Options, Upgrader};
+use handover::{Error, ExitReason, ExitStatus, Options, Upgrader};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::Layer;
@@ -215,4 +217,80 @@ async fn a_failed_supervisor_is_not_a_stop() {
 
     upgrader.stop();
     assert_eq!(upgrader.exit().await, ExitReason::Stopped);
+}
+
+/// A successor that writes its pid to the PID file and says it is ready,
+/// as a real one does, then exits 3 at once if `dir/die` exists (else it
+/// lives until its parent closes the handshake link).
+fn ready_then_exiting_successor(dir: &std::path::Path, pid_file: &std::path::Path) -> PathBuf {
+    let path = dir.join("successor");
+    let (dir, pid_file) = (dir.display(), pid_file.display());
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\necho $$ > '{pid_file}'\nprintf R >&3\n\
+             [ -e '{dir}/die' ] && exit 3\nexec cat <&3 >/dev/null\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A successor that said it was ready but had already exited when the
+/// supervisor looked (the supervisor held up, here by its log writer,
+/// until the successor is a zombie: its ready byte and SIGCHLD wait
+/// together) leaves nobody to serve: the upgrade fails with
+/// `successor_exited`, the PID file names this generation again, and it
+/// serves on. (Linux: `waitid(WNOWAIT)` waits for the exit without reaping.)
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_successor_gone_before_its_ready_byte_is_read_was_not_ready() {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("service.pid");
+    let _turn = Turn::take(|seen| {
+        if let (Some(pid), "successor started") = (seen.pid, seen.message.as_str()) {
+            // The first successor only: it dies; the second serves.
+            static HELD: Once = Once::new();
+            HELD.call_once(|| {
+                waitid(
+                    Id::Pid(nix::unistd::Pid::from_raw(pid)),
+                    WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+                )
+                .unwrap();
+            });
+        }
+    });
+    let upgrader = Upgrader::new(
+        Options::default()
+            .executable(ready_then_exiting_successor(dir.path(), &pid_file))
+            .pid_file(&pid_file)
+            .upgrade_signal(None)
+            .upgrade_timeout(Duration::from_secs(10)),
+    )
+    .unwrap();
+    upgrader.ready().unwrap();
+    std::fs::write(dir.path().join("die"), "").unwrap();
+
+    let err = upgrader.upgrade().await.unwrap_err();
+    match err {
+        Error::SuccessorExited { status, .. } => assert_eq!(status, ExitStatus::Exited(3)),
+        other => panic!("expected successor_exited, got {other}"),
+    }
+    assert_serving(&upgrader);
+    let named: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        named,
+        std::process::id() as i32,
+        "the PID file names us again"
+    );
+
+    std::fs::remove_file(dir.path().join("die")).unwrap();
+    let upgraded = upgrader.upgrade().await.unwrap();
+    finish(upgrader, upgraded.pid);
 }

@@ -235,3 +235,37 @@ async fn a_panicking_state_provider_fails_only_its_upgrade() {
     assert_eq!(starts(dir.path()), 1);
     finish(upgrader, upgraded.pid);
 }
+
+/// Ready is ready: a successor heard while it was alive ended this
+/// generation's service, even if it exits a moment later (here: once the
+/// test opens its gate, after the upgrade succeeded).
+#[tokio::test]
+async fn a_successor_alive_when_heard_was_ready_even_if_it_dies_next() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let script = dir.path().join("successor");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nprintf R >&3\nread _ < '{}'\nexit 5\n",
+            gate.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let upgrader = upgrader(script.to_str().unwrap());
+    upgrader.ready().unwrap();
+
+    let upgraded = upgrader.upgrade().await.unwrap();
+    // Opening the gate ends the successor.
+    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    assert_eq!(
+        upgrader.exit().await,
+        handover::ExitReason::Upgraded(upgraded.clone())
+    );
+    drop(upgrader);
+    // Reaped by the supervisor if it saw the exit before it ended.
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(upgraded.pid), None);
+}

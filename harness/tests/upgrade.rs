@@ -505,20 +505,38 @@ fn bad_inheritance_environment_is_a_one_line_error(#[case] value: &str, #[case] 
     assert!(stderr.contains(detail), "{stderr}");
 }
 
-/// Ready is ready: a successor that crashes right after `ready()` still ends
-/// the old generation (no old code after success), and the upgrade reports
-/// success, even when the ready byte and its exit arrive together.
+/// A successor that crashes right after `ready()` is judged by whether it
+/// was alive when its parent heard it: then it was ready, and the old
+/// generation exits (no old code after success); if it was already gone,
+/// the upgrade fails and the old generation serves on. Which one happens
+/// is a race; either way exactly one outcome, told truthfully. (Each
+/// ordering is tested deterministically in `tests/upgrader.rs` and
+/// `tests/supervisor.rs`.)
 #[test]
-fn a_successor_crashing_right_after_ready_was_ready() {
+fn a_successor_crashing_right_after_ready_is_judged_by_when_it_was_heard() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("subject.pid");
     let mut subject = Subject::start(&SubjectConfig {
         faults: Some("1=crash-after-ready".into()),
+        pid_file: Some(pid_file.clone()),
         ..config()
     })
     .unwrap();
     let first = subject.first_pid();
-    let answer = subject.upgrade().unwrap();
-    let successor = subject.wait_for(|e| e.is("ready", 1)).unwrap().pid;
-    assert!(answer.contains(&format!("pid={successor}")), "{answer}");
-    subject.wait_for(|e| e.is("exited", 0)).unwrap();
-    subject.wait_exit(first).unwrap();
+    match subject.upgrade() {
+        Ok(answer) => {
+            let successor = subject.wait_for(|e| e.is("ready", 1)).unwrap().pid;
+            assert!(answer.contains(&format!("pid={successor}")), "{answer}");
+            subject.wait_for(|e| e.is("exited", 0)).unwrap();
+            subject.wait_exit(first).unwrap();
+        }
+        Err(answer) => {
+            assert!(
+                answer.starts_with("err reason=successor_exited ") && answer.contains("code 5"),
+                "{answer}"
+            );
+            assert_served_by(&subject, 0);
+            assert_eq!(read_pid_file(&pid_file), Some(first));
+        }
+    }
 }
