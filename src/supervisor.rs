@@ -769,6 +769,24 @@ impl Supervisor {
     }
 
     fn on_deadline(&mut self) {
+        let Some(inflight) = &self.inflight else {
+            return;
+        };
+        tracing::debug!(
+            generation = self.config.generation,
+            pid = inflight.pid.as_raw(),
+            "upgrade deadline passed"
+        );
+        // The ready byte may have come since poll(2) timed out: a successor
+        // that is ready, and may be accepting already, is not killed.
+        match read_link(&inflight.link) {
+            LinkRead::Ready => return self.ready_byte_read(),
+            LinkRead::Unexpected(byte) => {
+                let problem = format!("sent byte 0x{byte:02x} instead of the ready byte");
+                return self.fail_inflight(|pid| Error::Handshake { pid, problem });
+            }
+            LinkRead::Nothing | LinkRead::Closed => {}
+        }
         let timeout = self.config.upgrade_timeout;
         self.fail_inflight(|pid| Error::Timeout { pid, timeout });
     }

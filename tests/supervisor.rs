@@ -294,3 +294,49 @@ async fn a_successor_gone_before_its_ready_byte_is_read_was_not_ready() {
     let upgraded = upgrader.upgrade().await.unwrap();
     finish(upgrader, upgraded.pid);
 }
+
+/// A successor whose ready byte comes as the deadline passes (here: the
+/// supervisor is held, by its log writer, between the deadline and its
+/// verdict until the byte is written) was ready: it is not killed (it may
+/// be accepting already) and the upgrade succeeds.
+#[tokio::test]
+async fn a_ready_byte_that_comes_at_the_deadline_is_not_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate, written) = (dir.path().join("gate"), dir.path().join("written"));
+    for fifo in [&gate, &written] {
+        nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    }
+    let script = dir.path().join("successor");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nread _ < '{}'\nprintf R >&3\necho > '{}'\nexec cat <&3 >/dev/null\n",
+            gate.display(),
+            written.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _turn = Turn::take(move |seen| {
+        if seen.message == "upgrade deadline passed" {
+            // Let the successor write its byte, and wait until it has.
+            drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+            std::fs::read(&written).unwrap();
+        }
+    });
+    let upgrader = Upgrader::new(
+        Options::default()
+            .executable(&script)
+            .upgrade_signal(None)
+            .upgrade_timeout(Duration::from_millis(100)),
+    )
+    .unwrap();
+    upgrader.ready().unwrap();
+
+    let upgraded = upgrader.upgrade().await.unwrap();
+    assert_eq!(
+        upgrader.exit().await,
+        ExitReason::Upgraded(upgraded.clone())
+    );
+    finish(upgrader, upgraded.pid);
+}
