@@ -282,7 +282,7 @@ mod http {
         /// # async fn example(listener: tokio::net::TcpListener, drain: handover::drain::Drain) {
         /// use http_body_util::Full;
         /// use hyper::{Request, Response, body::{Bytes, Incoming}, service::service_fn};
-        /// let (stream, _) = listener.accept().await.unwrap();
+        /// let Ok((stream, _)) = listener.accept().await else { return };
         /// let hello = service_fn(|_: Request<Incoming>| async {
         ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hello"))))
         /// });

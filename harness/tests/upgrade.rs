@@ -540,3 +540,33 @@ fn a_successor_crashing_right_after_ready_is_judged_by_when_it_was_heard() {
         }
     }
 }
+
+/// A failed accept does not end accepting: run out of descriptors (EMFILE,
+/// under a lowered RLIMIT_NOFILE) by holding connections open, close them,
+/// and the service accepts and serves again.
+#[test]
+fn running_out_of_descriptors_does_not_stop_accepting() {
+    let mut subject = Subject::start(&SubjectConfig {
+        args: [config().args, vec!["--max-open-files".into(), "64".into()]].concat(),
+        ..config()
+    })
+    .unwrap();
+    // Each echo connection accepted holds a descriptor; the rest wait in
+    // the listener's backlog, and accepting them fails.
+    let held: Vec<TcpStream> = (0..80)
+        .map(|_| TcpStream::connect(subject.addresses.tcp).unwrap())
+        .collect();
+    let failed = subject.wait_for(|e| e.is("accept-failed", 0)).unwrap();
+    assert_eq!(
+        failed.fields["errno"],
+        (nix::errno::Errno::EMFILE as i32).to_string()
+    );
+    drop(held);
+
+    let again = TcpStream::connect(subject.addresses.tcp).unwrap();
+    again
+        .set_read_timeout(Some(handover_harness::process::EVENT_TIMEOUT))
+        .unwrap();
+    assert_echoes(again, b"accepting again");
+    assert_served_by(&subject, 0);
+}
