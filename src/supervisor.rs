@@ -58,6 +58,18 @@ pub(crate) struct Config {
 /// What gives the state to hand to a successor.
 pub(crate) struct StateProvider(pub Box<dyn Fn() -> Vec<u8> + Send>);
 
+impl StateProvider {
+    /// The state to hand over. The service's code, on the supervisor's
+    /// thread: its panic fails this upgrade only, before anything starts.
+    fn call(&self) -> Result<Vec<u8>> {
+        panic::catch_unwind(AssertUnwindSafe(|| (self.0)())).map_err(|payload| {
+            Error::StateProviderPanicked {
+                message: panic_message(payload.as_ref()),
+            }
+        })
+    }
+}
+
 impl std::fmt::Debug for StateProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("StateProvider")
@@ -196,6 +208,12 @@ impl Supervisor {
             self.fail_inflight(|_| failed());
         } else if self.machine.phase() == Phase::Upgrading {
             self.finish(Err(failed()), None);
+        } else if self.machine.phase() == Phase::Exiting
+            && self.successor.is_none()
+            && self.channels.exit.borrow().is_none()
+        {
+            // A stop that panicked before `exit()` heard of it.
+            self.channels.exit.send_replace(Some(ExitReason::Stopped));
         }
     }
 
@@ -578,21 +596,15 @@ impl Supervisor {
     }
 
     fn spawn_successor(&self) -> Result<(Pid, UnixStream, Option<Outbox>)> {
-        let state =
-            match &*self
-                .config
-                .state_provider
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-            {
-                // The service's code, on this thread: its panic fails this
-                // upgrade only, before anything is started.
-                Some(provider) => panic::catch_unwind(AssertUnwindSafe(|| (provider.0)()))
-                    .map_err(|payload| Error::StateProviderPanicked {
-                        message: panic_message(payload.as_ref()),
-                    })?,
-                None => Vec::new(),
-            };
+        let state = match &*self
+            .config
+            .state_provider
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            Some(provider) => provider.call()?,
+            None => Vec::new(),
+        };
         if state.len() as u64 > state::MAX_STATE {
             return Err(Error::io(
                 "handing over state",

@@ -340,3 +340,19 @@ async fn a_ready_byte_that_comes_at_the_deadline_is_not_killed() {
     );
     finish(upgrader, upgraded.pid);
 }
+
+/// A stop that panics half-way still stops: `exit()` resolves `Stopped`.
+#[tokio::test]
+async fn a_stop_that_panics_still_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let _turn = Turn::take(|seen| {
+        if seen.message == "stopping" {
+            panic!("a faulty log subscriber");
+        }
+    });
+    let upgrader = upgrader(&successor_script(dir.path()));
+    upgrader.ready().unwrap();
+    upgrader.stop();
+    let reason = tokio::time::timeout(Duration::from_secs(20), upgrader.exit()).await;
+    assert_eq!(reason, Ok(ExitReason::Stopped));
+}
