@@ -8,12 +8,11 @@
 //! chosen line. The subscriber is process-wide, so the tests take turns.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::Duration;
 
 use common::{assert_serving, finish, starts, successor_script};
-use handover::{Error, ExitReason, ExitStatus, Options, Upgrader};
+use handover::{ExitReason, Options, Upgrader};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::Layer;
@@ -222,7 +221,11 @@ async fn a_failed_supervisor_is_not_a_stop() {
 /// A successor that writes its pid to the PID file and says it is ready,
 /// as a real one does, then exits 3 at once if `dir/die` exists (else it
 /// lives until its parent closes the handshake link).
-fn ready_then_exiting_successor(dir: &std::path::Path, pid_file: &std::path::Path) -> PathBuf {
+#[cfg(target_os = "linux")]
+fn ready_then_exiting_successor(
+    dir: &std::path::Path,
+    pid_file: &std::path::Path,
+) -> std::path::PathBuf {
     let path = dir.join("successor");
     let (dir, pid_file) = (dir.display(), pid_file.display());
     std::fs::write(
@@ -246,6 +249,7 @@ fn ready_then_exiting_successor(dir: &std::path::Path, pid_file: &std::path::Pat
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_successor_gone_before_its_ready_byte_is_read_was_not_ready() {
+    use handover::{Error, ExitStatus};
     use nix::sys::wait::{Id, WaitPidFlag, waitid};
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("service.pid");
