@@ -223,7 +223,9 @@ fn successor() {
         .collect();
     upgrader.ready().expect("ready");
     drop(listeners);
-    // It has been measured; leave without waiting for the parent.
+    // It has been measured. It leaves once its parent is gone: one gone
+    // before its parent heard it was ready would fail the upgrade.
+    upgrader.wait_for_parent_blocking();
     std::process::exit(0);
 }
 

@@ -9,13 +9,16 @@ that the caller can wait for the load to be running rather than guess.
 
 Half of the busy threads open a new connection per request (`Connection:
 close`), half keep their connection alive (and open a new one when the
-server says `Connection: close`, as a draining generation does). Two more
+server says `Connection: close`, as a draining generation does). Six more
 keep a connection idle between requests, as a browser or a pooled client
-does: a draining generation closes those only after its quiet period, so
-every drain lasts at least that long. Like any pooled client, they check
-that the server has not closed an idle connection before they reuse it. Every request that does
-not get `200` and a `pid=... generation=...` body counts as failed, by class:
-refused, reset, timeout, wrong (a non-200 status or an unexpected body), other.
+does: four for 0.9 s (shorter than the example's 1 s quiet period: a
+draining generation keeps them until their next request, so every drain
+lasts a good part of a second), two for 2.5 s (a draining generation closes
+those once they have been quiet for its quiet period). Like any pooled
+client, they check that the server has not closed an idle connection
+before they reuse it. Every request that does not get `200` and a
+`pid=... generation=...` body counts as failed, by class: refused, reset,
+timeout, wrong (a non-200 status or an unexpected body), other.
 """
 
 import http.client
@@ -90,8 +93,8 @@ def worker(keep_alive):
         conn.close()
 
 
-def idle_worker():
-    """A keep-alive connection that is idle for IDLE seconds between requests."""
+def idle_worker(idle):
+    """A keep-alive connection that is idle for `idle` seconds between requests."""
     conn = None
     while time.monotonic() < deadline and not os.path.exists(stop_file):
         try:
@@ -113,7 +116,7 @@ def idle_worker():
             # here (readable at EOF), and a new one is opened.
             # One wait to the end of the idle time, so that the check comes
             # right before the next request, as a pool checks at checkout.
-            readable, _, _ = select.select([conn.sock], [], [], IDLE)
+            readable, _, _ = select.select([conn.sock], [], [], idle)
             if readable:
                 conn.close()
                 conn = None
@@ -133,12 +136,9 @@ def idle_worker():
         conn.close()
 
 
-# Longer than the example's quiet period (1 s), so that a draining generation
-# closes these connections while they are idle.
-IDLE = 1.5
-
 threads = [threading.Thread(target=worker, args=(i % 2 == 0,)) for i in range(4)]
-threads += [threading.Thread(target=idle_worker) for _ in range(2)]
+threads += [threading.Thread(target=idle_worker, args=(0.9,)) for _ in range(4)]
+threads += [threading.Thread(target=idle_worker, args=(2.5,)) for _ in range(2)]
 for t in threads:
     t.start()
 for t in threads:

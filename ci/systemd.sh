@@ -504,9 +504,31 @@ managed_case() {
   fi
   [ "$stop_how" = sigterm ] || stop_fail+="${stop_fail:+; }stopped by $stop_how, not SIGTERM"
   [ "$result" = success ] || stop_fail+="${stop_fail:+; }Result=$result, not success"
+  drains=$(drain_times "$svclog")
   alien=$(tail -c +"$((case_offset + 1))" "$B/manager.log" | grep -F "$unit" | grep -c 'which is not our child')
   [ "$alien" = 0 ] || reload_fail+="${reload_fail:+; }systemd said 'Supervising process N which is not our child' $alien times"
-  case_info="reloads: ${reload_log[*]:-none}; load: $load_line; stop: $stop_how in ${stop_ms}ms, Result=$result; systemd said 'not our child' $alien times"
+  case_info="reloads: ${reload_log[*]:-none}; load: $load_line; drains: $drains; stop: $stop_how in ${stop_ms}ms, Result=$result; systemd said 'not our child' $alien times"
+}
+
+# How long each generation drained, from the example's own log lines
+# ("draining generation=N" to "exiting generation=N"): count and median.
+drain_times() { # service-log
+  python3 - "$1" <<'PY'
+import re, sys
+from datetime import datetime
+start, took = {}, []
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"(\S+)\s+INFO http_server: (draining|exiting) generation=(\d+)", line)
+    if not m:
+        continue
+    t = datetime.fromisoformat(m.group(1)[:26].rstrip("Z")).timestamp()
+    if m.group(2) == "draining":
+        start[m.group(3)] = t
+    elif m.group(3) in start:
+        took.append((t - start.pop(m.group(3))) * 1000)
+took.sort()
+print(f"{len(took)}, median {took[len(took) // 2]:.0f} ms, min {took[0]:.0f} ms" if took else "none")
+PY
 }
 
 # Polls GET / until it answers from generation $2: prints the body.

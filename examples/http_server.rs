@@ -125,6 +125,7 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
         tokio::select! {
             reason = &mut exit => break reason,
             accepted = listener.accept() => {
+                // A failed accept (EMFILE, ECONNABORTED): accept on.
                 let Ok((stream, _)) = accepted else { continue };
                 let body = body.clone();
                 let hello = service_fn(move |_: Request<Incoming>| {

@@ -26,10 +26,10 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Copy)]
 pub struct DrainOptions {
     /// A keep-alive connection with no request for this long is closed by
-    /// the server once draining. Default: 1 s.
+    /// the server once draining. Default: 1 s. `Duration::MAX`: never.
     pub quiet_period: Duration,
     /// Connections still open this long after the drain started are cut.
-    /// Default: 30 s.
+    /// Default: 30 s. `Duration::MAX`: never.
     pub deadline: Duration,
 }
 
@@ -118,7 +118,7 @@ impl Drain {
 
     /// Starts draining (once; later calls change nothing).
     pub fn start(&self) {
-        let deadline = Instant::now() + self.inner.options.deadline;
+        let deadline = after(Instant::now(), self.inner.options.deadline);
         self.inner.deadline.send_if_modified(|current| {
             if current.is_none() {
                 *current = Some(deadline);
@@ -183,6 +183,15 @@ impl Drain {
     }
 }
 
+/// `instant + duration`, with a duration the clock cannot hold (such as
+/// `Duration::MAX`, meaning "never") cut to 30 years, which is also what
+/// tokio's own timers take for "never": adding it cannot overflow, here or
+/// where tokio's timer rounds the instant up.
+fn after(instant: Instant, duration: Duration) -> Instant {
+    const NEVER: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    instant + duration.min(NEVER)
+}
+
 /// Request activity on one connection.
 #[derive(Debug)]
 struct Activity {
@@ -232,7 +241,7 @@ impl Activity {
                 return;
             }
             tokio::select! {
-                _ = tokio::time::sleep_until(quiet_since + period) => {}
+                _ = tokio::time::sleep_until(after(quiet_since, period)) => {}
                 _ = &mut changed => {}
             }
         }
@@ -273,7 +282,7 @@ mod http {
         /// # async fn example(listener: tokio::net::TcpListener, drain: handover::drain::Drain) {
         /// use http_body_util::Full;
         /// use hyper::{Request, Response, body::{Bytes, Incoming}, service::service_fn};
-        /// let (stream, _) = listener.accept().await.unwrap();
+        /// let Ok((stream, _)) = listener.accept().await else { return };
         /// let hello = service_fn(|_: Request<Incoming>| async {
         ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hello"))))
         /// });
@@ -401,6 +410,39 @@ mod tests {
             DrainOutcome::DeadlinePassed { remaining: 1 }
         );
         assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+
+    /// `Duration::MAX` means "never": no panic when the drain starts.
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_of_duration_max_waits_for_the_last_connection() {
+        let drain = Drain::new(DrainOptions {
+            quiet_period: Duration::MAX,
+            deadline: Duration::MAX,
+        });
+        let open = drain.track();
+        let waiter = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.wait().await }
+        });
+        tokio::time::sleep(Duration::from_secs(365 * 24 * 3600)).await;
+        assert!(drain.is_draining());
+        assert!(!waiter.is_finished(), "a year is not forever");
+        drop(open);
+        assert_eq!(waiter.await.unwrap(), DrainOutcome::Complete);
+    }
+
+    /// A quiet period of `Duration::MAX` never closes an idle connection
+    /// (the deadline does), and does not panic.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_period_of_duration_max_is_never_over() {
+        let activity = Arc::new(Activity::new());
+        let quiet = tokio::spawn({
+            let activity = Arc::clone(&activity);
+            async move { activity.quiet(Duration::MAX).await }
+        });
+        tokio::time::sleep(Duration::from_secs(365 * 24 * 3600)).await;
+        assert!(!quiet.is_finished(), "quiet ended (or panicked)");
+        quiet.abort();
     }
 
     #[tokio::test(start_paused = true)]

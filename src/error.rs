@@ -197,6 +197,24 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    /// The state provider (see `Upgrader::set_state_provider`) panicked, so
+    /// this upgrade started no successor. It is called again at the next.
+    #[error("the state provider panicked ({message}); no successor was started")]
+    StateProviderPanicked {
+        /// The panic's message.
+        message: String,
+    },
+
+    /// The supervisor thread failed (it panicked, or could not wait for
+    /// events) while it handled this request, or earlier for good. The
+    /// generation serves on; an upgrade it was running was abandoned, its
+    /// successor killed and reaped. The ERROR log says more.
+    #[error("the upgrade supervisor failed ({problem}); this generation serves on")]
+    SupervisorFailed {
+        /// What happened to it.
+        problem: String,
+    },
 }
 
 impl Error {
@@ -221,6 +239,8 @@ impl Error {
             Error::Exiting => "exiting",
             Error::PidFile { .. } => "pid_file",
             Error::Io { .. } => "io",
+            Error::StateProviderPanicked { .. } => "state_provider_panicked",
+            Error::SupervisorFailed { .. } => "supervisor_failed",
         }
     }
 
@@ -299,6 +319,12 @@ mod tests {
                 context: "poll",
                 source: io(),
             },
+            Error::StateProviderPanicked {
+                message: "boom".into(),
+            },
+            Error::SupervisorFailed {
+                problem: "it panicked: boom".into(),
+            },
         ]
     }
 
@@ -325,6 +351,8 @@ mod tests {
                 "exiting",
                 "pid_file",
                 "io",
+                "state_provider_panicked",
+                "supervisor_failed",
             ]
         );
         let mut unique = reasons.clone();

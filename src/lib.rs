@@ -48,7 +48,11 @@
 //!     loop {
 //!         tokio::select! {
 //!             _ = &mut exit => break,
-//!             Ok((stream, _)) = listener.accept() => {
+//!             accepted = listener.accept() => {
+//!                 // A failed accept (EMFILE, ECONNABORTED) is the moment's,
+//!                 // not the listener's: accept on. (A pattern such as
+//!                 // `Ok(..) = listener.accept()` would stop accepting.)
+//!                 let Ok((stream, _)) = accepted else { continue };
 //!                 let _connection = drain.track();
 //!                 // ... serve `stream`, e.g. with drain.serve_http1(...) ...
 //!             }

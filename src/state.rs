@@ -72,6 +72,17 @@ impl Outbox {
         }
     }
 
+    /// An outbox whose state is all sent: only messages go out of it.
+    pub(crate) fn sent() -> Outbox {
+        let header = 0u64.to_be_bytes();
+        Outbox {
+            sent: header.len(),
+            header,
+            data: Vec::new(),
+            messages: Vec::new(),
+        }
+    }
+
     /// Queues a one-byte message after the state.
     pub(crate) fn push_message(&mut self, message: u8) {
         self.messages.push(message);

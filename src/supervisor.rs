@@ -4,12 +4,14 @@
 //! SIGCHLD, the handshake link to the parent and to the successor, the
 //! upgrade deadline) and never polls on a timer. It owns the state machine
 //! and the successor, so an upgrade runs to its end even if the caller of
-//! `upgrade()` goes away, and only one ever runs at a time.
+//! `upgrade()` goes away, and only one ever runs at a time. A panic on
+//! it fails an upgrade, never the service: see [`Supervisor::run`].
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -38,6 +40,10 @@ pub(crate) enum Command {
     Ready(oneshot::Sender<Result<()>>),
     Stop,
     Shutdown,
+    /// The `Upgrader` of a generation whose successor is ready was dropped:
+    /// the thread serves on, unwatched, until the process exits, so that an
+    /// upgrade signal in its last moments is still passed on.
+    Detach,
 }
 
 /// What the supervisor needs, fixed at startup.
@@ -55,6 +61,18 @@ pub(crate) struct Config {
 
 /// What gives the state to hand to a successor.
 pub(crate) struct StateProvider(pub Box<dyn Fn() -> Vec<u8> + Send>);
+
+impl StateProvider {
+    /// The state to hand over. The service's code, on the supervisor's
+    /// thread: its panic fails this upgrade only, before anything starts.
+    fn call(&self) -> Result<Vec<u8>> {
+        panic::catch_unwind(AssertUnwindSafe(|| (self.0)())).map_err(|payload| {
+            Error::StateProviderPanicked {
+                message: panic_message(payload.as_ref()),
+            }
+        })
+    }
+}
 
 impl std::fmt::Debug for StateProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -84,6 +102,16 @@ struct Successor {
     outbox: Outbox,
 }
 
+/// Panics in consecutive turns after which the supervisor gives up.
+const PANICS_IN_A_ROW: u32 = 3;
+
+/// A panic on the supervisor thread that lost a request's answer with it.
+pub(crate) fn request_dropped() -> Error {
+    Error::SupervisorFailed {
+        problem: "it panicked while it handled this request (see its ERROR log)".to_owned(),
+    }
+}
+
 /// A successor that is starting.
 struct Inflight {
     pid: Pid,
@@ -92,7 +120,8 @@ struct Inflight {
     outbox: Option<Outbox>,
     link_closed: bool,
     started: Instant,
-    deadline: Instant,
+    /// `None` for a timeout longer than the clock can count: no deadline.
+    deadline: Option<Instant>,
     waiter: Option<oneshot::Sender<Result<Upgraded>>>,
 }
 
@@ -108,6 +137,8 @@ pub(crate) struct Supervisor {
     inbox: Option<Inbox>,
     /// Whether what the parent sends now are messages: the state has come.
     parent_messages: bool,
+    /// See [`Command::Detach`].
+    detached: bool,
 }
 
 impl Supervisor {
@@ -124,21 +155,50 @@ impl Supervisor {
             systemd: Notifier::from_env(),
             inbox,
             parent_messages: false,
+            detached: false,
         }
     }
 
+    /// Runs turns until the `Upgrader` is dropped.
+    ///
+    /// A panic in a turn (a bug, or code this thread calls, such as a
+    /// tracing subscriber) is caught, and the turn's upgrade, if any, fails
+    /// with `supervisor_failed`: what was half-done cannot be trusted, so the
+    /// starting successor is killed and reaped. The next turn goes on, so one
+    /// bad event does not end upgrades for good. A panic while recovering,
+    /// [`PANICS_IN_A_ROW`] panics in a row (an event that panics each time it
+    /// is looked at would spin) or a failing poll(2) fail the supervisor for
+    /// good instead: see [`serve_failed`](Self::serve_failed).
     pub(crate) fn run(mut self) {
-        loop {
-            match self.turn() {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(err) => {
-                    // Only poll(2) itself can fail here; retrying at once
-                    // would spin, so give up the generation's upgrades.
-                    tracing::error!(generation = self.config.generation, error = %err, "supervisor stopped");
-                    break;
+        let generation = self.config.generation;
+        let mut panics_in_a_row = 0;
+        let failure = loop {
+            match panic::catch_unwind(AssertUnwindSafe(|| self.turn())) {
+                Ok(Ok(true)) => panics_in_a_row = 0,
+                Ok(Ok(false)) => break None,
+                // Only poll(2) itself can fail here; retrying at once
+                // would spin.
+                Ok(Err(err)) => break Some(format!("poll(2) failed: {err}")),
+                Err(payload) => {
+                    panics_in_a_row += 1;
+                    let problem = format!("it panicked: {}", panic_message(payload.as_ref()));
+                    guarded(|| {
+                        tracing::error!(
+                            generation,
+                            %problem,
+                            "supervisor panicked; the upgrade it ran, if any, failed"
+                        );
+                    });
+                    let recovered =
+                        panic::catch_unwind(AssertUnwindSafe(|| self.recover(&problem))).is_ok();
+                    if !recovered || panics_in_a_row >= PANICS_IN_A_ROW {
+                        break Some(problem);
+                    }
                 }
             }
+        };
+        if let Some(problem) = failure {
+            self.serve_failed(&problem);
         }
         if let Some(inflight) = self.inflight.take() {
             let pid = inflight.pid;
@@ -154,17 +214,114 @@ impl Supervisor {
         if let Some(successor) = self.successor.take() {
             let _ = successor.link.into_raw_fd();
         }
+        while let Ok(command) = self.channels.commands.try_recv() {
+            match command {
+                Command::Upgrade(reply) => drop(reply.send(Err(Error::Exiting))),
+                Command::Ready(reply) => drop(reply.send(Err(Error::Exiting))),
+                Command::Stop | Command::Shutdown | Command::Detach => {}
+            }
+        }
+    }
+
+    /// After a panic in a turn, leaves no upgrade half-done.
+    fn recover(&mut self, problem: &str) {
+        let failed = || Error::SupervisorFailed {
+            problem: problem.to_owned(),
+        };
+        if self.inflight.is_some() {
+            self.fail_inflight(|_| failed());
+        } else if self.machine.phase() == Phase::Upgrading {
+            self.finish(Err(failed()), None);
+        } else if self.machine.phase() == Phase::Stopping && self.channels.exit.borrow().is_none() {
+            // A stop that panicked before `exit()` heard of it.
+            self.channels.exit.send_replace(Some(ExitReason::Stopped));
+        }
+    }
+
+    /// The supervisor failed for good. It is never taken for a stop, which
+    /// would make a correct service shut itself down: `exit()` stays
+    /// unresolved and the service serves on. It starts no upgrade again but
+    /// answers every request with `supervisor_failed`, and `stop()` and the
+    /// stop signals still stop. Returns when the `Upgrader` is dropped.
+    fn serve_failed(&mut self, problem: &str) {
+        let generation = self.config.generation;
+        let failed = || Error::SupervisorFailed {
+            problem: problem.to_owned(),
+        };
+        guarded(|| {
+            tracing::error!(
+                generation,
+                problem,
+                "upgrade supervisor failed: this generation serves on, but cannot upgrade until it restarts"
+            );
+        });
+        if let Some(inflight) = self.inflight.take() {
+            if let Err(err) = sys::kill_and_reap(inflight.pid) {
+                guarded(
+                    || tracing::error!(pid = inflight.pid.as_raw(), error = %err, "cannot reap the successor"),
+                );
+            }
+            if let Some(waiter) = inflight.waiter {
+                let _ = waiter.send(Err(failed()));
+            }
+            // It may have replaced the PID file before it was killed.
+            guarded(|| self.restore_pid_file());
+        }
+        loop {
+            let ready = {
+                let mut watched = vec![(self.channels.wake.as_fd(), false)];
+                if let Some(signal) = &self.channels.stop_signal {
+                    watched.push((signal.as_fd(), false));
+                }
+                sys::poll(&watched, None)
+            };
+            let command = match ready {
+                Ok(ready) => {
+                    if ready.get(1) == Some(&true) {
+                        if let Some(signal) = &self.channels.stop_signal {
+                            drain(signal);
+                        }
+                        self.stop_even_if_it_panics();
+                    }
+                    drain(&self.channels.wake);
+                    self.channels.commands.try_recv().ok()
+                }
+                // Commands only, then: their channel blocks without poll(2).
+                Err(_) => match self.channels.commands.recv() {
+                    Ok(command) => Some(command),
+                    Err(_) => return,
+                },
+            };
+            let mut next = command;
+            while let Some(command) = next {
+                match command {
+                    Command::Upgrade(reply) => drop(reply.send(Err(failed()))),
+                    Command::Ready(reply) => drop(reply.send(Err(failed()))),
+                    Command::Stop => self.stop_even_if_it_panics(),
+                    Command::Shutdown | Command::Detach => return,
+                }
+                next = self.channels.commands.try_recv().ok();
+            }
+        }
+    }
+
+    /// A final stop from a failed supervisor: `exit()` resolves even if the
+    /// rest of the stop panics.
+    fn stop_even_if_it_panics(&mut self) {
+        guarded(|| self.stop());
+        if self.channels.exit.borrow().is_none() {
+            self.channels.exit.send_replace(Some(ExitReason::Stopped));
+        }
     }
 
     /// One wait and what follows it. `false` ends the thread.
     fn turn(&mut self) -> io::Result<bool> {
-        let mut watched: Vec<(Source, (BorrowedFd<'_>, bool))> = vec![
-            (Source::Wake, (self.channels.wake.as_fd(), false)),
-            (
-                Source::ChildSignal,
-                (self.channels.child_signal.as_fd(), false),
-            ),
-        ];
+        // Signals before commands: one that came with the last command
+        // (dropping the `Upgrader`) is handled all the same.
+        let mut watched: Vec<(Source, (BorrowedFd<'_>, bool))> = vec![(
+            Source::ChildSignal,
+            (self.channels.child_signal.as_fd(), false),
+        )];
         if let Some(signal) = &self.channels.upgrade_signal {
             watched.push((Source::UpgradeSignal, (signal.as_fd(), false)));
         }
@@ -182,10 +339,16 @@ impl Supervisor {
         if let Some(successor) = self.successor.as_ref().filter(|s| s.outbox.pending()) {
             watched.push((Source::ReadySuccessor, (successor.link.as_fd(), true)));
         }
+        // Detached, nobody sends commands (and the pipe's other end may be
+        // closed, which would wake poll(2) for ever).
+        if !self.detached {
+            watched.push((Source::Wake, (self.channels.wake.as_fd(), false)));
+        }
         let timeout = self
             .inflight
             .as_ref()
-            .map(|i| i.deadline.saturating_duration_since(Instant::now()));
+            .and_then(|i| i.deadline)
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()));
         let fds: Vec<(BorrowedFd<'_>, bool)> = watched.iter().map(|(_, fd)| *fd).collect();
         let ready = sys::poll(&fds, timeout)?;
         let sources: Vec<Source> = watched
@@ -230,7 +393,8 @@ impl Supervisor {
         if self
             .inflight
             .as_ref()
-            .is_some_and(|i| Instant::now() >= i.deadline)
+            .and_then(|i| i.deadline)
+            .is_some_and(|deadline| Instant::now() >= deadline)
         {
             self.on_deadline();
         }
@@ -258,6 +422,13 @@ impl Supervisor {
             }
             Command::Stop => self.stop(),
             Command::Shutdown => return false,
+            Command::Detach => {
+                tracing::debug!(
+                    generation = self.config.generation,
+                    "upgrader dropped: passing upgrade signals on until this process exits"
+                );
+                self.detached = true;
+            }
         }
         true
     }
@@ -430,9 +601,8 @@ impl Supervisor {
                 %error,
                 "cannot write to the successor: it has gone"
             );
-            successor.outbox = Outbox::new(Vec::new());
-            // Nothing more to send: mark the empty frame as sent.
-            let _ = successor.outbox.write_some(io::sink());
+            // Nothing more can be sent to it.
+            successor.outbox = Outbox::sent();
         }
     }
 
@@ -563,16 +733,18 @@ impl Supervisor {
         self.systemd.reloading(generation);
         match self.spawn_successor() {
             Ok((pid, link, outbox)) => {
-                tracing::info!(generation, pid = pid.as_raw(), "successor started");
+                // Recorded before anything else can panic: a successor
+                // that exists is always killed and reaped if it fails.
                 self.inflight = Some(Inflight {
                     pid,
                     link,
                     outbox,
                     link_closed: false,
                     started,
-                    deadline: started + self.config.upgrade_timeout,
+                    deadline: started.checked_add(self.config.upgrade_timeout),
                     waiter,
                 });
+                tracing::info!(generation, pid = pid.as_raw(), "successor started");
             }
             Err(error) => self.finish(Err(error), waiter),
         }
@@ -585,7 +757,7 @@ impl Supervisor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
         {
-            Some(provider) => (provider.0)(),
+            Some(provider) => provider.call()?,
             None => Vec::new(),
         };
         if state.len() as u64 > state::MAX_STATE {
@@ -668,11 +840,7 @@ impl Supervisor {
             }
         }
         match read_link(&inflight.link) {
-            LinkRead::Ready => {
-                if let Some(inflight) = self.inflight.take() {
-                    self.succeed(inflight, false);
-                }
-            }
+            LinkRead::Ready => self.ready_byte_read(),
             LinkRead::Unexpected(byte) => {
                 let problem = format!("sent byte 0x{byte:02x} instead of the ready byte");
                 self.fail_inflight(|pid| Error::Handshake { pid, problem });
@@ -701,23 +869,22 @@ impl Supervisor {
                 let Some(inflight) = self.inflight.take() else {
                     return;
                 };
-                // SIGCHLD and the ready byte can arrive in the same wake-up:
-                // a successor that said it was ready and then exited was ready.
+                // SIGCHLD and the ready byte can arrive in the same wake-up.
+                // Either way it is gone before this generation heard it was
+                // ready: were it to leave, nobody would serve.
                 if read_link(&inflight.link) == LinkRead::Ready {
-                    tracing::error!(
+                    tracing::warn!(
                         generation = self.config.generation,
                         pid = inflight.pid.as_raw(),
                         %status,
-                        "successor exited right after it was ready"
+                        "successor said it was ready but had exited before we heard it; serving on"
                     );
-                    self.succeed(inflight, true);
-                } else {
-                    let error = Error::SuccessorExited {
-                        pid: inflight.pid.as_raw(),
-                        status,
-                    };
-                    self.finish(Err(error), inflight.waiter);
                 }
+                let error = Error::SuccessorExited {
+                    pid: inflight.pid.as_raw(),
+                    status,
+                };
+                self.finish(Err(error), inflight.waiter);
             }
             Ok(None) => {} // another child of this process
             Err(err) => {
@@ -727,33 +894,76 @@ impl Supervisor {
         }
     }
 
+    /// The starting successor's ready byte was read. It succeeds if it is
+    /// still alive now (if it dies a moment later, it was ready all the
+    /// same); one already gone would leave nobody serving once this
+    /// generation left, so that upgrade fails and this generation serves on.
+    fn ready_byte_read(&mut self) {
+        let Some(inflight) = self.inflight.take() else {
+            return;
+        };
+        match sys::try_reap(inflight.pid) {
+            Ok(None) => self.succeed(inflight),
+            Ok(Some(status)) => {
+                tracing::warn!(
+                    generation = self.config.generation,
+                    pid = inflight.pid.as_raw(),
+                    %status,
+                    "successor said it was ready but had exited before we heard it; serving on"
+                );
+                let error = Error::SuccessorExited {
+                    pid: inflight.pid.as_raw(),
+                    status,
+                };
+                self.finish(Err(error), inflight.waiter);
+            }
+            Err(err) => {
+                self.inflight = Some(inflight);
+                let problem = format!("cannot wait for it: {err}");
+                self.fail_inflight(|pid| Error::Handshake { pid, problem });
+            }
+        }
+    }
+
     /// The successor said it is ready: this generation must exit.
-    fn succeed(&mut self, inflight: Inflight, already_reaped: bool) {
+    fn succeed(&mut self, inflight: Inflight) {
         let upgraded = Upgraded {
             pid: inflight.pid.as_raw(),
             generation: self.config.generation + 1,
             duration: inflight.started.elapsed(),
         };
-        if !already_reaped {
-            if let Some(path) = &self.config.pid_file {
-                pidfile::name_at_exit(path, inflight.pid.as_raw());
-            }
-            // What is left of the state goes on to the ready successor.
-            let outbox = inflight.outbox.unwrap_or_else(|| {
-                let mut sent = Outbox::new(Vec::new());
-                let _ = sent.write_some(io::sink());
-                sent
-            });
-            self.successor = Some(Successor {
-                pid: inflight.pid,
-                link: inflight.link,
-                outbox,
-            });
+        if let Some(path) = &self.config.pid_file {
+            pidfile::name_at_exit(path, inflight.pid.as_raw());
         }
+        // What is left of the state goes on to the ready successor.
+        let outbox = inflight.outbox.unwrap_or_else(Outbox::sent);
+        self.successor = Some(Successor {
+            pid: inflight.pid,
+            link: inflight.link,
+            outbox,
+        });
         self.finish(Ok(upgraded), inflight.waiter);
     }
 
     fn on_deadline(&mut self) {
+        let Some(inflight) = &self.inflight else {
+            return;
+        };
+        tracing::debug!(
+            generation = self.config.generation,
+            pid = inflight.pid.as_raw(),
+            "upgrade deadline passed"
+        );
+        // The ready byte may have come since poll(2) timed out: a successor
+        // that is ready, and may be accepting already, is not killed.
+        match read_link(&inflight.link) {
+            LinkRead::Ready => return self.ready_byte_read(),
+            LinkRead::Unexpected(byte) => {
+                let problem = format!("sent byte 0x{byte:02x} instead of the ready byte");
+                return self.fail_inflight(|pid| Error::Handshake { pid, problem });
+            }
+            LinkRead::Nothing | LinkRead::Closed => {}
+        }
         let timeout = self.config.upgrade_timeout;
         self.fail_inflight(|pid| Error::Timeout { pid, timeout });
     }
@@ -859,6 +1069,23 @@ fn read_link(mut link: &UnixStream) -> LinkRead {
             LinkRead::Nothing
         }
         _ => LinkRead::Closed,
+    }
+}
+
+/// Runs `f`, ignoring a panic in it: for what a failing supervisor still
+/// does (log, restore the PID file) when the code it calls may panic too.
+fn guarded(f: impl FnOnce()) {
+    let _ = panic::catch_unwind(AssertUnwindSafe(f));
+}
+
+/// What a panic said, for a log line or an error.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_owned()
     }
 }
 

@@ -1,8 +1,9 @@
 //! The platform layer: every `unsafe` block and raw system call of the crate.
 //!
-//! One POSIX path for Linux and macOS through `nix`; the one platform
-//! branch (`MSG_CMSG_CLOEXEC`, a Linux-only way to receive descriptors
-//! close-on-exec, with a portable fallback) is named in `ARCHITECTURE.md`.
+//! One POSIX path for Linux and macOS through `nix`; the platform branches
+//! (`MSG_CMSG_CLOEXEC`, a Linux-only way to receive descriptors
+//! close-on-exec, with a portable fallback; counting this process's
+//! threads) are named in `ARCHITECTURE.md`.
 //! What it provides:
 //! - passing descriptors on the handshake link (`SCM_RIGHTS`) and checking
 //!   what each one is;
@@ -10,7 +11,8 @@
 //! - starting a successor with `posix_spawn(3)`, its handshake link placed
 //!   at 3 and the upgrade signal blocked from its first instruction;
 //! - unblocking the upgrade signal, reaping, killing, polling;
-//! - removing the inheritance variables from this process's environment.
+//! - removing the inheritance variables from this process's environment,
+//!   when it has one thread only (counted per system: a platform branch).
 
 use std::ffi::{CString, OsString};
 use std::io::{self, IoSlice};
@@ -170,17 +172,68 @@ pub(crate) fn local_addr(fd: &impl AsFd) -> io::Result<SockAddr> {
 }
 
 /// Removes inheritance variables from this process's environment so that
-/// no other child of the service sees them.
-pub(crate) fn remove_env(vars: &[&str]) {
-    for var in vars {
-        if std::env::var_os(var).is_some() {
-            // SAFETY: called once from `Upgrader::new`, whose documentation
-            // asks for it first thing in `main`, before any other thread
-            // starts; the library reads the environment only in this same
-            // call.
-            unsafe { std::env::remove_var(var) };
-        }
+/// no other child of the service sees them, if that is sound now: only
+/// while the calling thread is the process's only one, since another may
+/// read the environment meanwhile (C's `getenv` takes no lock). Otherwise
+/// leaves them and returns the ones that are set.
+pub(crate) fn remove_env(vars: &[&'static str]) -> Result<(), Vec<&'static str>> {
+    let set: Vec<&'static str> = vars
+        .iter()
+        .copied()
+        .filter(|var| std::env::var_os(var).is_some())
+        .collect();
+    if set.is_empty() {
+        return Ok(());
     }
+    if thread_count() != Some(1) {
+        return Err(set);
+    }
+    for var in set {
+        // SAFETY: this thread is the process's only one (counted just
+        // above), and only it could start another, which it does not do
+        // here: nothing else reads or writes the environment meanwhile.
+        unsafe { std::env::remove_var(var) };
+    }
+    Ok(())
+}
+
+/// How many threads this process has, if the system says.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn thread_count() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/task").ok()?.count())
+}
+
+/// How many threads this process has, if the system says.
+#[cfg(target_os = "macos")]
+fn thread_count() -> Option<usize> {
+    let mut info = std::mem::MaybeUninit::<libc::proc_taskinfo>::zeroed();
+    let size = std::mem::size_of::<libc::proc_taskinfo>();
+    let pid = libc::c_int::try_from(std::process::id()).ok()?;
+    // SAFETY: proc_pidinfo writes at most `size` bytes into `info`, which is
+    // that large, and returns how many it wrote (or 0 on error).
+    let written = unsafe {
+        libc::proc_pidinfo(
+            pid,
+            libc::PROC_PIDTASKINFO,
+            0,
+            info.as_mut_ptr().cast(),
+            libc::c_int::try_from(size).ok()?,
+        )
+    };
+    if usize::try_from(written).ok()? != size {
+        return None;
+    }
+    // SAFETY: zeroed, then wholly written; every field is an integer, for
+    // which any bits are valid.
+    let info = unsafe { info.assume_init() };
+    usize::try_from(info.pti_threadnum).ok()
+}
+
+/// How many threads this process has: unknown on other systems, where the
+/// environment is then left alone.
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "macos")))]
+fn thread_count() -> Option<usize> {
+    None
 }
 
 /// Unblocks `signal` in the calling thread (a successor is born with it

@@ -57,7 +57,9 @@ impl Default for Options {
 
 impl Options {
     /// How long a successor has to call [`Upgrader::ready`] before it is
-    /// killed and the upgrade fails. Default: 60 s, as tableflip.
+    /// killed and the upgrade fails. Default: 60 s, as tableflip. A timeout
+    /// longer than the clock can count from now (`Duration::MAX`) means no
+    /// deadline.
     pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
         self.upgrade_timeout = timeout;
         self
@@ -141,17 +143,35 @@ impl Upgrader {
     /// takes charge of the upgrade signal, and starts the supervisor thread.
     ///
     /// Call it first thing in `main`, before any other thread starts (an
-    /// async runtime's included, so not inside `#[tokio::main]`): it
-    /// removes the inheritance variables from the environment, so that no
-    /// other child of the service sees them, and changing the environment
-    /// is only sound while no other thread reads it.
+    /// async runtime's included, so not inside `#[tokio::main]`): it then
+    /// removes the inheritance variables (`HANDOVER`, `LISTEN_FDS`,
+    /// `LISTEN_PID`, `LISTEN_FDNAMES`) from the environment, so that no
+    /// other child of the service sees them.
+    ///
+    /// It is safe to call anywhere all the same. Changing the environment is
+    /// only sound while no other thread can read it, so it first counts this
+    /// process's threads (Linux: `/proc/self/task`; macOS: `proc_pidinfo`);
+    /// if another runs, or they cannot be counted, it leaves the variables
+    /// in place and says so in a WARN log, and works as usual: the children
+    /// this process starts then inherit them, unless it removes them
+    /// (`Command::env_remove`). The successors it starts never see stale ones.
+    /// Only the process's first `Upgrader` takes the inheritance; a later one
+    /// starts as generation 0 with nothing inherited, as each descriptor has
+    /// one owner.
     ///
     /// # Errors
     /// [`Error::Inheritance`] for a malformed inheritance environment and
     /// [`Error::InheritedDescriptor`] for a descriptor in it that is not open
     /// or not of the kind claimed. Nothing is closed on error.
     pub fn new(options: Options) -> Result<Upgrader> {
+        // The inheritance is taken once per process: the environment may
+        // still name it (see above), and its descriptors have one owner.
+        static INHERITANCE_TAKEN: Mutex<bool> = Mutex::new(false);
+        let mut taken = INHERITANCE_TAKEN
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let inheritance = match std::env::var(wire::VAR) {
+            _ if *taken => None,
             Ok(text) => Some(wire::decode(&text).map_err(|source| Error::Inheritance {
                 var: wire::VAR,
                 source,
@@ -174,12 +194,21 @@ impl Upgrader {
                     .map_err(|e| Error::io("configuring the handshake link", e))?;
                 (registry, Some(link))
             }
+            None if *taken => (Registry::default(), None),
             None => match systemd::activated_sockets(sys::pid())? {
                 Some(passed) => (Registry::adopt_activated(&passed)?, None),
                 None => (Registry::default(), None),
             },
         };
-        sys::remove_env(&supervisor::STALE_VARS);
+        *taken = true;
+        drop(taken);
+        if let Err(left) = sys::remove_env(&supervisor::STALE_VARS) {
+            tracing::warn!(
+                generation,
+                vars = ?left,
+                "other threads run, so the inheritance variables stay in the environment (changing it is sound only with one thread): other children of this process will see them; create the Upgrader first thing in main"
+            );
+        }
 
         let executable = match options.executable {
             Some(path) => path,
@@ -373,7 +402,10 @@ impl Upgrader {
     /// upgrade starts, so keep it quick. Megabytes are fine; the limit is
     /// 1 GiB. The successor reads them with
     /// [`inherited_state`](Self::inherited_state). A successor that never
-    /// reads them, or dies first, does not block this generation.
+    /// reads them, or dies first, does not block this generation. A provider
+    /// that panics fails that upgrade with [`Error::StateProviderPanicked`]
+    /// before any successor starts; this generation serves on (with
+    /// `panic = "abort"`, a panic ends the process, as anywhere).
     pub fn set_state_provider(&self, provider: impl Fn() -> Vec<u8> + Send + 'static) {
         *self
             .state_provider
@@ -428,26 +460,37 @@ impl Upgrader {
     /// If the parent is already gone (killed while this generation started),
     /// this still succeeds: this generation is then the only one.
     ///
+    /// It is cheap and may be called from async code: the calling thread
+    /// only hands the request to the supervisor thread and waits for its
+    /// answer; the supervisor writes the PID file (a small file and a
+    /// rename, without waiting for the disk) and a byte or two to its
+    /// parent and the service manager. About 0.1 ms, once per process.
+    ///
     /// # Errors
     /// [`Error::AlreadyReady`] on a second call, [`Error::PidFile`] if the
-    /// PID file cannot be written (the parent is then not told).
+    /// PID file cannot be written (the parent is then not told),
+    /// [`Error::SupervisorFailed`] if the supervisor thread failed.
     pub fn ready(&self) -> Result<()> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Ready(reply))?;
-        block_on(answer).unwrap_or(Err(Error::Exiting))
+        block_on(answer).unwrap_or_else(|_| Err(supervisor::request_dropped()))
     }
 
     /// Starts a successor and resolves when it is ready (this generation must
     /// then exit: [`exit`](Self::exit) resolves too) or has failed (this
     /// generation serves on and may try again).
     ///
-    /// The upgrade runs to its end even if this future is dropped.
+    /// The upgrade starts when the future is first polled, and from then on
+    /// runs to its end even if the future is dropped.
     ///
     /// # Errors
     /// [`Error::InProgress`], [`Error::NotReady`], [`Error::ParentAlive`] and
     /// [`Error::Exiting`] when no upgrade may start now; [`Error::Spawn`],
     /// [`Error::SuccessorExited`], [`Error::Timeout`] and
-    /// [`Error::Handshake`] when the successor failed.
+    /// [`Error::Handshake`] when the successor failed;
+    /// [`Error::StateProviderPanicked`] when the state provider panicked;
+    /// [`Error::SupervisorFailed`] when the supervisor thread failed (this
+    /// generation serves on; see the error).
     pub fn upgrade(&self) -> impl Future<Output = Result<Upgraded>> + Send + 'static {
         self.supervisor_handle.upgrade()
     }
@@ -529,17 +572,32 @@ impl SupervisorHandle {
     }
 
     pub(crate) fn upgrade(&self) -> impl Future<Output = Result<Upgraded>> + Send + 'static {
-        let (reply, answer) = oneshot::channel();
-        let sent = self.send(Command::Upgrade(reply));
+        let handle = self.clone();
+        // Asked for on the first poll, not here: a future that is created
+        // and never polled (a disabled `select!` branch) starts nothing.
         async move {
-            sent?;
-            answer.await.unwrap_or(Err(Error::Exiting))
+            let (reply, answer) = oneshot::channel();
+            handle.send(Command::Upgrade(reply))?;
+            answer
+                .await
+                .unwrap_or_else(|_| Err(supervisor::request_dropped()))
         }
     }
 }
 
 impl Drop for Upgrader {
     fn drop(&mut self) {
+        // A generation whose successor is ready is on its way out: until the
+        // process exits, an upgrade signal must neither kill it (the default
+        // action of SIGHUP) nor be lost, so the supervisor stays to pass it
+        // on, with its handlers.
+        if matches!(*self.exit.borrow(), Some(ExitReason::Upgraded(_)))
+            && self.send(Command::Detach).is_ok()
+        {
+            self.supervisor.take();
+            self.signal_ids.clear();
+            return;
+        }
         let _ = self.send(Command::Shutdown);
         if let Some(supervisor) = self.supervisor.take() {
             let _ = supervisor.join();

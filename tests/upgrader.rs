@@ -1,5 +1,6 @@
 //! The `Upgrader` API in this test process, against the real OS: real
-//! sockets, real successor processes (small system binaries), real signals.
+//! sockets, real successor processes (small system binaries and shell
+//! scripts), real signals.
 //! The process-level contract (a service upgrading itself) is tested on
 //! the harness's subject in `harness/tests/upgrade.rs`.
 
@@ -7,7 +8,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use common::{assert_serving, finish, starts, successor_script};
 use handover::{Error, ExitStatus, Kind, Options, Upgrader};
+
+mod common;
 
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
@@ -169,4 +173,99 @@ async fn a_stop_signal_is_a_final_stop() {
     upgrader.ready().unwrap();
     nix::sys::signal::raise(handover::Signal::SIGUSR2).unwrap();
     assert_eq!(upgrader.exit().await, handover::ExitReason::Stopped);
+}
+
+/// An `upgrade()` future starts its upgrade when first polled: one created
+/// and dropped unpolled (a disabled `select!` branch) starts nothing.
+#[tokio::test]
+async fn an_upgrade_future_never_polled_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let upgrader = upgrader(successor_script(dir.path()).to_str().unwrap());
+    upgrader.ready().unwrap();
+    tokio::select! {
+        _ = upgrader.upgrade(), if false => {}
+        () = std::future::ready(()) => {}
+    }
+    let upgraded = upgrader.upgrade().await.unwrap();
+    assert_eq!(starts(dir.path()), 1, "one successor started");
+    finish(upgrader, upgraded.pid);
+}
+
+/// A timeout too long for the clock is no deadline, not a panic of the
+/// supervisor (which left the service to stop itself and the successor
+/// unwatched).
+#[tokio::test]
+async fn an_upgrade_timeout_of_duration_max_means_no_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let upgrader = Upgrader::new(
+        Options::default()
+            .executable(successor_script(dir.path()))
+            .upgrade_signal(None)
+            .upgrade_timeout(Duration::MAX),
+    )
+    .unwrap();
+    upgrader.ready().unwrap();
+    std::fs::write(dir.path().join("fail"), "").unwrap();
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "successor_exited", "{err}");
+    assert_serving(&upgrader);
+
+    std::fs::remove_file(dir.path().join("fail")).unwrap();
+    let upgraded = upgrader.upgrade().await.unwrap();
+    assert_eq!(starts(dir.path()), 2);
+    finish(upgrader, upgraded.pid);
+}
+
+/// A state provider that panics fails that upgrade with a typed error and
+/// starts nothing; the generation serves on and the next upgrade works.
+#[tokio::test]
+async fn a_panicking_state_provider_fails_only_its_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let upgrader = upgrader(successor_script(dir.path()).to_str().unwrap());
+    upgrader.ready().unwrap();
+    upgrader.set_state_provider(|| panic!("no state today"));
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "state_provider_panicked", "{err}");
+    assert!(err.to_string().contains("no state today"), "{err}");
+    assert_eq!(starts(dir.path()), 0, "no successor was started");
+    assert_serving(&upgrader);
+
+    upgrader.set_state_provider(|| b"state".to_vec());
+    let upgraded = upgrader.upgrade().await.unwrap();
+    assert_eq!(starts(dir.path()), 1);
+    finish(upgrader, upgraded.pid);
+}
+
+/// Ready is ready: a successor heard while it was alive ended this
+/// generation's service, even if it exits a moment later (here: once the
+/// test opens its gate, after the upgrade succeeded).
+#[tokio::test]
+async fn a_successor_alive_when_heard_was_ready_even_if_it_dies_next() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let script = dir.path().join("successor");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nprintf R >&3\nread _ < '{}'\nexit 5\n",
+            gate.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let upgrader = upgrader(script.to_str().unwrap());
+    upgrader.ready().unwrap();
+
+    let upgraded = upgrader.upgrade().await.unwrap();
+    // Opening the gate ends the successor.
+    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    assert_eq!(
+        upgrader.exit().await,
+        handover::ExitReason::Upgraded(upgraded.clone())
+    );
+    drop(upgrader);
+    // Reaped by the supervisor if it saw the exit before it ended.
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(upgraded.pid), None);
 }

@@ -43,6 +43,10 @@ pub enum Fault {
     /// writer opens the FIFO named by [`GATE_VAR`]: a test can act while a
     /// successor has not yet read anything its parent sent it.
     GateBeforeStart,
+    /// Once its work is done and its `Upgrader` dropped, announce
+    /// `event=lingering` and wait, like `gate-before-start`, before the
+    /// process exits: a test can signal a generation in its last moments.
+    LingerAfterExit,
 }
 
 /// The FIFO a `gate-before-start` generation waits on.
@@ -63,6 +67,7 @@ impl FromStr for Fault {
             "crash-after-ready" => Fault::CrashAfterReady,
             "hang-before-start" => Fault::HangBeforeStart,
             "gate-before-start" => Fault::GateBeforeStart,
+            "linger-after-exit" => Fault::LingerAfterExit,
             other => match other.strip_prefix("slow-init:").map(str::parse::<u64>) {
                 Some(Ok(millis)) => Fault::SlowInit(Duration::from_millis(millis)),
                 _ => return Err(format!("unknown fault {other:?}")),
@@ -113,7 +118,22 @@ impl Fault {
             | Fault::CrashBeforeListen
             | Fault::CrashAfterReady
             | Fault::HangBeforeStart
-            | Fault::GateBeforeStart => {}
+            | Fault::GateBeforeStart
+            | Fault::LingerAfterExit => {}
+        }
+    }
+
+    /// Plays the part of the fault that comes after everything else, just
+    /// before the process exits.
+    pub fn before_exit(self, generation: u64) {
+        if self == Fault::LingerAfterExit {
+            println!(
+                "event=lingering gen={generation} pid={}",
+                std::process::id()
+            );
+            if let Some(path) = std::env::var_os(GATE_VAR) {
+                let _ = std::fs::File::open(path);
+            }
         }
     }
 

@@ -129,6 +129,10 @@ impl Subject {
         if let Some(path) = &config.faults_file {
             command.env(crate::fault::FILE_VAR, path);
         }
+        // A `panic` fault would print a backtrace where RUST_BACKTRACE=1 is
+        // set, which takes longer than a short upgrade timeout on a busy
+        // machine: the subject's panics are faults, not bugs to debug.
+        command.env("RUST_BACKTRACE", "0");
         command.envs(config.env.iter().map(|(k, v)| (k, v)));
         let mut first = command.spawn()?;
         let stdout = first

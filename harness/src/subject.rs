@@ -43,6 +43,9 @@ struct Args {
     /// (`Options::stop_signals`) from its first instruction, not only
     /// once it serves.
     library_stop_signals: bool,
+    /// A lower RLIMIT_NOFILE (soft limit), so that a test can run the
+    /// service out of descriptors.
+    max_open_files: Option<u64>,
 }
 
 fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -60,6 +63,7 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
         upgrade_timeout: Duration::from_secs(10),
         quiet_period: Duration::from_millis(500),
         library_stop_signals: false,
+        max_open_files: None,
     };
     let mut words = words;
     while let Some(flag) = words.next() {
@@ -91,6 +95,10 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             "--upgrade-timeout-ms" => args.upgrade_timeout = millis()?,
             "--quiet-period-ms" => args.quiet_period = millis()?,
+            "--max-open-files" => {
+                args.max_open_files =
+                    Some(value.parse().map_err(|e| format!("{flag} {value}: {e}"))?);
+            }
             "--library-stop-signals" => {
                 args.library_stop_signals =
                     value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
@@ -124,6 +132,15 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
             .for_generation(Faults::generation_to_be())
             .before_start();
     }
+    if let Some(limit) = args.max_open_files {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let lowered = getrlimit(Resource::RLIMIT_NOFILE)
+            .and_then(|(_, hard)| setrlimit(Resource::RLIMIT_NOFILE, limit.min(hard), hard));
+        if let Err(error) = lowered {
+            eprintln!("handover-subject: --max-open-files {limit}: {error}");
+            return ExitCode::from(2);
+        }
+    }
     let mut options = Options::default().upgrade_timeout(args.upgrade_timeout);
     if let Some(path) = &args.pid_file {
         options = options.pid_file(path);
@@ -153,8 +170,13 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let fault = faults.for_generation(upgrader.generation());
-    match runtime.block_on(serve(args, upgrader, fault)) {
+    let generation = upgrader.generation();
+    let fault = faults.for_generation(generation);
+    let served = runtime.block_on(serve(args, upgrader, fault));
+    // The runtime's tasks hold the last references to the `Upgrader`.
+    drop(runtime);
+    fault.before_exit(generation);
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("handover-subject: {error}");
@@ -253,9 +275,14 @@ async fn serve(
         identity,
         upgrader.exit(),
     ));
-    tasks.spawn(accept_echo(tcp, drain.clone(), upgrader.exit()));
+    tasks.spawn(accept_echo(generation, tcp, drain.clone(), upgrader.exit()));
     if let Some(unix) = unix {
-        tasks.spawn(accept_echo(unix, drain.clone(), upgrader.exit()));
+        tasks.spawn(accept_echo(
+            generation,
+            unix,
+            drain.clone(),
+            upgrader.exit(),
+        ));
     }
     tasks.spawn(echo_udp(udp, upgrader.exit()));
     tasks.spawn(accept_control(
@@ -309,19 +336,31 @@ impl Accept for UnixListener {
 
 /// Accepts until `exit` resolves, handing each connection to `serve`, then
 /// drops the listener: the successor's copy of the same socket takes every
-/// connection from then on.
+/// connection from then on. A failed accept (EMFILE when out of
+/// descriptors, ECONNABORTED) is the moment's, not the listener's: it goes
+/// on accepting, and says so once per run of failures.
 async fn accept_until_exit<L: Accept>(
+    generation: u64,
     listener: L,
     exit: impl std::future::Future<Output = ExitReason>,
     mut serve: impl FnMut(L::Stream),
 ) {
     tokio::pin!(exit);
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = &mut exit => return,
-            accepted = listener.accept() => {
-                if let Ok(stream) = accepted {
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => {
+                    failing = false;
                     serve(stream);
+                }
+                Err(error) => {
+                    if !failing {
+                        failing = true;
+                        let errno = error.raw_os_error().unwrap_or(0);
+                        event(format_args!("accept-failed gen={generation} errno={errno}"));
+                    }
                 }
             }
         }
@@ -335,7 +374,7 @@ async fn accept_http(
     identity: Bytes,
     exit: impl std::future::Future<Output = ExitReason>,
 ) {
-    accept_until_exit(listener, exit, |stream| {
+    accept_until_exit(generation, listener, exit, |stream| {
         let _ = stream.set_nodelay(true);
         let identity = identity.clone();
         let service = service_fn(move |request| respond(request, identity.clone(), generation));
@@ -399,11 +438,12 @@ async fn respond(
 }
 
 async fn accept_echo<L: Accept>(
+    generation: u64,
     listener: L,
     drain: Drain,
     exit: impl std::future::Future<Output = ExitReason>,
 ) {
-    accept_until_exit(listener, exit, |mut stream| {
+    accept_until_exit(generation, listener, exit, |mut stream| {
         let open = drain.track();
         let deadline = drain.deadline_passed();
         tokio::spawn(async move {
@@ -451,7 +491,7 @@ async fn echo_udp(socket: UdpSocket, exit: impl std::future::Future<Output = Exi
 /// upgrade that ends this generation is written before it exits.
 async fn accept_control(listener: TcpListener, upgrader: Arc<Upgrader>, drain: Drain) {
     let exit = upgrader.exit();
-    accept_until_exit(listener, exit, |stream| {
+    accept_until_exit(upgrader.generation(), listener, exit, |stream| {
         let upgrader = Arc::clone(&upgrader);
         let open = drain.track();
         let draining = drain.draining();

@@ -517,6 +517,36 @@ fn an_upgrade_signal_while_draining_is_passed_to_the_successor() {
     assert_eq!(started, 3, "one upgrade per signal: {:#?}", subject.history);
 }
 
+/// Past its drain, a generation whose successor is ready has dropped its
+/// `Upgrader` and is about to exit; an upgrade signal then (systemd's main
+/// process is still this one) neither kills it nor is lost: it is passed on.
+#[test]
+fn an_upgrade_signal_in_the_last_moments_is_passed_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let pid_file = dir.path().join("subject.pid");
+    let mut subject = Subject::start(&SubjectConfig {
+        faults: Some("0=linger-after-exit".into()),
+        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        pid_file: Some(pid_file.clone()),
+        ..config()
+    })
+    .unwrap();
+    let first = subject.first_pid();
+    subject.upgrade().unwrap();
+    subject.wait_for(|e| e.is("lingering", 0)).unwrap();
+    subject.signal(first, Signal::SIGHUP).unwrap();
+    // Let generation 0 exit.
+    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
+    // It exited on its own (and named its successor), not by SIGHUP.
+    assert_eq!(read_pid_file(&pid_file), Some(subject.pid_of(1).unwrap()));
+    subject.wait_for(|e| e.is("ready", 2)).unwrap();
+    subject.wait_for(|e| e.is("parent-gone", 2)).unwrap();
+    assert_served_by(&subject, 2);
+}
+
 /// An upgrade signal that comes while an upgrade runs is held, not refused:
 /// the upgrade it asked for runs after the running one.
 #[test]
@@ -628,20 +658,68 @@ fn bad_inheritance_environment_is_a_one_line_error(#[case] value: &str, #[case] 
     assert!(stderr.contains(detail), "{stderr}");
 }
 
-/// Ready is ready: a successor that crashes right after `ready()` still ends
-/// the old generation (no old code after success), and the upgrade reports
-/// success, even when the ready byte and its exit arrive together.
+/// A successor that crashes right after `ready()` is judged by whether it
+/// was alive when its parent heard it: then it was ready, and the old
+/// generation exits (no old code after success); if it was already gone,
+/// the upgrade fails and the old generation serves on. Which one happens
+/// is a race; either way exactly one outcome, told truthfully. (Each
+/// ordering is tested deterministically in `tests/upgrader.rs` and
+/// `tests/supervisor.rs`.)
 #[test]
-fn a_successor_crashing_right_after_ready_was_ready() {
+fn a_successor_crashing_right_after_ready_is_judged_by_when_it_was_heard() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("subject.pid");
     let mut subject = Subject::start(&SubjectConfig {
         faults: Some("1=crash-after-ready".into()),
+        pid_file: Some(pid_file.clone()),
         ..config()
     })
     .unwrap();
     let first = subject.first_pid();
-    let answer = subject.upgrade().unwrap();
-    let successor = subject.wait_for(|e| e.is("ready", 1)).unwrap().pid;
-    assert!(answer.contains(&format!("pid={successor}")), "{answer}");
-    subject.wait_for(|e| e.is("exited", 0)).unwrap();
-    subject.wait_exit(first).unwrap();
+    match subject.upgrade() {
+        Ok(answer) => {
+            let successor = subject.wait_for(|e| e.is("ready", 1)).unwrap().pid;
+            assert!(answer.contains(&format!("pid={successor}")), "{answer}");
+            subject.wait_for(|e| e.is("exited", 0)).unwrap();
+            subject.wait_exit(first).unwrap();
+        }
+        Err(answer) => {
+            assert!(
+                answer.starts_with("err reason=successor_exited ") && answer.contains("code 5"),
+                "{answer}"
+            );
+            assert_served_by(&subject, 0);
+            assert_eq!(read_pid_file(&pid_file), Some(first));
+        }
+    }
+}
+
+/// A failed accept does not end accepting: run out of descriptors (EMFILE,
+/// under a lowered RLIMIT_NOFILE) by holding connections open, close them,
+/// and the service accepts and serves again.
+#[test]
+fn running_out_of_descriptors_does_not_stop_accepting() {
+    let mut subject = Subject::start(&SubjectConfig {
+        args: [config().args, vec!["--max-open-files".into(), "64".into()]].concat(),
+        ..config()
+    })
+    .unwrap();
+    // Each echo connection accepted holds a descriptor; the rest wait in
+    // the listener's backlog, and accepting them fails.
+    let held: Vec<TcpStream> = (0..80)
+        .map(|_| TcpStream::connect(subject.addresses.tcp).unwrap())
+        .collect();
+    let failed = subject.wait_for(|e| e.is("accept-failed", 0)).unwrap();
+    assert_eq!(
+        failed.fields["errno"],
+        (nix::errno::Errno::EMFILE as i32).to_string()
+    );
+    drop(held);
+
+    let again = TcpStream::connect(subject.addresses.tcp).unwrap();
+    again
+        .set_read_timeout(Some(handover_harness::process::EVENT_TIMEOUT))
+        .unwrap();
+    assert_echoes(again, b"accepting again");
+    assert_served_by(&subject, 0);
 }

@@ -1,0 +1,56 @@
+//! What the in-process test files share: a successor as a shell script,
+//! and checks on the generation that started it.
+
+#![allow(dead_code)] // each test file uses its own part
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use handover::Upgrader;
+
+/// A successor, as a shell script in `dir`: it notes each start in
+/// `dir/starts`, then exits 3 if `dir/fail` exists, else says it is ready and
+/// lives until its parent closes the handshake link.
+pub fn successor_script(dir: &Path) -> PathBuf {
+    let path = dir.join("successor");
+    let dir = dir.display();
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\necho started >> '{dir}/starts'\n\
+             [ -e '{dir}/fail' ] && exit 3\n\
+             printf R >&3\nexec cat <&3 >/dev/null\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// How many times the script in `dir` started.
+pub fn starts(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("starts"))
+        .map(|text| text.lines().count())
+        .unwrap_or(0)
+}
+
+/// Checks that `exit()` has not resolved: the generation serves on.
+pub fn assert_serving(upgrader: &Upgrader) {
+    let exit = std::pin::pin!(upgrader.exit());
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(
+        exit.poll(&mut context).is_pending(),
+        "exit() resolved: this generation would stop serving"
+    );
+}
+
+/// Ends the test's upgrader and the successor it made ready. The successor
+/// would exit once its handshake link closes, but the link closes only when
+/// this process exits (as a real old generation's does): it is killed.
+pub fn finish(upgrader: Upgrader, successor: i32) {
+    drop(upgrader);
+    let successor = nix::unistd::Pid::from_raw(successor);
+    nix::sys::signal::kill(successor, nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::wait::waitpid(successor, None).unwrap();
+}

@@ -1,0 +1,362 @@
+//! The supervisor thread when the code it calls misbehaves or is slow, in
+//! this test process against the real OS (real successors, real SIGCHLD).
+//!
+//! A tracing subscriber is code the supervisor calls on its own thread, so
+//! it is how these tests reach into it: a hook on the supervisor's log
+//! events panics there (as a faulty subscriber would) or holds the thread
+//! until a successor has done something (as a slow log writer would), at a
+//! chosen line. The subscriber is process-wide, so the tests take turns.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::time::Duration;
+
+use common::{assert_serving, finish, starts, successor_script};
+use handover::{ExitReason, Options, Upgrader};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+
+mod common;
+
+/// One log event of a supervisor thread.
+#[derive(Debug, Clone)]
+struct Seen {
+    level: Level,
+    message: String,
+    pid: Option<i32>,
+}
+
+impl Visit for Seen {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if field.name() == "pid" {
+            self.pid = i32::try_from(value).ok();
+        }
+    }
+}
+
+type Hook = Arc<dyn Fn(&Seen) + Send + Sync>;
+
+/// Called on every event of a supervisor thread, on that thread.
+static HOOK: Mutex<Option<Hook>> = Mutex::new(None);
+/// Every event of a supervisor thread so far.
+static SEEN: Mutex<Vec<Seen>> = Mutex::new(Vec::new());
+/// Notified when an event is recorded in `SEEN`.
+static ARRIVED: Condvar = Condvar::new();
+/// One test at a time: the hook is process-wide.
+static TURN: Mutex<()> = Mutex::new(());
+
+struct Hooked;
+
+impl<S: Subscriber> Layer<S> for Hooked {
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        let on_supervisor = std::thread::current()
+            .name()
+            .is_some_and(|name| name.starts_with("handover-gen"));
+        if !on_supervisor {
+            return;
+        }
+        let mut seen = Seen {
+            level: *event.metadata().level(),
+            message: String::new(),
+            pid: None,
+        };
+        event.record(&mut seen);
+        lock(&SEEN).push(seen.clone());
+        ARRIVED.notify_all();
+        let hook = lock(&HOOK).clone();
+        if let Some(hook) = hook {
+            hook(&seen);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// This test's turn, with `hook` set until it ends.
+struct Turn {
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl Turn {
+    fn take(hook: impl Fn(&Seen) + Send + Sync + 'static) -> Turn {
+        static SUBSCRIBER: Once = Once::new();
+        SUBSCRIBER.call_once(|| {
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Hooked))
+                .unwrap();
+        });
+        let turn = lock(&TURN);
+        lock(&SEEN).clear();
+        *lock(&HOOK) = Some(Arc::new(hook));
+        Turn { _turn: turn }
+    }
+
+    /// The events seen so far.
+    fn seen(&self) -> Vec<Seen> {
+        lock(&SEEN).clone()
+    }
+
+    /// Waits (boundedly) until an event matches.
+    fn wait_for(&self, matches: impl Fn(&Seen) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut seen = lock(&SEEN);
+        while !seen.iter().any(&matches) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "no such event in {:#?}", *seen);
+            seen = ARRIVED
+                .wait_timeout(seen, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+    }
+
+    /// Removes the hook; the events are still recorded.
+    fn unhook(&self) {
+        *lock(&HOOK) = None;
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        *lock(&HOOK) = None;
+    }
+}
+
+fn upgrader(executable: &std::path::Path) -> Upgrader {
+    Upgrader::new(
+        Options::default()
+            .executable(executable)
+            .upgrade_signal(None)
+            .upgrade_timeout(Duration::from_secs(10)),
+    )
+    .unwrap()
+}
+
+/// A panic in the supervisor's loop, after the successor was spawned, fails
+/// that upgrade with `supervisor_failed` and kills and reaps the successor;
+/// the generation serves on and its next upgrade works.
+#[tokio::test]
+async fn a_panic_in_the_supervisor_fails_that_upgrade_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let spawned = Arc::new(Mutex::new(Vec::new()));
+    let turn = Turn::take({
+        let spawned = Arc::clone(&spawned);
+        move |seen| {
+            if seen.message == "successor started" {
+                let mut spawned = lock(&spawned);
+                spawned.extend(seen.pid);
+                if spawned.len() == 1 {
+                    drop(spawned);
+                    panic!("a faulty log subscriber");
+                }
+            }
+        }
+    });
+    let upgrader = upgrader(&successor_script(dir.path()));
+    upgrader.ready().unwrap();
+
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "supervisor_failed", "{err}");
+    assert!(err.to_string().contains("a faulty log subscriber"), "{err}");
+    let first = lock(&spawned)[0];
+    assert_eq!(
+        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(first), None),
+        Err(nix::errno::Errno::ECHILD),
+        "the abandoned successor was reaped"
+    );
+    assert_serving(&upgrader);
+    assert!(
+        turn.seen()
+            .iter()
+            .any(|s| s.level == Level::ERROR && s.message.contains("supervisor panicked")),
+        "{:#?}",
+        turn.seen()
+    );
+
+    let upgraded = upgrader.upgrade().await.unwrap();
+    assert_eq!(*lock(&spawned), [first, upgraded.pid]);
+    finish(upgrader, upgraded.pid);
+}
+
+/// A supervisor that cannot carry on (here: it panics again while it
+/// recovers) is failed, never a clean stop: `exit()` does not resolve, every
+/// upgrade says `supervisor_failed`, and `stop()` still stops.
+#[tokio::test]
+async fn a_failed_supervisor_is_not_a_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let turn = Turn::take(|seen| {
+        // "upgrade started", then "upgrade failed: ..." while it recovers.
+        if seen.message.starts_with("upgrade ") {
+            panic!("a faulty log subscriber");
+        }
+    });
+    let upgrader = upgrader(&successor_script(dir.path()));
+    upgrader.ready().unwrap();
+
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "supervisor_failed", "{err}");
+    turn.wait_for(|s| s.level == Level::ERROR && s.message.contains("supervisor failed"));
+    turn.unhook();
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "supervisor_failed", "{err}");
+    assert!(err.to_string().contains("a faulty log subscriber"), "{err}");
+    assert_eq!(starts(dir.path()), 0);
+    assert_serving(&upgrader);
+
+    upgrader.stop();
+    assert_eq!(upgrader.exit().await, ExitReason::Stopped);
+}
+
+/// A successor that writes its pid to the PID file and says it is ready,
+/// as a real one does, then exits 3 at once if `dir/die` exists (else it
+/// lives until its parent closes the handshake link).
+#[cfg(target_os = "linux")]
+fn ready_then_exiting_successor(
+    dir: &std::path::Path,
+    pid_file: &std::path::Path,
+) -> std::path::PathBuf {
+    let path = dir.join("successor");
+    let (dir, pid_file) = (dir.display(), pid_file.display());
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\necho $$ > '{pid_file}'\nprintf R >&3\n\
+             [ -e '{dir}/die' ] && exit 3\nexec cat <&3 >/dev/null\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A successor that said it was ready but had already exited when the
+/// supervisor looked (the supervisor held up, here by its log writer,
+/// until the successor is a zombie: its ready byte and SIGCHLD wait
+/// together) leaves nobody to serve: the upgrade fails with
+/// `successor_exited`, the PID file names this generation again, and it
+/// serves on. (Linux: `waitid(WNOWAIT)` waits for the exit without reaping.)
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_successor_gone_before_its_ready_byte_is_read_was_not_ready() {
+    use handover::{Error, ExitStatus};
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("service.pid");
+    let _turn = Turn::take(|seen| {
+        if let (Some(pid), "successor started") = (seen.pid, seen.message.as_str()) {
+            // The first successor only: it dies; the second serves.
+            static HELD: Once = Once::new();
+            HELD.call_once(|| {
+                waitid(
+                    Id::Pid(nix::unistd::Pid::from_raw(pid)),
+                    WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+                )
+                .unwrap();
+            });
+        }
+    });
+    let upgrader = Upgrader::new(
+        Options::default()
+            .executable(ready_then_exiting_successor(dir.path(), &pid_file))
+            .pid_file(&pid_file)
+            .upgrade_signal(None)
+            .upgrade_timeout(Duration::from_secs(10)),
+    )
+    .unwrap();
+    upgrader.ready().unwrap();
+    std::fs::write(dir.path().join("die"), "").unwrap();
+
+    let err = upgrader.upgrade().await.unwrap_err();
+    match err {
+        Error::SuccessorExited { status, .. } => assert_eq!(status, ExitStatus::Exited(3)),
+        other => panic!("expected successor_exited, got {other}"),
+    }
+    assert_serving(&upgrader);
+    let named: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        named,
+        std::process::id() as i32,
+        "the PID file names us again"
+    );
+
+    std::fs::remove_file(dir.path().join("die")).unwrap();
+    let upgraded = upgrader.upgrade().await.unwrap();
+    finish(upgrader, upgraded.pid);
+}
+
+/// A successor whose ready byte comes as the deadline passes (here: the
+/// supervisor is held, by its log writer, between the deadline and its
+/// verdict until the byte is written) was ready: it is not killed (it may
+/// be accepting already) and the upgrade succeeds.
+#[tokio::test]
+async fn a_ready_byte_that_comes_at_the_deadline_is_not_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate, written) = (dir.path().join("gate"), dir.path().join("written"));
+    for fifo in [&gate, &written] {
+        nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    }
+    let script = dir.path().join("successor");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nread _ < '{}'\nprintf R >&3\necho > '{}'\nexec cat <&3 >/dev/null\n",
+            gate.display(),
+            written.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _turn = Turn::take(move |seen| {
+        if seen.message == "upgrade deadline passed" {
+            // Let the successor write its byte, and wait until it has.
+            drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+            std::fs::read(&written).unwrap();
+        }
+    });
+    let upgrader = Upgrader::new(
+        Options::default()
+            .executable(&script)
+            .upgrade_signal(None)
+            .upgrade_timeout(Duration::from_millis(100)),
+    )
+    .unwrap();
+    upgrader.ready().unwrap();
+
+    let upgraded = upgrader.upgrade().await.unwrap();
+    assert_eq!(
+        upgrader.exit().await,
+        ExitReason::Upgraded(upgraded.clone())
+    );
+    finish(upgrader, upgraded.pid);
+}
+
+/// A stop that panics half-way still stops: `exit()` resolves `Stopped`.
+#[tokio::test]
+async fn a_stop_that_panics_still_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let _turn = Turn::take(|seen| {
+        if seen.message == "stopping" {
+            panic!("a faulty log subscriber");
+        }
+    });
+    let upgrader = upgrader(&successor_script(dir.path()));
+    upgrader.ready().unwrap();
+    upgrader.stop();
+    let reason = tokio::time::timeout(Duration::from_secs(20), upgrader.exit()).await;
+    assert_eq!(reason, Ok(ExitReason::Stopped));
+}
