@@ -64,7 +64,9 @@ impl Options {
     }
 
     /// A PID file, replaced atomically by each generation when it becomes
-    /// ready. Default: none.
+    /// ready. Default: none. A directory that anyone may write to without
+    /// the sticky bit is refused ([`Error::PidFile`]): anyone could replace
+    /// the file there.
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.pid_file = Some(path.into());
         self
