@@ -485,10 +485,13 @@ impl Supervisor {
             Ok(false) => Some(outbox),
             Err(e) => return Err(Error::io("handing over state", e)),
         };
+        // The successor unblocks it whatever its own options say.
+        let blocked = self.config.upgrade_signal;
         let inheritance = Inheritance {
             generation: self.config.generation + 1,
             parent: sys::pid(),
             link: sys::LINK_FD,
+            blocked,
             fds: named,
         };
         let mut env: Vec<OsString> = std::env::vars_os()
@@ -505,7 +508,7 @@ impl Supervisor {
             args: &self.config.args,
             env,
             link: theirs.as_fd(),
-            blocked: self.config.upgrade_signal,
+            blocked,
         };
         let pid = sys::spawn(&request).map_err(|source| Error::Spawn {
             path: self.config.executable.clone(),

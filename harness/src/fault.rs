@@ -43,6 +43,10 @@ pub enum Fault {
     /// writer opens the FIFO named by [`GATE_VAR`]: a test can act while a
     /// successor has not yet read anything its parent sent it.
     GateBeforeStart,
+    /// A release that upgrades only through the API (no upgrade signal) and
+    /// reloads its configuration on SIGHUP: each SIGHUP is announced as
+    /// `event=reloaded`.
+    SighupReloads,
 }
 
 /// The FIFO a `gate-before-start` generation waits on.
@@ -63,6 +67,7 @@ impl FromStr for Fault {
             "crash-after-ready" => Fault::CrashAfterReady,
             "hang-before-start" => Fault::HangBeforeStart,
             "gate-before-start" => Fault::GateBeforeStart,
+            "sighup-reloads" => Fault::SighupReloads,
             other => match other.strip_prefix("slow-init:").map(str::parse::<u64>) {
                 Some(Ok(millis)) => Fault::SlowInit(Duration::from_millis(millis)),
                 _ => return Err(format!("unknown fault {other:?}")),
@@ -113,7 +118,8 @@ impl Fault {
             | Fault::CrashBeforeListen
             | Fault::CrashAfterReady
             | Fault::HangBeforeStart
-            | Fault::GateBeforeStart => {}
+            | Fault::GateBeforeStart
+            | Fault::SighupReloads => {}
         }
     }
 

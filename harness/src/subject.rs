@@ -119,12 +119,14 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Ok(faults) = Faults::from_env() {
-        faults
-            .for_generation(Faults::generation_to_be())
-            .before_start();
-    }
+    let fault_to_be = Faults::from_env()
+        .map(|faults| faults.for_generation(Faults::generation_to_be()))
+        .unwrap_or_default();
+    fault_to_be.before_start();
     let mut options = Options::default().upgrade_timeout(args.upgrade_timeout);
+    if fault_to_be == Fault::SighupReloads {
+        options = options.upgrade_signal(None);
+    }
     if let Some(path) = &args.pid_file {
         options = options.pid_file(path);
     }
@@ -214,6 +216,16 @@ async fn serve(
         Some(path) => Some(upgrader.control_socket(path)?),
         None => None,
     };
+
+    if fault == Fault::SighupReloads {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                event(format_args!("reloaded gen={generation}"));
+            }
+        });
+    }
 
     fault.before_ready().await;
     if upgrader.has_parent() {

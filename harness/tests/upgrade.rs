@@ -522,3 +522,25 @@ fn a_successor_crashing_right_after_ready_was_ready() {
     subject.wait_for(|e| e.is("exited", 0)).unwrap();
     subject.wait_exit(first).unwrap();
 }
+
+/// The parent blocks its upgrade signal (SIGHUP) in its successor; a
+/// release that upgrades only through the API and reloads on SIGHUP gets
+/// it unblocked all the same, and receives it.
+#[test]
+fn a_successor_without_an_upgrade_signal_receives_the_one_its_parent_blocked() {
+    let mut subject = Subject::start(&SubjectConfig {
+        faults: Some("1=sighup-reloads".into()),
+        ..config()
+    })
+    .unwrap();
+    let second = subject.upgrade_and_settle(0).unwrap();
+    subject.signal(second, Signal::SIGHUP).unwrap();
+    subject.wait_for(|e| e.is("reloaded", 1)).unwrap();
+    assert_served_by(&subject, 1);
+    subject.collect_events();
+    assert!(
+        !subject.history.iter().any(|e| e.generation >= 2),
+        "SIGHUP is not its upgrade signal: {:#?}",
+        subject.history
+    );
+}
