@@ -579,9 +579,17 @@ impl Supervisor {
                 }
             }
             Ok(None) => {} // another child of this process
+            // Not ours to wait for any more (someone else reaped it): its
+            // pid may name another process by now, so nothing kills it.
             Err(err) => {
-                let problem = format!("cannot wait for it: {err}");
-                self.fail_inflight(|pid| Error::Handshake { pid, problem });
+                let Some(inflight) = self.inflight.take() else {
+                    return;
+                };
+                let error = Error::Handshake {
+                    pid: inflight.pid.as_raw(),
+                    problem: format!("cannot wait for it: {err}"),
+                };
+                self.finish(Err(error), inflight.waiter);
             }
         }
     }

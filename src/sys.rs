@@ -9,7 +9,8 @@
 //! - adopting sockets passed by systemd's socket activation;
 //! - starting a successor with `posix_spawn(3)`, its handshake link placed
 //!   at 3 and the upgrade signal blocked from its first instruction;
-//! - unblocking the upgrade signal, reaping, killing, polling;
+//! - unblocking a signal; reaping (decoding any wait status, a real-time
+//!   signal's included), killing only a child not yet reaped; polling;
 //! - removing the inheritance variables from this process's environment.
 
 use std::ffi::{CString, OsString};
@@ -27,7 +28,6 @@ use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_s
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
 use nix::sys::socket::{ControlMessage, MsgFlags, SockType, getsockopt, sendmsg, sockopt};
 use nix::sys::stat::SFlag;
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use socket2::{Domain, SockAddr, SockRef};
 
@@ -460,29 +460,66 @@ fn c_strings(items: impl Iterator<Item = OsString>) -> io::Result<Vec<CString>> 
 
 /// Reaps `pid` if it has ended; `None` while it still runs.
 pub(crate) fn try_reap(pid: Pid) -> io::Result<Option<ExitStatus>> {
-    match waitpid(pid, Some(WaitPidFlag::WNOHANG))? {
-        WaitStatus::Exited(_, code) => Ok(Some(ExitStatus::Exited(code))),
-        WaitStatus::Signaled(_, signal, _) => Ok(Some(ExitStatus::Signaled(signal as i32))),
-        _ => Ok(None),
-    }
+    wait(pid, libc::WNOHANG)
 }
 
 /// Kills `pid` with SIGKILL and reaps it. SIGKILL also ends a stopped
 /// process, so the wait is short and bounded.
+///
+/// Only a child that is still ours is signalled: one that has ended is
+/// reaped without a signal, and one that is not ours any more (reaped by
+/// someone else: the wait fails with ECHILD) is left alone, since its pid
+/// may name another process by now. An unreaped child's pid cannot be
+/// reused, so between the check and the kill it still names that child.
 pub(crate) fn kill_and_reap(pid: Pid) -> io::Result<ExitStatus> {
+    if let Some(status) = wait(pid, libc::WNOHANG)? {
+        return Ok(status);
+    }
     match kill(pid, Signal::SIGKILL) {
         Ok(()) | Err(Errno::ESRCH) => {}
         Err(e) => return Err(e.into()),
     }
     loop {
-        match waitpid(pid, None) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::Exited(code)),
-            Ok(WaitStatus::Signaled(_, signal, _)) => {
-                return Ok(ExitStatus::Signaled(signal as i32));
-            }
-            Ok(_) | Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
+        if let Some(status) = wait(pid, 0)? {
+            return Ok(status);
         }
+    }
+}
+
+/// `waitpid(2)`, its status decoded here: nix refuses (EINVAL) a status
+/// it cannot name, such as death by a real-time signal, after the kernel
+/// has already reaped the child.
+fn wait(pid: Pid, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+    loop {
+        let mut raw: libc::c_int = 0;
+        // SAFETY: waitpid writes the status into `raw`, a valid c_int.
+        let reaped = unsafe { libc::waitpid(pid.as_raw(), &mut raw, flags) };
+        match reaped {
+            -1 => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+            0 => return Ok(None),
+            _ => match exit_status(raw) {
+                Some(status) => return Ok(Some(status)),
+                // Stopped under a tracer: it has not ended.
+                None if flags & libc::WNOHANG != 0 => return Ok(None),
+                None => {}
+            },
+        }
+    }
+}
+
+/// How a process ended, from its raw wait status; `None` if it has not.
+fn exit_status(raw: libc::c_int) -> Option<ExitStatus> {
+    if libc::WIFEXITED(raw) {
+        Some(ExitStatus::Exited(libc::WEXITSTATUS(raw)))
+    } else if libc::WIFSIGNALED(raw) {
+        Some(ExitStatus::Signaled(libc::WTERMSIG(raw)))
+    } else {
+        None
     }
 }
 
@@ -664,5 +701,31 @@ mod tests {
         let mut rest = [0u8; 5];
         io::Read::read_exact(&mut &theirs, &mut rest).unwrap();
         assert_eq!(&rest, b"state");
+    }
+
+    /// nix cannot name a real-time signal, and failed after the kernel had
+    /// already reaped the process.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn death_by_a_real_time_signal_is_an_exit_status() {
+        let signal = libc::SIGRTMIN() + 2;
+        let (_ours, theirs) = UnixStream::pair().unwrap();
+        let request = SpawnRequest {
+            path: Path::new("/bin/sh"),
+            args: &[
+                "sh".into(),
+                "-c".into(),
+                format!("kill -{signal} $$").into(),
+            ],
+            env: Vec::new(),
+            link: theirs.as_fd(),
+            blocked: None,
+        };
+        let pid = spawn(&request).unwrap();
+        assert_eq!(wait(pid, 0).unwrap(), Some(ExitStatus::Signaled(signal)));
+        assert_eq!(
+            ExitStatus::Signaled(signal).to_string(),
+            format!("killed by signal {signal}")
+        );
     }
 }

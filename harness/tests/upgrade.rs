@@ -523,6 +523,52 @@ fn a_successor_crashing_right_after_ready_was_ready() {
     subject.wait_exit(first).unwrap();
 }
 
+/// A successor ended by a signal that has no name in `nix` (a real-time
+/// one) before it was ready: the upgrade fails with its exit status, and
+/// the parent, which has reaped it, serves on and leaves no zombie.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_successor_killed_by_a_realtime_signal_is_reported_and_the_parent_serves_on() {
+    let mut subject = Subject::start(&SubjectConfig {
+        faults: Some("1=hang".into()),
+        ..config()
+    })
+    .unwrap();
+    // Asked from another thread (`Subject` stays with the test), answered
+    // once the upgrade has failed.
+    let control = subject.addresses.control;
+    let upgrade = std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(control).unwrap();
+        stream
+            .set_read_timeout(Some(handover_harness::process::EVENT_TIMEOUT))
+            .unwrap();
+        stream.write_all(b"upgrade\n").unwrap();
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut answer).unwrap();
+        answer.trim().to_owned()
+    });
+    let second = subject.wait_for(|e| e.is("started", 1)).unwrap().pid;
+    let signal = nix::libc::SIGRTMIN() + 2;
+    let killed = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -{signal} {second}"))
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let answer = upgrade.join().unwrap();
+    assert!(
+        answer.starts_with("err reason=successor_exited "),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(&format!("pid {second} killed by signal {signal} ")),
+        "{answer}"
+    );
+    assert_served_by(&subject, 0);
+    assert_eq!(subject.zombie_children().unwrap(), Vec::<i32>::new());
+}
+
 /// The parent blocks its upgrade signal (SIGHUP) in its successor; a
 /// release that upgrades only through the API and reloads on SIGHUP gets
 /// it unblocked all the same, and receives it.
