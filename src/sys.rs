@@ -1,14 +1,15 @@
 //! The platform layer: every `unsafe` block and raw system call of the crate.
 //!
-//! One POSIX path for Linux and macOS through `nix`; the one platform
-//! branch (`MSG_CMSG_CLOEXEC`, a Linux-only way to receive descriptors
-//! close-on-exec, with a portable fallback) is named in `ARCHITECTURE.md`.
-//! What it provides:
+//! One POSIX path for Linux and macOS through `nix` and `libc`; the
+//! platform branches (receiving descriptors close-on-exec, closing every
+//! other descriptor in a successor) are named in `ARCHITECTURE.md`. What
+//! it provides:
 //! - passing descriptors on the handshake link (`SCM_RIGHTS`) and checking
 //!   what each one is;
 //! - adopting sockets passed by systemd's socket activation;
 //! - starting a successor with `posix_spawn(3)`, its handshake link placed
-//!   at 3 and the upgrade signal blocked from its first instruction;
+//!   at 3, every other descriptor but stdio closed, and the upgrade signal
+//!   blocked from its first instruction;
 //! - unblocking a signal; reaping (decoding any wait status, a real-time
 //!   signal's included), killing only a child not yet reaped; polling;
 //! - removing the inheritance variables from this process's environment.
@@ -16,7 +17,7 @@
 use std::ffi::{CString, OsString};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::time::Duration;
 
@@ -24,7 +25,6 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::libc;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
 use nix::sys::socket::{ControlMessage, MsgFlags, SockType, getsockopt, sendmsg, sockopt};
 use nix::sys::stat::SFlag;
@@ -409,7 +409,11 @@ pub(crate) const LINK_FD: RawFd = 3;
 
 /// Starts a successor with `posix_spawn(3)`: no fork of this (possibly large)
 /// process, and the exec error (ENOENT, EACCES, ENOEXEC) is returned here.
-/// Its only inherited descriptor (besides stdio) is the link, at 3.
+///
+/// It inherits stdio (0, 1, 2) and the link (at 3), nothing else: every
+/// other descriptor is closed in it, close-on-exec or not (a pipe the
+/// service made without the flag, one its own launcher left it, one that
+/// another thread has just created and not yet marked).
 pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<Pid> {
     // dup2(3, 3) would leave the link close-on-exec: copy it elsewhere first.
     let copy = if request.link.as_raw_fd() == LINK_FD {
@@ -420,10 +424,28 @@ pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<Pid> {
     let source = copy
         .as_ref()
         .map_or(request.link.as_raw_fd(), AsRawFd::as_raw_fd);
-    let mut actions = PosixSpawnFileActions::init()?;
-    actions.add_dup2(source, LINK_FD)?;
+    let mut actions = FileActions::new()?;
+    actions.dup2(source, LINK_FD)?;
+    let signal_flags = libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+    // Platform branch: macOS closes every descriptor that no file action
+    // names (POSIX_SPAWN_CLOEXEC_DEFAULT), so stdio is named; elsewhere a
+    // file action closes everything above the link.
+    #[cfg(target_vendor = "apple")]
+    let flags = {
+        for fd in 0..LINK_FD {
+            if is_open(fd) {
+                actions.inherit(fd)?;
+            }
+        }
+        signal_flags | libc::POSIX_SPAWN_CLOEXEC_DEFAULT
+    };
+    #[cfg(not(target_vendor = "apple"))]
+    let flags = {
+        actions.close_from(LINK_FD + 1)?;
+        signal_flags
+    };
 
-    let mut attr = PosixSpawnAttr::init()?;
+    let mut attr = SpawnAttributes::new()?;
     let mut mask = SigSet::empty();
     if let Some(signal) = request.blocked {
         mask.add(signal);
@@ -434,27 +456,225 @@ pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<Pid> {
     defaults.add(Signal::SIGPIPE);
     attr.set_sigmask(&mask)?;
     attr.set_sigdefault(&defaults)?;
-    attr.set_flags(
-        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
-    )?;
+    attr.set_flags(flags)?;
 
+    let path = CString::new(request.path.as_os_str().as_bytes()).map_err(|_| nul_byte())?;
     let args = c_strings(request.args.iter().cloned())?;
     let env = c_strings(request.env.iter().cloned())?;
-    let pid = posix_spawn(request.path, &actions, &attr, &args, &env)?;
+    let argv = null_terminated(&args);
+    let envp = null_terminated(&env);
+    let mut pid: libc::pid_t = 0;
+    // SAFETY: `path` and every string `argv` and `envp` point at are
+    // NUL-terminated and outlive the call, and both arrays end with a null
+    // pointer; `actions` and `attr` were initialised by their `new`; `pid`
+    // is a valid place for the child's pid. posix_spawn copies what it
+    // needs before it returns.
+    let result = unsafe {
+        libc::posix_spawn(
+            &mut pid,
+            path.as_ptr(),
+            &actions.0,
+            &attr.0,
+            argv.as_ptr(),
+            envp.as_ptr(),
+        )
+    };
+    spawn_result(result)?;
     drop(copy);
-    Ok(pid)
+    Ok(Pid::from_raw(pid))
+}
+
+/// The `posix_spawn` family returns an error number instead of setting errno.
+fn spawn_result(code: libc::c_int) -> io::Result<()> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(code))
+    }
+}
+
+/// An initialised `posix_spawn_file_actions_t`, destroyed on drop.
+struct FileActions(libc::posix_spawn_file_actions_t);
+
+impl FileActions {
+    fn new() -> io::Result<FileActions> {
+        let mut raw = std::mem::MaybeUninit::uninit();
+        // SAFETY: init writes an initialised object into the storage it is
+        // given; on failure nothing reads the storage.
+        spawn_result(unsafe { libc::posix_spawn_file_actions_init(raw.as_mut_ptr()) })?;
+        // SAFETY: init succeeded. The object holds no pointer into itself
+        // (glibc: counts and a heap array; macOS: one heap pointer), so it
+        // may be moved.
+        Ok(FileActions(unsafe { raw.assume_init() }))
+    }
+
+    fn dup2(&mut self, from: RawFd, to: RawFd) -> io::Result<()> {
+        // SAFETY: `self.0` is initialised; the call only records the action.
+        spawn_result(unsafe { libc::posix_spawn_file_actions_adddup2(&mut self.0, from, to) })
+    }
+
+    /// Closes, in the successor, every descriptor from `lowest` up.
+    #[cfg(not(target_vendor = "apple"))]
+    fn close_from(&mut self, lowest: RawFd) -> io::Result<()> {
+        if let Some(add_close_from) = close_from_action() {
+            // SAFETY: `self.0` is initialised, and the function has the
+            // signature `close_from_action` resolved it with.
+            return spawn_result(unsafe { add_close_from(&mut self.0, lowest) });
+        }
+        // Without the call (glibc before 2.34, musl): close each descriptor
+        // that would be inherited, as listed now. One that another thread
+        // opens without close-on-exec between the listing and the spawn
+        // still reaches the successor.
+        let inheritable = match inheritable_descriptors(lowest) {
+            Ok(fds) => fds,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list open descriptors: a successor may inherit some that are not close-on-exec");
+                return Ok(());
+            }
+        };
+        for fd in inheritable {
+            // SAFETY: `self.0` is initialised; the call only records the
+            // action (closing a descriptor that is gone by then is ignored).
+            spawn_result(unsafe { libc::posix_spawn_file_actions_addclose(&mut self.0, fd) })?;
+        }
+        Ok(())
+    }
+
+    /// Keeps `fd` open in the successor despite POSIX_SPAWN_CLOEXEC_DEFAULT.
+    #[cfg(target_vendor = "apple")]
+    fn inherit(&mut self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: `self.0` is initialised; the call only records the action.
+        spawn_result(unsafe { posix_spawn_file_actions_addinherit_np(&mut self.0, fd) })
+    }
+}
+
+impl Drop for FileActions {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` was initialised and is destroyed once, here.
+        unsafe { libc::posix_spawn_file_actions_destroy(&mut self.0) };
+    }
+}
+
+#[cfg(target_vendor = "apple")]
+unsafe extern "C" {
+    /// macOS's file action that exempts a descriptor from
+    /// POSIX_SPAWN_CLOEXEC_DEFAULT (`<spawn.h>`); the libc crate lacks it.
+    fn posix_spawn_file_actions_addinherit_np(
+        actions: *mut libc::posix_spawn_file_actions_t,
+        fd: libc::c_int,
+    ) -> libc::c_int;
+}
+
+/// Whether `fd` is an open descriptor of this process.
+#[cfg(target_vendor = "apple")]
+fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the flags of a descriptor number; on one
+    // that is not open it fails with EBADF.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
+#[cfg(not(target_vendor = "apple"))]
+type AddCloseFrom =
+    unsafe extern "C" fn(*mut libc::posix_spawn_file_actions_t, libc::c_int) -> libc::c_int;
+
+/// glibc's `posix_spawn_file_actions_addclosefrom_np` (2.34 and later),
+/// looked up at run time: linking it would stop the library's users from
+/// starting on an older glibc at all.
+#[cfg(not(target_vendor = "apple"))]
+fn close_from_action() -> Option<AddCloseFrom> {
+    static RESOLVED: std::sync::OnceLock<Option<AddCloseFrom>> = std::sync::OnceLock::new();
+    *RESOLVED.get_or_init(|| {
+        // SAFETY: dlsym only looks a NUL-terminated name up in the objects
+        // already loaded; RTLD_DEFAULT is a valid pseudo-handle.
+        let address = unsafe {
+            libc::dlsym(
+                libc::RTLD_DEFAULT,
+                c"posix_spawn_file_actions_addclosefrom_np".as_ptr(),
+            )
+        };
+        // SAFETY: a symbol of that name is the C library's function, with
+        // this signature (`<spawn.h>`: int (posix_spawn_file_actions_t *,
+        // int)); a non-null address is a valid function pointer.
+        (!address.is_null())
+            .then(|| unsafe { std::mem::transmute::<*mut libc::c_void, AddCloseFrom>(address) })
+    })
+}
+
+/// The descriptors from `lowest` up that are open and not close-on-exec.
+#[cfg(not(target_vendor = "apple"))]
+fn inheritable_descriptors(lowest: RawFd) -> io::Result<Vec<RawFd>> {
+    let listed: Vec<RawFd> = std::fs::read_dir("/dev/fd")?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd >= lowest)
+        .collect();
+    // The listing's own descriptor is closed by now: F_GETFD fails on it.
+    Ok(listed
+        .into_iter()
+        .filter(|&fd| {
+            // SAFETY: F_GETFD only reads the flags of a descriptor number;
+            // on one that is not open it fails with EBADF.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            flags != -1 && flags & libc::FD_CLOEXEC == 0
+        })
+        .collect())
+}
+
+/// An initialised `posix_spawnattr_t`, destroyed on drop.
+struct SpawnAttributes(libc::posix_spawnattr_t);
+
+impl SpawnAttributes {
+    fn new() -> io::Result<SpawnAttributes> {
+        let mut raw = std::mem::MaybeUninit::uninit();
+        // SAFETY: as for FileActions::new.
+        spawn_result(unsafe { libc::posix_spawnattr_init(raw.as_mut_ptr()) })?;
+        // SAFETY: init succeeded; the object holds no pointer into itself.
+        Ok(SpawnAttributes(unsafe { raw.assume_init() }))
+    }
+
+    fn set_sigmask(&mut self, mask: &SigSet) -> io::Result<()> {
+        // SAFETY: `self.0` is initialised; the set is copied.
+        spawn_result(unsafe { libc::posix_spawnattr_setsigmask(&mut self.0, mask.as_ref()) })
+    }
+
+    fn set_sigdefault(&mut self, signals: &SigSet) -> io::Result<()> {
+        // SAFETY: `self.0` is initialised; the set is copied.
+        spawn_result(unsafe { libc::posix_spawnattr_setsigdefault(&mut self.0, signals.as_ref()) })
+    }
+
+    fn set_flags(&mut self, flags: libc::c_int) -> io::Result<()> {
+        // Every POSIX_SPAWN_* flag fits the short the call takes.
+        let flags = flags as libc::c_short;
+        // SAFETY: `self.0` is initialised.
+        spawn_result(unsafe { libc::posix_spawnattr_setflags(&mut self.0, flags) })
+    }
+}
+
+impl Drop for SpawnAttributes {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` was initialised and is destroyed once, here.
+        unsafe { libc::posix_spawnattr_destroy(&mut self.0) };
+    }
+}
+
+fn nul_byte() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "path, argument or environment entry contains a NUL byte",
+    )
 }
 
 fn c_strings(items: impl Iterator<Item = OsString>) -> io::Result<Vec<CString>> {
     items
-        .map(|item| {
-            CString::new(item.into_vec()).map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "argument or environment entry contains a NUL byte",
-                )
-            })
-        })
+        .map(|item| CString::new(item.into_vec()).map_err(|_| nul_byte()))
+        .collect()
+}
+
+/// The `char *const[]` that posix_spawn takes, borrowing `strings`.
+fn null_terminated(strings: &[CString]) -> Vec<*mut libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr().cast_mut())
+        .chain(std::iter::once(std::ptr::null_mut()))
         .collect()
 }
 
@@ -701,6 +921,61 @@ mod tests {
         let mut rest = [0u8; 5];
         io::Read::read_exact(&mut &theirs, &mut rest).unwrap();
         assert_eq!(&rest, b"state");
+    }
+
+    /// A descriptor of this process that is not close-on-exec, at `at` or
+    /// above, closed on drop.
+    fn inheritable_copy(of: &impl AsFd, at: RawFd) -> OwnedFd {
+        // SAFETY: F_DUPFD duplicates an open descriptor to a new number,
+        // without close-on-exec; the new number is owned by the result alone.
+        let fd = unsafe { libc::fcntl(of.as_fd().as_raw_fd(), libc::F_DUPFD, at) };
+        assert!(fd >= at, "{}", io::Error::last_os_error());
+        // SAFETY: just created above, owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    /// The successor gets stdio and the link, not the descriptors of its
+    /// parent that are not close-on-exec. `ls` lists its own: stdio, the
+    /// link, and its directory at the lowest free number, 4.
+    #[test]
+    fn a_successor_inherits_only_stdio_and_the_link() {
+        let file = tempfile::tempfile().unwrap();
+        let low = inheritable_copy(&file, 0);
+        let high = inheritable_copy(&file, 200);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let request = SpawnRequest {
+            path: Path::new("/bin/sh"),
+            args: &["sh".into(), "-c".into(), "exec ls /dev/fd >&3".into()],
+            env: Vec::new(),
+            link: theirs.as_fd(),
+            blocked: None,
+        };
+        let pid = spawn(&request).unwrap();
+        drop(theirs);
+        let mut listing = String::new();
+        io::Read::read_to_string(&mut &ours, &mut listing).unwrap();
+        assert_eq!(wait(pid, 0).unwrap(), Some(ExitStatus::Exited(0)));
+        let listed: Vec<&str> = listing.split_whitespace().collect();
+        assert_eq!(
+            listed,
+            ["0", "1", "2", "3", "4"],
+            "not inherited: {} and {}",
+            low.as_raw_fd(),
+            high.as_raw_fd()
+        );
+    }
+
+    /// Where the C library cannot close everything above the link in one
+    /// file action, these are the descriptors closed one by one.
+    #[cfg(not(target_vendor = "apple"))]
+    #[test]
+    fn inheritable_descriptors_are_those_open_without_close_on_exec() {
+        let file = tempfile::tempfile().unwrap();
+        let inheritable = inheritable_copy(&file, 100);
+        let listed = inheritable_descriptors(LINK_FD + 1).unwrap();
+        assert!(listed.contains(&inheritable.as_raw_fd()), "{listed:?}");
+        assert!(!listed.contains(&file.as_raw_fd()), "close-on-exec");
+        assert!(listed.iter().all(|&fd| fd > LINK_FD), "{listed:?}");
     }
 
     /// nix cannot name a real-time signal, and failed after the kernel had

@@ -39,9 +39,10 @@ pub enum Fault {
     /// Hang before the library starts: the successor reads nothing at all
     /// (not even the state its parent hands over).
     HangBeforeStart,
-    /// Before the library starts, announce `event=gated` and wait until a
-    /// writer opens the FIFO named by [`GATE_VAR`]: a test can act while a
-    /// successor has not yet read anything its parent sent it.
+    /// Before the library starts, announce `event=gated` with the numbers of
+    /// the descriptors this process was started with (`fds=0,1,2,3`), and
+    /// wait until a writer opens the FIFO named by [`GATE_VAR`]: a test can
+    /// act while a successor has not yet read anything its parent sent it.
     GateBeforeStart,
     /// A release that upgrades only through the API (no upgrade signal) and
     /// reloads its configuration on SIGHUP: each SIGHUP is announced as
@@ -84,10 +85,15 @@ impl Fault {
                 std::thread::park();
             },
             Fault::GateBeforeStart => {
+                let fds: Vec<String> = crate::open_descriptor_numbers()
+                    .iter()
+                    .map(i32::to_string)
+                    .collect();
                 println!(
-                    "event=gated gen={} pid={}",
+                    "event=gated gen={} pid={} fds={}",
                     Faults::generation_to_be(),
-                    std::process::id()
+                    std::process::id(),
+                    fds.join(",")
                 );
                 // Opening a FIFO for reading blocks until a writer opens it.
                 if let Some(path) = std::env::var_os(GATE_VAR) {

@@ -7,7 +7,8 @@
 //! `event=...` lines on stdout, which all generations share.
 //!
 //! Control commands, one per line: `upgrade` (answers `ok pid=.. gen=.. us=..`
-//! or `err reason=.. ..`), `info` (`pid=.. gen=.. fds=..`), `stop`.
+//! or `err reason=.. ..`), `info` (`pid=.. gen=.. fds=.. open=0,1,..`: how
+//! many descriptors it has open, and their numbers), `stop`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -43,6 +44,9 @@ struct Args {
     /// (`Options::stop_signals`) from its first instruction, not only
     /// once it serves.
     library_stop_signals: bool,
+    /// Hold a pipe made without close-on-exec, as a careless service would:
+    /// the library must not pass it to a successor.
+    inheritable_pipe: bool,
 }
 
 fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -60,6 +64,7 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
         upgrade_timeout: Duration::from_secs(10),
         quiet_period: Duration::from_millis(500),
         library_stop_signals: false,
+        inheritable_pipe: false,
     };
     let mut words = words;
     while let Some(flag) = words.next() {
@@ -95,6 +100,10 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
                 args.library_stop_signals =
                     value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
             }
+            "--inheritable-pipe" => {
+                args.inheritable_pipe =
+                    value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -123,6 +132,18 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
         .map(|faults| faults.for_generation(Faults::generation_to_be()))
         .unwrap_or_default();
     fault_to_be.before_start();
+    // Held for the life of the process.
+    let _inheritable_pipe = if args.inheritable_pipe {
+        match nix::unistd::pipe() {
+            Ok(pipe) => Some(pipe),
+            Err(error) => {
+                eprintln!("handover-subject: pipe: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let mut options = Options::default().upgrade_timeout(args.upgrade_timeout);
     if fault_to_be == Fault::SighupReloads {
         options = options.upgrade_signal(None);
@@ -492,10 +513,15 @@ async fn accept_control(listener: TcpListener, upgrader: Arc<Upgrader>, drain: D
                         Err(error) => format!("err reason={} {error}", error.reason()),
                     },
                     "info" => format!(
-                        "pid={} gen={} fds={}",
+                        "pid={} gen={} fds={} open={}",
                         std::process::id(),
                         upgrader.generation(),
-                        crate::open_descriptors()
+                        crate::open_descriptors(),
+                        crate::open_descriptor_numbers()
+                            .iter()
+                            .map(i32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
                     ),
                     "stop" => {
                         upgrader.stop();

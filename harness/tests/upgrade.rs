@@ -523,6 +523,56 @@ fn a_successor_crashing_right_after_ready_was_ready() {
     subject.wait_exit(first).unwrap();
 }
 
+/// The numbers after `open=` in an `info` answer.
+fn open_descriptors(info: &str) -> Vec<i32> {
+    info.split_whitespace()
+        .find_map(|word| word.strip_prefix("open="))
+        .unwrap_or_else(|| panic!("no open= in {info:?}"))
+        .split(',')
+        .map(|fd| fd.parse().unwrap())
+        .collect()
+}
+
+/// Descriptor hygiene: a successor starts with stdio and its handshake link
+/// (fd 3) and nothing else, although its parent holds descriptors that are
+/// not close-on-exec: a pipe it made itself, and fd 251, left to it by
+/// whatever started it.
+#[test]
+fn a_successor_starts_with_only_stdio_and_its_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let mut subject = Subject::start(&SubjectConfig {
+        binary: PathBuf::from("/bin/bash"),
+        args: vec![
+            "-c".into(),
+            r#"exec 251</dev/null; exec "$0" "$@""#.into(),
+            subject_binary().display().to_string(),
+            "--quiet-period-ms".into(),
+            "100".into(),
+            "--inheritable-pipe".into(),
+            "true".into(),
+        ],
+        faults: Some("1=gate-before-start".into()),
+        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        ..config()
+    })
+    .unwrap();
+    let parent = open_descriptors(&subject.control("info").unwrap());
+    assert!(parent.contains(&251), "{parent:?}");
+
+    subject.signal(subject.first_pid(), Signal::SIGHUP).unwrap();
+    // Before the successor runs any code of the library or the service.
+    let gated = subject.wait_for(|e| e.is("gated", 1)).unwrap();
+    assert_eq!(gated.fields["fds"], "0,1,2,3", "{gated:?}");
+
+    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
+    assert_served_by(&subject, 1);
+    let successor = open_descriptors(&subject.control("info").unwrap());
+    assert!(!successor.contains(&251), "{successor:?}");
+}
+
 /// A successor ended by a signal that has no name in `nix` (a real-time
 /// one) before it was ready: the upgrade fails with its exit status, and
 /// the parent, which has reaped it, serves on and leaves no zombie.
