@@ -274,7 +274,7 @@ impl Supervisor {
         let main_pid = self.config.pid_file.is_none().then(sys::pid);
         self.systemd.ready(main_pid, generation);
         if let Some(link) = &mut self.channels.parent_link {
-            if let Err(err) = link.write_all(&[READY]) {
+            if let Err(err) = sys::LinkWriter(link.as_fd()).write_all(&[READY]) {
                 // The parent is gone (killed while we started): we are the
                 // only generation now, and ready all the same.
                 tracing::warn!(generation, error = %err, "parent gone before it heard we are ready");
@@ -457,7 +457,7 @@ impl Supervisor {
             ));
         }
         let (ours, theirs) =
-            UnixStream::pair().map_err(|e| Error::io("creating the handshake link", e))?;
+            sys::link_pair().map_err(|e| Error::io("creating the handshake link", e))?;
         let registry = lock(&self.registry);
         let mut fds = Vec::with_capacity(registry.len());
         let mut named = Vec::with_capacity(registry.len());
@@ -480,7 +480,7 @@ impl Supervisor {
         // while its successor starts leaves that much behind. The poll loop
         // writes the rest as the successor reads.
         let mut outbox = Outbox::new(state);
-        let outbox = match outbox.write_some(&ours) {
+        let outbox = match outbox.write_some(sys::LinkWriter(ours.as_fd())) {
             Ok(true) => None,
             Ok(false) => Some(outbox),
             Err(e) => return Err(Error::io("handing over state", e)),
@@ -522,7 +522,7 @@ impl Supervisor {
             return;
         };
         if let Some(outbox) = &mut inflight.outbox {
-            match outbox.write_some(&inflight.link) {
+            match outbox.write_some(sys::LinkWriter(inflight.link.as_fd())) {
                 Ok(false) => {}
                 Ok(true) => inflight.outbox = None,
                 // It is gone or going: SIGCHLD brings its status.

@@ -2,10 +2,10 @@
 //!
 //! One POSIX path for Linux and macOS through `nix` and `libc`; the
 //! platform branches (receiving descriptors close-on-exec, closing every
-//! other descriptor in a successor) are named in `ARCHITECTURE.md`. What
-//! it provides:
+//! other descriptor in a successor, writing on the link without SIGPIPE)
+//! are named in `ARCHITECTURE.md`. What it provides:
 //! - passing descriptors on the handshake link (`SCM_RIGHTS`) and checking
-//!   what each one is;
+//!   what each one is, and writing on it without ever raising SIGPIPE;
 //! - adopting sockets passed by systemd's socket activation;
 //! - starting a successor with `posix_spawn(3)`, its handshake link placed
 //!   at 3, every other descriptor but stdio closed, and the upgrade signal
@@ -18,6 +18,7 @@ use std::ffi::{CString, OsString};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::libc;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
-use nix::sys::socket::{ControlMessage, MsgFlags, SockType, getsockopt, sendmsg, sockopt};
+use nix::sys::socket::{ControlMessage, MsgFlags, SockType, getsockopt, send, sendmsg, sockopt};
 use nix::sys::stat::SFlag;
 use nix::unistd::Pid;
 use socket2::{Domain, SockAddr, SockRef};
@@ -743,6 +744,39 @@ fn exit_status(raw: libc::c_int) -> Option<ExitStatus> {
     }
 }
 
+/// Writes on a handshake link without ever raising SIGPIPE: a service may
+/// have restored SIGPIPE's default action, and a peer that died must cost it
+/// an error, not its life.
+pub(crate) struct LinkWriter<'a>(pub BorrowedFd<'a>);
+
+/// Platform branch: Linux has a flag for each send; macOS has none, and
+/// [`link_pair`] sets SO_NOSIGPIPE on both ends instead.
+#[cfg(not(target_vendor = "apple"))]
+const LINK_SEND_FLAGS: MsgFlags = MsgFlags::MSG_NOSIGNAL;
+#[cfg(target_vendor = "apple")]
+const LINK_SEND_FLAGS: MsgFlags = MsgFlags::empty();
+
+impl io::Write for LinkWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(send(self.0.as_raw_fd(), buf, LINK_SEND_FLAGS)?)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A new handshake link: a connected pair of Unix stream sockets, both ends
+/// close-on-exec (and, on macOS, SO_NOSIGPIPE: see [`LinkWriter`]).
+pub(crate) fn link_pair() -> io::Result<(UnixStream, UnixStream)> {
+    let (ours, theirs) = UnixStream::pair()?;
+    #[cfg(target_vendor = "apple")]
+    for end in [&ours, &theirs] {
+        SockRef::from(end).set_nosigpipe(true)?;
+    }
+    Ok((ours, theirs))
+}
+
 /// Waits until one of `fds` is readable (or hung up), or writable where
 /// asked (`true`), or `timeout` passes. Returns, for each descriptor,
 /// whether it needs attention.
@@ -976,6 +1010,28 @@ mod tests {
         assert!(listed.contains(&inheritable.as_raw_fd()), "{listed:?}");
         assert!(!listed.contains(&file.as_raw_fd()), "close-on-exec");
         assert!(listed.iter().all(|&fd| fd > LINK_FD), "{listed:?}");
+    }
+
+    /// SIGPIPE, blocked in this thread, would stay pending here if a write
+    /// raised it (Linux keeps a blocked signal pending even when ignored).
+    #[test]
+    fn writing_on_a_link_whose_peer_is_gone_raises_no_sigpipe() {
+        let (ours, theirs) = link_pair().unwrap();
+        drop(theirs);
+        let mut pipe_only = SigSet::empty();
+        pipe_only.add(Signal::SIGPIPE);
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&pipe_only), None).unwrap();
+        let written = io::Write::write_all(&mut LinkWriter(ours.as_fd()), b"R");
+        let mut pending = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigpending fills the set it is given.
+        assert_eq!(unsafe { libc::sigpending(pending.as_mut_ptr()) }, 0);
+        // SAFETY: the set was just filled by sigpending.
+        let raised = unsafe { libc::sigismember(pending.as_ptr(), libc::SIGPIPE) } == 1;
+        // If it was raised, it is delivered now, and ignored (the test
+        // runtime ignores SIGPIPE).
+        pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&pipe_only), None).unwrap();
+        assert_eq!(written.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        assert!(!raised, "the write raised SIGPIPE");
     }
 
     /// nix cannot name a real-time signal, and failed after the kernel had

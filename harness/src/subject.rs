@@ -47,6 +47,9 @@ struct Args {
     /// Hold a pipe made without close-on-exec, as a careless service would:
     /// the library must not pass it to a successor.
     inheritable_pipe: bool,
+    /// Die of SIGPIPE, as a process with its default action does, instead
+    /// of ignoring it as the Rust runtime arranges.
+    sigpipe_default: bool,
 }
 
 fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -65,6 +68,7 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
         quiet_period: Duration::from_millis(500),
         library_stop_signals: false,
         inheritable_pipe: false,
+        sigpipe_default: false,
     };
     let mut words = words;
     while let Some(flag) = words.next() {
@@ -103,6 +107,9 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
             "--inheritable-pipe" => {
                 args.inheritable_pipe =
                     value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
+            }
+            "--sigpipe-default" => {
+                args.sigpipe_default = value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
             }
             other => return Err(format!("unknown flag {other}")),
         }
@@ -144,6 +151,15 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
     } else {
         None
     };
+    if args.sigpipe_default {
+        let always = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        if let Err(error) =
+            signal_hook::flag::register_conditional_default(nix::libc::SIGPIPE, always)
+        {
+            eprintln!("handover-subject: SIGPIPE: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
     let mut options = Options::default().upgrade_timeout(args.upgrade_timeout);
     if fault_to_be == Fault::SighupReloads {
         options = options.upgrade_signal(None);

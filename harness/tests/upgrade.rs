@@ -640,3 +640,43 @@ fn a_successor_without_an_upgrade_signal_receives_the_one_its_parent_blocked() {
         subject.history
     );
 }
+
+/// A service that restores SIGPIPE's default action survives writing the
+/// state it hands over to a successor that closed its end of the link
+/// unread: the library's writes on the link never raise SIGPIPE.
+#[test]
+fn a_closed_link_does_not_kill_a_parent_with_default_sigpipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let successor = dir.path().join("successor");
+    // Closes the link (fd 3) unread, says so, and waits to be killed.
+    std::fs::write(
+        &successor,
+        "#!/bin/sh\nexec 3>&-\necho \"event=link-closed gen=1 pid=$$\"\nexec tail -f /dev/null\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&successor, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut subject = Subject::start(&SubjectConfig {
+        args: [
+            config().args,
+            vec![
+                "--sigpipe-default".into(),
+                "true".into(),
+                // More than the link holds: the rest is written as it drains.
+                "--state-bytes".into(),
+                (16 << 20).to_string(),
+                "--upgrade-timeout-ms".into(),
+                "3000".into(),
+                "--executable".into(),
+                successor.display().to_string(),
+            ],
+        ]
+        .concat(),
+        ..config()
+    })
+    .unwrap();
+    let answer = subject.upgrade().unwrap_err();
+    assert!(answer.starts_with("err reason=timeout "), "{answer}");
+    subject.wait_for(|e| e.is("link-closed", 1)).unwrap();
+    assert_served_by(&subject, 0);
+    assert!(is_running(subject.first_pid()));
+}
