@@ -1,55 +1,63 @@
-//! The PID file, replaced atomically so that it always names a live process.
+//! The PID file, replaced atomically so that it always names a live process
+//! that a service manager may adopt.
 //!
-//! Written by the generation that becomes ready, before it tells its parent
-//! (so a supervisor that re-reads it when the old main process exits finds
-//! the new one): write a temporary file beside it, fsync, rename over the
-//! old one, fsync the directory.
+//! Generation 0 writes it when it becomes ready; an old generation names
+//! its successor in it as its last act, when it exits (see
+//! [`name_at_exit`]). Each write puts the pid into a new file beside it, created exclusively
+//! under an unpredictable name (`O_EXCL|O_NOFOLLOW`, so never through a link
+//! someone planted), which is then renamed over the old one. A reader sees
+//! the old file or the new one, never a partial one.
+//!
+//! Nothing is fsynced: the rename alone is atomic for readers, and a PID
+//! file has no use after a crash of the machine (every process it could
+//! name is gone then), while an fsync behind a busy disk would put tens of
+//! milliseconds on the handover's critical path.
+//!
+//! A directory that anyone may write to without the sticky bit is refused:
+//! anyone could replace the PID file there, and whoever reads it would
+//! signal the pid they chose.
 
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
-use std::path::PathBuf;
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
+
+use nix::libc;
 
 use crate::error::{Error, Result};
 use crate::sys::ProcessId;
 
+/// Fresh temporary names tried before giving up: each is 64 random bits, so
+/// a clash with an existing file is already unlikely once.
+const ATTEMPTS: usize = 16;
+
 /// Replaces the PID file at `path` with `pid`.
 pub(crate) fn write(path: &Path, pid: i32) -> Result<()> {
-    write_inner(path, pid).map_err(|source| Error::PidFile {
+    write_inner(path, pid, temporary_names(path)).map_err(|source| Error::PidFile {
         path: path.to_path_buf(),
         source,
     })
 }
 
-fn write_inner(path: &Path, pid: i32) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
-    let mut temporary_name = std::ffi::OsString::from(".");
-    temporary_name.push(file_name);
-    temporary_name.push(format!(".{pid}.tmp"));
-    let temporary = dir.join(temporary_name);
-
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&temporary)?;
-        writeln!(file, "{pid}")?;
-        file.sync_all()?;
-        fs::rename(&temporary, path)?;
-        File::open(dir)?.sync_all()
-    })();
+fn write_inner(
+    path: &Path,
+    pid: i32,
+    temporary_names: impl Iterator<Item = PathBuf>,
+) -> io::Result<()> {
+    if path.file_name().is_none() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the path names no file",
+        ));
+    }
+    check_directory(directory_of(path))?;
+    let (temporary, mut file) = create_exclusive(temporary_names)?;
+    let result = writeln!(file, "{pid}").and_then(|()| fs::rename(&temporary, path));
     if result.is_err() {
         let _ = fs::remove_file(&temporary);
     }
@@ -147,6 +155,74 @@ fn wait_for_reload_commands() {
     }
 }
 
+fn directory_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Refuses a directory in which anyone may replace another's file.
+fn check_directory(dir: &Path) -> io::Result<()> {
+    let mode = fs::metadata(dir)?.permissions().mode();
+    let anyone_writes = mode & 0o002 != 0;
+    let sticky = mode & 0o1000 != 0;
+    if anyone_writes && !sticky {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "its directory {} is writable by anyone and not sticky, so anyone could replace it",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `.NAME.RANDOM.tmp` beside the PID file, [`ATTEMPTS`] of them.
+fn temporary_names(path: &Path) -> impl Iterator<Item = PathBuf> + '_ {
+    let dir = directory_of(path);
+    let file_name = path.file_name().unwrap_or_default();
+    (0..ATTEMPTS).map(move |_| {
+        let mut name = OsString::from(".");
+        name.push(file_name);
+        name.push(format!(".{:016x}.tmp", unpredictable()));
+        dir.join(name)
+    })
+}
+
+/// 64 bits nobody can guess: std seeds each `RandomState` from the
+/// operating system's random source.
+fn unpredictable() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
+/// Creates the first of `names` that does not exist yet, mode 0644, never
+/// through a symbolic link (`O_EXCL` refuses any existing name, a link
+/// included; `O_NOFOLLOW` says so twice).
+fn create_exclusive(names: impl Iterator<Item = PathBuf>) -> io::Result<(PathBuf, File)> {
+    let mut taken = 0;
+    for name in names {
+        let created = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&name);
+        match created {
+            Ok(file) => return Ok((name, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => taken += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("{taken} temporary names beside it were all taken"),
+    ))
+}
+
 /// The pid the file names, if it can be read.
 pub(crate) fn read(path: &Path) -> Option<i32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
@@ -174,5 +250,74 @@ mod tests {
         let err = write(&path, 1).unwrap_err();
         assert_eq!(err.reason(), "pid_file");
         assert!(err.to_string().contains("missing/service.pid"), "{err}");
+    }
+
+    /// The attack on a predictable temporary name: a link planted where the
+    /// library used to write (`.NAME.PID.tmp`) must neither be written
+    /// through nor become the PID file.
+    #[test]
+    fn a_link_planted_at_a_temporary_name_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("service.pid");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious\n").unwrap();
+        let planted = dir.path().join(".service.pid.42.tmp");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+
+        write(&path, 42).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert!(fs::symlink_metadata(&path).unwrap().file_type().is_file());
+        assert_eq!(read(&path), Some(42));
+    }
+
+    /// A name that is taken (here by a planted link) is skipped for the
+    /// next one, and what it points at is left alone.
+    #[test]
+    fn a_taken_temporary_name_is_skipped_without_following_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("service.pid");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious\n").unwrap();
+        let planted = dir.path().join(".service.pid.planted.tmp");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let fresh = dir.path().join(".service.pid.fresh.tmp");
+
+        write_inner(&path, 42, [planted.clone(), fresh.clone()].into_iter()).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert!(
+            fs::symlink_metadata(&planted)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert!(!fresh.exists(), "renamed over the PID file");
+        assert_eq!(read(&path), Some(42));
+
+        let err = write_inner(&path, 43, [planted.clone()].into_iter()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(read(&path), Some(42));
+    }
+
+    #[test]
+    fn a_directory_anyone_may_write_without_the_sticky_bit_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let path = open.join("service.pid");
+        let err = write(&path, 7).unwrap_err();
+        assert_eq!(err.reason(), "pid_file");
+        let message = err.to_string();
+        assert!(
+            message.contains(&path.display().to_string()) && message.contains("sticky"),
+            "{message}"
+        );
+        assert!(!path.exists());
+
+        // Sticky, as /tmp is: nobody can replace another's file there.
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+        write(&path, 7).unwrap();
+        assert_eq!(read(&path), Some(7));
     }
 }

@@ -366,13 +366,7 @@ impl Supervisor {
                     self.on_child_signal();
                 }
                 Source::Parent => self.on_parent_link(),
-                Source::UpgradeSignal => {
-                    if let Some(signal) = &self.channels.upgrade_signal {
-                        drain(signal);
-                    }
-                    self.note_signal_sender();
-                    self.on_upgrade_request("upgrade signal");
-                }
+                Source::UpgradeSignal => self.on_upgrade_signals(),
                 Source::StopSignal => {
                     if let Some(signal) = &self.channels.stop_signal {
                         drain(signal);
@@ -472,11 +466,13 @@ impl Supervisor {
         let main_pid = self.config.pid_file.is_none().then(sys::pid);
         self.systemd.ready(main_pid, generation);
         if let Some(link) = &mut self.channels.parent_link {
-            if let Err(err) = link.write_all(&[READY]) {
+            if let Err(err) = sys::LinkWriter(link.as_fd()).write_all(&[READY]) {
                 // The parent is gone (killed while we started): we are the
                 // only generation now, and ready all the same.
                 tracing::warn!(generation, error = %err, "parent gone before it heard we are ready");
                 self.parent_gone();
+                // It cannot name us in the PID file any more: we serve.
+                self.take_over_pid_file();
             }
         }
         tracing::info!(generation, pid = sys::pid(), "ready");
@@ -545,6 +541,26 @@ impl Supervisor {
                     reason = error.reason(),
                     "upgrade request refused: {error}"
                 );
+            }
+        }
+    }
+
+    /// The upgrade signal's pipe is readable: one request for however many
+    /// signals came, and the count of those handled for the last moments
+    /// (see [`settle_at_exit`]).
+    fn on_upgrade_signals(&mut self) {
+        loop {
+            let seen = sys::upgrade_signals();
+            if let Some(signal) = &self.channels.upgrade_signal {
+                drain(signal);
+            }
+            self.note_signal_sender();
+            self.on_upgrade_request("upgrade signal");
+            signals_handled(seen);
+            // One that came while this one was handled may have had its
+            // wake-up byte drained with the others.
+            if sys::upgrade_signals() == seen {
+                return;
             }
         }
     }
@@ -770,7 +786,7 @@ impl Supervisor {
             ));
         }
         let (ours, theirs) =
-            UnixStream::pair().map_err(|e| Error::io("creating the handshake link", e))?;
+            sys::link_pair().map_err(|e| Error::io("creating the handshake link", e))?;
         let registry = lock(&self.registry);
         let mut fds = Vec::with_capacity(registry.len());
         let mut named = Vec::with_capacity(registry.len());
@@ -793,15 +809,18 @@ impl Supervisor {
         // while its successor starts leaves that much behind. The poll loop
         // writes the rest as the successor reads.
         let mut outbox = Outbox::new(state);
-        let outbox = match outbox.write_some(&ours) {
+        let outbox = match outbox.write_some(sys::LinkWriter(ours.as_fd())) {
             Ok(true) => None,
             Ok(false) => Some(outbox),
             Err(e) => return Err(Error::io("handing over state", e)),
         };
+        // The successor unblocks it whatever its own options say.
+        let blocked = self.config.upgrade_signal;
         let inheritance = Inheritance {
             generation: self.config.generation + 1,
             parent: sys::pid(),
             link: sys::LINK_FD,
+            blocked,
             fds: named,
         };
         let mut env: Vec<OsString> = std::env::vars_os()
@@ -818,7 +837,7 @@ impl Supervisor {
             args: &self.config.args,
             env,
             link: theirs.as_fd(),
-            blocked: self.config.upgrade_signal,
+            blocked,
         };
         let pid = sys::spawn(&request).map_err(|source| Error::Spawn {
             path: self.config.executable.clone(),
@@ -832,7 +851,7 @@ impl Supervisor {
             return;
         };
         if let Some(outbox) = &mut inflight.outbox {
-            match outbox.write_some(&inflight.link) {
+            match outbox.write_some(sys::LinkWriter(inflight.link.as_fd())) {
                 Ok(false) => {}
                 Ok(true) => inflight.outbox = None,
                 // It is gone or going: SIGCHLD brings its status.
@@ -887,9 +906,17 @@ impl Supervisor {
                 self.finish(Err(error), inflight.waiter);
             }
             Ok(None) => {} // another child of this process
+            // Not ours to wait for any more (someone else reaped it): its
+            // pid may name another process by now, so nothing kills it.
             Err(err) => {
-                let problem = format!("cannot wait for it: {err}");
-                self.fail_inflight(|pid| Error::Handshake { pid, problem });
+                let Some(inflight) = self.inflight.take() else {
+                    return;
+                };
+                let error = Error::Handshake {
+                    pid: inflight.pid.as_raw(),
+                    problem: format!("cannot wait for it: {err}"),
+                };
+                self.finish(Err(error), inflight.waiter);
             }
         }
     }
@@ -935,6 +962,13 @@ impl Supervisor {
         if let Some(path) = &self.config.pid_file {
             pidfile::name_at_exit(path, inflight.pid.as_raw());
         }
+        // Registered after the PID file's hook, so run before it.
+        static SETTLE: std::sync::Once = std::sync::Once::new();
+        SETTLE.call_once(|| {
+            if let Err(error) = sys::at_exit(settle_at_exit) {
+                tracing::error!(%error, "cannot arrange to pass on upgrade signals at exit");
+            }
+        });
         // What is left of the state goes on to the ready successor.
         let outbox = inflight.outbox.unwrap_or_else(Outbox::sent);
         self.successor = Some(Successor {
@@ -1093,6 +1127,40 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 fn drain(mut stream: &UnixStream) {
     let mut buffer = [0u8; 64];
     while matches!(stream.read(&mut buffer), Ok(n) if n > 0) {}
+}
+
+/// Upgrade signals handled by the supervisor (see `on_upgrade_signals`).
+static SIGNALS_HANDLED: Mutex<u64> = Mutex::new(0);
+static SIGNALS_HANDLED_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+/// How long the exit waits for the supervisor to pass a signal on.
+const SETTLE_AT_EXIT: Duration = Duration::from_secs(1);
+
+fn signals_handled(count: u64) {
+    let mut handled = SIGNALS_HANDLED.lock().unwrap_or_else(|p| p.into_inner());
+    *handled = (*handled).max(count);
+    SIGNALS_HANDLED_CHANGED.notify_all();
+}
+
+/// At the exit of a generation whose successor is ready: an upgrade signal
+/// whose handler ran but which the supervisor thread has not yet passed on
+/// would die with the process. Waits (boundedly) until it has. One that
+/// comes after this, in the last microseconds of `exit`, is lost: nothing
+/// of this process runs any more to pass it on.
+extern "C" fn settle_at_exit() {
+    let _ = std::panic::catch_unwind(|| {
+        let deadline = Instant::now() + SETTLE_AT_EXIT;
+        let mut handled = SIGNALS_HANDLED.lock().unwrap_or_else(|p| p.into_inner());
+        while *handled < sys::upgrade_signals() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            handled = SIGNALS_HANDLED_CHANGED
+                .wait_timeout(handled, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    });
 }
 
 /// The registry lock: a panic while it was held left nothing half-done that

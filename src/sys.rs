@@ -1,36 +1,38 @@
 //! The platform layer: every `unsafe` block and raw system call of the crate.
 //!
-//! One POSIX path for Linux and macOS through `nix`; the platform branches
-//! (`MSG_CMSG_CLOEXEC`, a Linux-only way to receive descriptors
-//! close-on-exec, with a portable fallback; counting this process's
-//! threads) are named in `ARCHITECTURE.md`.
-//! What it provides:
+//! One POSIX path for Linux and macOS through `nix` and `libc`; the
+//! platform branches (receiving descriptors close-on-exec, closing every
+//! other descriptor in a successor, writing on the link without SIGPIPE,
+//! counting this process's threads, reading `/proc` for a signal's sender)
+//! are named in `ARCHITECTURE.md`. What it provides:
 //! - passing descriptors on the handshake link (`SCM_RIGHTS`) and checking
-//!   what each one is;
+//!   what each one is, and writing on it without ever raising SIGPIPE;
 //! - adopting sockets passed by systemd's socket activation;
 //! - starting a successor with `posix_spawn(3)`, its handshake link placed
-//!   at 3 and the upgrade signal blocked from its first instruction;
-//! - unblocking the upgrade signal, reaping, killing, polling;
+//!   at 3, every other descriptor but stdio closed, and the upgrade signal
+//!   blocked from its first instruction;
+//! - unblocking a signal; reaping (decoding any wait status, a real-time
+//!   signal's included), killing only a child not yet reaped; polling;
+//! - the upgrade signal's handler, which notes who sent it;
 //! - removing the inheritance variables from this process's environment,
 //!   when it has one thread only (counted per system: a platform branch).
 
 use std::ffi::{CString, OsString};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::libc;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
-use nix::sys::socket::{ControlMessage, MsgFlags, SockType, getsockopt, sendmsg, sockopt};
+use nix::sys::socket::{ControlMessage, MsgFlags, SockType, getsockopt, send, sendmsg, sockopt};
 use nix::sys::stat::SFlag;
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use socket2::{Domain, SockAddr, SockRef};
 
@@ -463,7 +465,11 @@ pub(crate) const LINK_FD: RawFd = 3;
 
 /// Starts a successor with `posix_spawn(3)`: no fork of this (possibly large)
 /// process, and the exec error (ENOENT, EACCES, ENOEXEC) is returned here.
-/// Its only inherited descriptor (besides stdio) is the link, at 3.
+///
+/// It inherits stdio (0, 1, 2) and the link (at 3), nothing else: every
+/// other descriptor is closed in it, close-on-exec or not (a pipe the
+/// service made without the flag, one its own launcher left it, one that
+/// another thread has just created and not yet marked).
 pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<Pid> {
     // dup2(3, 3) would leave the link close-on-exec: copy it elsewhere first.
     let copy = if request.link.as_raw_fd() == LINK_FD {
@@ -474,10 +480,28 @@ pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<Pid> {
     let source = copy
         .as_ref()
         .map_or(request.link.as_raw_fd(), AsRawFd::as_raw_fd);
-    let mut actions = PosixSpawnFileActions::init()?;
-    actions.add_dup2(source, LINK_FD)?;
+    let mut actions = FileActions::new()?;
+    actions.dup2(source, LINK_FD)?;
+    let signal_flags = libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+    // Platform branch: macOS closes every descriptor that no file action
+    // names (POSIX_SPAWN_CLOEXEC_DEFAULT), so stdio is named; elsewhere a
+    // file action closes everything above the link.
+    #[cfg(target_vendor = "apple")]
+    let flags = {
+        for fd in 0..LINK_FD {
+            if is_open(fd) {
+                actions.inherit(fd)?;
+            }
+        }
+        signal_flags | libc::POSIX_SPAWN_CLOEXEC_DEFAULT
+    };
+    #[cfg(not(target_vendor = "apple"))]
+    let flags = {
+        actions.close_from(LINK_FD + 1)?;
+        signal_flags
+    };
 
-    let mut attr = PosixSpawnAttr::init()?;
+    let mut attr = SpawnAttributes::new()?;
     let mut mask = SigSet::empty();
     if let Some(signal) = request.blocked {
         mask.add(signal);
@@ -488,56 +512,324 @@ pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<Pid> {
     defaults.add(Signal::SIGPIPE);
     attr.set_sigmask(&mask)?;
     attr.set_sigdefault(&defaults)?;
-    attr.set_flags(
-        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
-    )?;
+    attr.set_flags(flags)?;
 
+    let path = CString::new(request.path.as_os_str().as_bytes()).map_err(|_| nul_byte())?;
     let args = c_strings(request.args.iter().cloned())?;
     let env = c_strings(request.env.iter().cloned())?;
-    let pid = posix_spawn(request.path, &actions, &attr, &args, &env)?;
+    let argv = null_terminated(&args);
+    let envp = null_terminated(&env);
+    let mut pid: libc::pid_t = 0;
+    // SAFETY: `path` and every string `argv` and `envp` point at are
+    // NUL-terminated and outlive the call, and both arrays end with a null
+    // pointer; `actions` and `attr` were initialised by their `new`; `pid`
+    // is a valid place for the child's pid. posix_spawn copies what it
+    // needs before it returns.
+    let result = unsafe {
+        libc::posix_spawn(
+            &mut pid,
+            path.as_ptr(),
+            &actions.0,
+            &attr.0,
+            argv.as_ptr(),
+            envp.as_ptr(),
+        )
+    };
+    spawn_result(result)?;
     drop(copy);
-    Ok(pid)
+    Ok(Pid::from_raw(pid))
+}
+
+/// The `posix_spawn` family returns an error number instead of setting errno.
+fn spawn_result(code: libc::c_int) -> io::Result<()> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(code))
+    }
+}
+
+/// An initialised `posix_spawn_file_actions_t`, destroyed on drop.
+struct FileActions(libc::posix_spawn_file_actions_t);
+
+impl FileActions {
+    fn new() -> io::Result<FileActions> {
+        let mut raw = std::mem::MaybeUninit::uninit();
+        // SAFETY: init writes an initialised object into the storage it is
+        // given; on failure nothing reads the storage.
+        spawn_result(unsafe { libc::posix_spawn_file_actions_init(raw.as_mut_ptr()) })?;
+        // SAFETY: init succeeded. The object holds no pointer into itself
+        // (glibc: counts and a heap array; macOS: one heap pointer), so it
+        // may be moved.
+        Ok(FileActions(unsafe { raw.assume_init() }))
+    }
+
+    fn dup2(&mut self, from: RawFd, to: RawFd) -> io::Result<()> {
+        // SAFETY: `self.0` is initialised; the call only records the action.
+        spawn_result(unsafe { libc::posix_spawn_file_actions_adddup2(&mut self.0, from, to) })
+    }
+
+    /// Closes, in the successor, every descriptor from `lowest` up.
+    #[cfg(not(target_vendor = "apple"))]
+    fn close_from(&mut self, lowest: RawFd) -> io::Result<()> {
+        if let Some(add_close_from) = close_from_action() {
+            // SAFETY: `self.0` is initialised, and the function has the
+            // signature `close_from_action` resolved it with.
+            return spawn_result(unsafe { add_close_from(&mut self.0, lowest) });
+        }
+        // Without the call (glibc before 2.34, musl): close each descriptor
+        // that would be inherited, as listed now. One that another thread
+        // opens without close-on-exec between the listing and the spawn
+        // still reaches the successor.
+        let inheritable = match inheritable_descriptors(lowest) {
+            Ok(fds) => fds,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list open descriptors: a successor may inherit some that are not close-on-exec");
+                return Ok(());
+            }
+        };
+        for fd in inheritable {
+            // SAFETY: `self.0` is initialised; the call only records the
+            // action (closing a descriptor that is gone by then is ignored).
+            spawn_result(unsafe { libc::posix_spawn_file_actions_addclose(&mut self.0, fd) })?;
+        }
+        Ok(())
+    }
+
+    /// Keeps `fd` open in the successor despite POSIX_SPAWN_CLOEXEC_DEFAULT.
+    #[cfg(target_vendor = "apple")]
+    fn inherit(&mut self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: `self.0` is initialised; the call only records the action.
+        spawn_result(unsafe { posix_spawn_file_actions_addinherit_np(&mut self.0, fd) })
+    }
+}
+
+impl Drop for FileActions {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` was initialised and is destroyed once, here.
+        unsafe { libc::posix_spawn_file_actions_destroy(&mut self.0) };
+    }
+}
+
+#[cfg(target_vendor = "apple")]
+unsafe extern "C" {
+    /// macOS's file action that exempts a descriptor from
+    /// POSIX_SPAWN_CLOEXEC_DEFAULT (`<spawn.h>`); the libc crate lacks it.
+    fn posix_spawn_file_actions_addinherit_np(
+        actions: *mut libc::posix_spawn_file_actions_t,
+        fd: libc::c_int,
+    ) -> libc::c_int;
+}
+
+/// Whether `fd` is an open descriptor of this process.
+#[cfg(target_vendor = "apple")]
+fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the flags of a descriptor number; on one
+    // that is not open it fails with EBADF.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
+#[cfg(not(target_vendor = "apple"))]
+type AddCloseFrom =
+    unsafe extern "C" fn(*mut libc::posix_spawn_file_actions_t, libc::c_int) -> libc::c_int;
+
+/// glibc's `posix_spawn_file_actions_addclosefrom_np` (2.34 and later),
+/// looked up at run time: linking it would stop the library's users from
+/// starting on an older glibc at all.
+#[cfg(not(target_vendor = "apple"))]
+fn close_from_action() -> Option<AddCloseFrom> {
+    static RESOLVED: std::sync::OnceLock<Option<AddCloseFrom>> = std::sync::OnceLock::new();
+    *RESOLVED.get_or_init(|| {
+        // SAFETY: dlsym only looks a NUL-terminated name up in the objects
+        // already loaded; RTLD_DEFAULT is a valid pseudo-handle.
+        let address = unsafe {
+            libc::dlsym(
+                libc::RTLD_DEFAULT,
+                c"posix_spawn_file_actions_addclosefrom_np".as_ptr(),
+            )
+        };
+        // SAFETY: a symbol of that name is the C library's function, with
+        // this signature (`<spawn.h>`: int (posix_spawn_file_actions_t *,
+        // int)); a non-null address is a valid function pointer.
+        (!address.is_null())
+            .then(|| unsafe { std::mem::transmute::<*mut libc::c_void, AddCloseFrom>(address) })
+    })
+}
+
+/// The descriptors from `lowest` up that are open and not close-on-exec.
+#[cfg(not(target_vendor = "apple"))]
+fn inheritable_descriptors(lowest: RawFd) -> io::Result<Vec<RawFd>> {
+    let listed: Vec<RawFd> = std::fs::read_dir("/dev/fd")?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd >= lowest)
+        .collect();
+    // The listing's own descriptor is closed by now: F_GETFD fails on it.
+    Ok(listed
+        .into_iter()
+        .filter(|&fd| {
+            // SAFETY: F_GETFD only reads the flags of a descriptor number;
+            // on one that is not open it fails with EBADF.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            flags != -1 && flags & libc::FD_CLOEXEC == 0
+        })
+        .collect())
+}
+
+/// An initialised `posix_spawnattr_t`, destroyed on drop.
+struct SpawnAttributes(libc::posix_spawnattr_t);
+
+impl SpawnAttributes {
+    fn new() -> io::Result<SpawnAttributes> {
+        let mut raw = std::mem::MaybeUninit::uninit();
+        // SAFETY: as for FileActions::new.
+        spawn_result(unsafe { libc::posix_spawnattr_init(raw.as_mut_ptr()) })?;
+        // SAFETY: init succeeded; the object holds no pointer into itself.
+        Ok(SpawnAttributes(unsafe { raw.assume_init() }))
+    }
+
+    fn set_sigmask(&mut self, mask: &SigSet) -> io::Result<()> {
+        // SAFETY: `self.0` is initialised; the set is copied.
+        spawn_result(unsafe { libc::posix_spawnattr_setsigmask(&mut self.0, mask.as_ref()) })
+    }
+
+    fn set_sigdefault(&mut self, signals: &SigSet) -> io::Result<()> {
+        // SAFETY: `self.0` is initialised; the set is copied.
+        spawn_result(unsafe { libc::posix_spawnattr_setsigdefault(&mut self.0, signals.as_ref()) })
+    }
+
+    fn set_flags(&mut self, flags: libc::c_int) -> io::Result<()> {
+        // Every POSIX_SPAWN_* flag fits the short the call takes.
+        let flags = flags as libc::c_short;
+        // SAFETY: `self.0` is initialised.
+        spawn_result(unsafe { libc::posix_spawnattr_setflags(&mut self.0, flags) })
+    }
+}
+
+impl Drop for SpawnAttributes {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` was initialised and is destroyed once, here.
+        unsafe { libc::posix_spawnattr_destroy(&mut self.0) };
+    }
+}
+
+fn nul_byte() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "path, argument or environment entry contains a NUL byte",
+    )
 }
 
 fn c_strings(items: impl Iterator<Item = OsString>) -> io::Result<Vec<CString>> {
     items
-        .map(|item| {
-            CString::new(item.into_vec()).map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "argument or environment entry contains a NUL byte",
-                )
-            })
-        })
+        .map(|item| CString::new(item.into_vec()).map_err(|_| nul_byte()))
+        .collect()
+}
+
+/// The `char *const[]` that posix_spawn takes, borrowing `strings`.
+fn null_terminated(strings: &[CString]) -> Vec<*mut libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr().cast_mut())
+        .chain(std::iter::once(std::ptr::null_mut()))
         .collect()
 }
 
 /// Reaps `pid` if it has ended; `None` while it still runs.
 pub(crate) fn try_reap(pid: Pid) -> io::Result<Option<ExitStatus>> {
-    match waitpid(pid, Some(WaitPidFlag::WNOHANG))? {
-        WaitStatus::Exited(_, code) => Ok(Some(ExitStatus::Exited(code))),
-        WaitStatus::Signaled(_, signal, _) => Ok(Some(ExitStatus::Signaled(signal as i32))),
-        _ => Ok(None),
-    }
+    wait(pid, libc::WNOHANG)
 }
 
 /// Kills `pid` with SIGKILL and reaps it. SIGKILL also ends a stopped
 /// process, so the wait is short and bounded.
+///
+/// Only a child that is still ours is signalled: one that has ended is
+/// reaped without a signal, and one that is not ours any more (reaped by
+/// someone else: the wait fails with ECHILD) is left alone, since its pid
+/// may name another process by now. An unreaped child's pid cannot be
+/// reused, so between the check and the kill it still names that child.
 pub(crate) fn kill_and_reap(pid: Pid) -> io::Result<ExitStatus> {
+    if let Some(status) = wait(pid, libc::WNOHANG)? {
+        return Ok(status);
+    }
     match kill(pid, Signal::SIGKILL) {
         Ok(()) | Err(Errno::ESRCH) => {}
         Err(e) => return Err(e.into()),
     }
     loop {
-        match waitpid(pid, None) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::Exited(code)),
-            Ok(WaitStatus::Signaled(_, signal, _)) => {
-                return Ok(ExitStatus::Signaled(signal as i32));
-            }
-            Ok(_) | Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
+        if let Some(status) = wait(pid, 0)? {
+            return Ok(status);
         }
     }
+}
+
+/// `waitpid(2)`, its status decoded here: nix refuses (EINVAL) a status
+/// it cannot name, such as death by a real-time signal, after the kernel
+/// has already reaped the child.
+fn wait(pid: Pid, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+    loop {
+        let mut raw: libc::c_int = 0;
+        // SAFETY: waitpid writes the status into `raw`, a valid c_int.
+        let reaped = unsafe { libc::waitpid(pid.as_raw(), &mut raw, flags) };
+        match reaped {
+            -1 => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+            0 => return Ok(None),
+            _ => match exit_status(raw) {
+                Some(status) => return Ok(Some(status)),
+                // Stopped under a tracer: it has not ended.
+                None if flags & libc::WNOHANG != 0 => return Ok(None),
+                None => {}
+            },
+        }
+    }
+}
+
+/// How a process ended, from its raw wait status; `None` if it has not.
+fn exit_status(raw: libc::c_int) -> Option<ExitStatus> {
+    if libc::WIFEXITED(raw) {
+        Some(ExitStatus::Exited(libc::WEXITSTATUS(raw)))
+    } else if libc::WIFSIGNALED(raw) {
+        Some(ExitStatus::Signaled(libc::WTERMSIG(raw)))
+    } else {
+        None
+    }
+}
+
+/// Writes on a handshake link without ever raising SIGPIPE: a service may
+/// have restored SIGPIPE's default action, and a peer that died must cost it
+/// an error, not its life.
+pub(crate) struct LinkWriter<'a>(pub BorrowedFd<'a>);
+
+/// Platform branch: Linux has a flag for each send; macOS has none, and
+/// [`link_pair`] sets SO_NOSIGPIPE on both ends instead.
+#[cfg(not(target_vendor = "apple"))]
+const LINK_SEND_FLAGS: MsgFlags = MsgFlags::MSG_NOSIGNAL;
+#[cfg(target_vendor = "apple")]
+const LINK_SEND_FLAGS: MsgFlags = MsgFlags::empty();
+
+impl io::Write for LinkWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(send(self.0.as_raw_fd(), buf, LINK_SEND_FLAGS)?)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A new handshake link: a connected pair of Unix stream sockets, both ends
+/// close-on-exec (and, on macOS, SO_NOSIGPIPE: see [`LinkWriter`]).
+pub(crate) fn link_pair() -> io::Result<(UnixStream, UnixStream)> {
+    let (ours, theirs) = UnixStream::pair()?;
+    #[cfg(target_vendor = "apple")]
+    for end in [&ours, &theirs] {
+        SockRef::from(end).set_nosigpipe(true)?;
+    }
+    Ok((ours, theirs))
 }
 
 /// Waits until one of `fds` is readable (or hung up), or writable where
@@ -583,6 +875,13 @@ pub(crate) fn pid() -> i32 {
 
 /// Who sent the last upgrade signal (0: nobody since it was last taken).
 static UPGRADE_SIGNAL_SENDER: AtomicI32 = AtomicI32::new(0);
+/// How many upgrade signals arrived.
+static UPGRADE_SIGNALS: AtomicU64 = AtomicU64::new(0);
+
+/// How many upgrade signals have arrived so far.
+pub(crate) fn upgrade_signals() -> u64 {
+    UPGRADE_SIGNALS.load(Ordering::Acquire)
+}
 
 /// Installs the handler of the upgrade signal: it notes who sent it (see
 /// [`take_upgrade_signal_sender`]) and wakes the supervisor through `wake`,
@@ -597,6 +896,7 @@ pub(crate) fn register_upgrade_signal(
         // (0 when no process sent it); reading it is a plain load.
         let sender = unsafe { info.si_pid() };
         UPGRADE_SIGNAL_SENDER.store(sender, Ordering::Relaxed);
+        UPGRADE_SIGNALS.fetch_add(1, Ordering::AcqRel);
         // SAFETY: write(2) is async-signal-safe; the buffer is a live
         // one-byte array, and `wake` is owned by this closure, so its
         // descriptor is open for as long as the handler is registered. A
@@ -805,5 +1105,108 @@ mod tests {
         let mut rest = [0u8; 5];
         io::Read::read_exact(&mut &theirs, &mut rest).unwrap();
         assert_eq!(&rest, b"state");
+    }
+
+    /// A descriptor of this process that is not close-on-exec, at `at` or
+    /// above, closed on drop.
+    fn inheritable_copy(of: &impl AsFd, at: RawFd) -> OwnedFd {
+        // SAFETY: F_DUPFD duplicates an open descriptor to a new number,
+        // without close-on-exec; the new number is owned by the result alone.
+        let fd = unsafe { libc::fcntl(of.as_fd().as_raw_fd(), libc::F_DUPFD, at) };
+        assert!(fd >= at, "{}", io::Error::last_os_error());
+        // SAFETY: just created above, owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    /// The successor gets stdio and the link, not the descriptors of its
+    /// parent that are not close-on-exec. `ls` lists its own: stdio, the
+    /// link, and its directory at the lowest free number, 4.
+    #[test]
+    fn a_successor_inherits_only_stdio_and_the_link() {
+        let file = tempfile::tempfile().unwrap();
+        let low = inheritable_copy(&file, 0);
+        let high = inheritable_copy(&file, 200);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let request = SpawnRequest {
+            path: Path::new("/bin/sh"),
+            args: &["sh".into(), "-c".into(), "exec ls /dev/fd >&3".into()],
+            env: Vec::new(),
+            link: theirs.as_fd(),
+            blocked: None,
+        };
+        let pid = spawn(&request).unwrap();
+        drop(theirs);
+        let mut listing = String::new();
+        io::Read::read_to_string(&mut &ours, &mut listing).unwrap();
+        assert_eq!(wait(pid, 0).unwrap(), Some(ExitStatus::Exited(0)));
+        let listed: Vec<&str> = listing.split_whitespace().collect();
+        assert_eq!(
+            listed,
+            ["0", "1", "2", "3", "4"],
+            "not inherited: {} and {}",
+            low.as_raw_fd(),
+            high.as_raw_fd()
+        );
+    }
+
+    /// Where the C library cannot close everything above the link in one
+    /// file action, these are the descriptors closed one by one.
+    #[cfg(not(target_vendor = "apple"))]
+    #[test]
+    fn inheritable_descriptors_are_those_open_without_close_on_exec() {
+        let file = tempfile::tempfile().unwrap();
+        let inheritable = inheritable_copy(&file, 100);
+        let listed = inheritable_descriptors(LINK_FD + 1).unwrap();
+        assert!(listed.contains(&inheritable.as_raw_fd()), "{listed:?}");
+        assert!(!listed.contains(&file.as_raw_fd()), "close-on-exec");
+        assert!(listed.iter().all(|&fd| fd > LINK_FD), "{listed:?}");
+    }
+
+    /// SIGPIPE, blocked in this thread, would stay pending here if a write
+    /// raised it (Linux keeps a blocked signal pending even when ignored).
+    #[test]
+    fn writing_on_a_link_whose_peer_is_gone_raises_no_sigpipe() {
+        let (ours, theirs) = link_pair().unwrap();
+        drop(theirs);
+        let mut pipe_only = SigSet::empty();
+        pipe_only.add(Signal::SIGPIPE);
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&pipe_only), None).unwrap();
+        let written = io::Write::write_all(&mut LinkWriter(ours.as_fd()), b"R");
+        let mut pending = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigpending fills the set it is given.
+        assert_eq!(unsafe { libc::sigpending(pending.as_mut_ptr()) }, 0);
+        // SAFETY: the set was just filled by sigpending.
+        let raised = unsafe { libc::sigismember(pending.as_ptr(), libc::SIGPIPE) } == 1;
+        // If it was raised, it is delivered now, and ignored (the test
+        // runtime ignores SIGPIPE).
+        pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&pipe_only), None).unwrap();
+        assert_eq!(written.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        assert!(!raised, "the write raised SIGPIPE");
+    }
+
+    /// nix cannot name a real-time signal, and failed after the kernel had
+    /// already reaped the process.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn death_by_a_real_time_signal_is_an_exit_status() {
+        let signal = libc::SIGRTMIN() + 2;
+        let (_ours, theirs) = UnixStream::pair().unwrap();
+        let request = SpawnRequest {
+            path: Path::new("/bin/sh"),
+            args: &[
+                "sh".into(),
+                "-c".into(),
+                format!("kill -{signal} $$").into(),
+            ],
+            env: Vec::new(),
+            link: theirs.as_fd(),
+            blocked: None,
+        };
+        let pid = spawn(&request).unwrap();
+        assert_eq!(wait(pid, 0).unwrap(), Some(ExitStatus::Signaled(signal)));
+        assert_eq!(
+            ExitStatus::Signaled(signal).to_string(),
+            format!("killed by signal {signal}")
+        );
     }
 }

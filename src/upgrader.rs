@@ -66,7 +66,9 @@ impl Options {
     }
 
     /// A PID file, replaced atomically by each generation when it becomes
-    /// ready. Default: none.
+    /// ready. Default: none. A directory that anyone may write to without
+    /// the sticky bit is refused ([`Error::PidFile`]): anyone could replace
+    /// the file there.
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.pid_file = Some(path.into());
         self
@@ -85,6 +87,12 @@ impl Options {
     /// with this signal blocked, and the library holds it until the
     /// generation is ready and its parent is gone: it never kills a
     /// starting generation and is never lost.
+    ///
+    /// A successor whose options name another signal, or none, still gets
+    /// its parent's unblocked in [`Upgrader::new`], so that a release that
+    /// handles it itself (a SIGHUP that reloads its configuration) receives
+    /// it; one that arrived before is delivered then, with the action the
+    /// process has at that moment.
     pub fn upgrade_signal(mut self, signal: Option<Signal>) -> Self {
         self.upgrade_signal = signal;
         self
@@ -186,6 +194,7 @@ impl Upgrader {
         };
         let generation = inheritance.as_ref().map_or(0, |i| i.generation);
         let parent = inheritance.as_ref().map(|i| i.parent);
+        let blocked_by_parent = inheritance.as_ref().and_then(|i| i.blocked);
         let (registry, parent_link) = match inheritance {
             Some(inheritance) => {
                 let (registry, link) = Registry::adopt(inheritance.fds, inheritance.link)?;
@@ -247,6 +256,13 @@ impl Upgrader {
             }
             None => None,
         };
+        // The parent blocked its own upgrade signal, which may not be ours
+        // (a release that reloads on SIGHUP and upgrades only through the
+        // API): unblocked all the same, after our own handler is in place.
+        if let Some(signal) = blocked_by_parent.filter(|&s| Some(s) != options.upgrade_signal) {
+            sys::unblock(signal)
+                .map_err(|e| Error::io("unblocking the parent's upgrade signal", e))?;
+        }
 
         let stop_signal = if options.stop_signals.is_empty() {
             None

@@ -4,20 +4,25 @@
 //! `HANDOVER`, holds a `;`-separated list of `key=value` fields:
 //!
 //! ```text
-//! v1;gen=4;parent=1234;link=3;fd=tcp,http;fd=udp,dns,activated
+//! v1;gen=4;parent=1234;link=3;blocked=1;fd=tcp,http;fd=udp,dns,activated
 //! ```
 //!
-//! The descriptors themselves travel on the handshake link (`SCM_RIGHTS`),
-//! in the order the `fd` fields list them; the variable says what each one
-//! is. Names are percent-encoded outside `[A-Za-z0-9._-]`. The optional flag
-//! `activated` marks a socket that systemd passed to generation 0: the name,
-//! not the configured address, decides in every generation. Decoding checks
+//! `blocked` (optional) is the number of the signal the parent started the
+//! successor with blocked (its own upgrade signal), which the successor
+//! unblocks whatever signal its own options name. The descriptors
+//! themselves travel on the handshake link (`SCM_RIGHTS`), in the order the
+//! `fd` fields list them; the variable says what each one is. Names are
+//! percent-encoded outside `[A-Za-z0-9._-]`. The optional flag `activated`
+//! marks a socket that systemd passed to generation 0: the name, not the
+//! configured address, decides in every generation. Decoding checks
 //! everything it can without the kernel (version, ranges, duplicates,
 //! sizes) and never panics; whether the descriptors arrived and are of the
 //! claimed kind is checked afterwards by the registry.
 
 use std::fmt;
 use std::os::fd::RawFd;
+
+use nix::sys::signal::Signal;
 
 use crate::registry::Kind;
 
@@ -44,6 +49,8 @@ pub struct Inheritance {
     pub parent: i32,
     /// The descriptor of the handshake link to the parent.
     pub link: RawFd,
+    /// The signal the parent started this process with blocked.
+    pub blocked: Option<Signal>,
     /// The named descriptors, in the order the parent sends them.
     pub fds: Vec<InheritedFd>,
 }
@@ -103,6 +110,9 @@ pub fn encode(inheritance: &Inheritance) -> String {
         "{VERSION};gen={};parent={};link={}",
         inheritance.generation, inheritance.parent, inheritance.link
     );
+    if let Some(signal) = inheritance.blocked {
+        out.push_str(&format!(";blocked={}", signal as i32));
+    }
     for entry in &inheritance.fds {
         out.push_str(";fd=");
         out.push_str(entry.kind.token());
@@ -146,6 +156,7 @@ pub fn decode(text: &str) -> Result<Inheritance, WireError> {
     let mut generation = None;
     let mut parent = None;
     let mut link = None;
+    let mut blocked = None;
     let mut fds: Vec<InheritedFd> = Vec::new();
     for (at, field) in fields {
         let (key, value) = field
@@ -165,6 +176,7 @@ pub fn decode(text: &str) -> Result<Inheritance, WireError> {
                 set_once(&mut parent, pid, at, key)?
             }
             "link" => set_once(&mut link, descriptor(value, value_at)?, at, key)?,
+            "blocked" => set_once(&mut blocked, signal(value, value_at)?, at, key)?,
             "fd" => {
                 if fds.len() == MAX_FDS {
                     return Err(WireError::new(
@@ -202,6 +214,7 @@ pub fn decode(text: &str) -> Result<Inheritance, WireError> {
         generation,
         parent,
         link,
+        blocked,
         fds,
     })
 }
@@ -256,6 +269,12 @@ fn descriptor(value: &str, at: usize) -> Result<RawFd, WireError> {
         ));
     }
     Ok(fd)
+}
+
+fn signal(value: &str, at: usize) -> Result<Signal, WireError> {
+    let number = number::<i32>(value, at)?;
+    Signal::try_from(number)
+        .map_err(|_| WireError::new(at, format!("{number} is not a signal this system knows")))
 }
 
 fn entry(value: &str, at: usize) -> Result<InheritedFd, WireError> {
@@ -339,6 +358,7 @@ mod tests {
             generation: 4,
             parent: 1234,
             link: 3,
+            blocked: Some(Signal::SIGHUP),
             fds: vec![
                 InheritedFd {
                     name: "http".into(),
@@ -358,7 +378,7 @@ mod tests {
     fn encodes_to_the_documented_shape() {
         assert_eq!(
             encode(&sample()),
-            "v1;gen=4;parent=1234;link=3;fd=tcp,http;fd=udp,dns%20over%20udp%3B%20%C3%BCn%C3%AFcode%3D%25,activated"
+            "v1;gen=4;parent=1234;link=3;blocked=1;fd=tcp,http;fd=udp,dns%20over%20udp%3B%20%C3%BCn%C3%AFcode%3D%25,activated"
         );
     }
 
@@ -382,6 +402,10 @@ mod tests {
     #[case::negative_fd("v1;gen=1;parent=1;link=-4", 23, "outside")]
     #[case::stdio("v1;gen=1;parent=1;link=1", 23, "outside")]
     #[case::bad_parent("v1;gen=1;parent=0;link=3", 16, "not a process")]
+    #[case::unknown_signal("v1;gen=1;parent=1;link=3;blocked=0", 33, "not a signal")]
+    #[case::huge_signal("v1;gen=1;parent=1;link=3;blocked=4096", 33, "not a signal")]
+    #[case::signal_name("v1;gen=1;parent=1;link=3;blocked=HUP", 33, "not a number")]
+    #[case::blocked_twice("v1;gen=1;parent=1;link=3;blocked=1;blocked=1", 35, "appears twice")]
     #[case::twice("v1;gen=1;gen=2;parent=1;link=3", 9, "appears twice")]
     #[case::duplicate_name("v1;gen=1;parent=1;link=3;fd=tcp,a;fd=udp,a", 42, "listed twice")]
     #[case::unknown_kind("v1;gen=1;parent=1;link=3;fd=sctp,a", 28, "unknown kind")]
@@ -424,16 +448,22 @@ mod tests {
         prop::sample::select(Kind::ALL.to_vec())
     }
 
+    fn signal() -> impl Strategy<Value = Option<Signal>> {
+        prop::option::of(prop::sample::select(Signal::iterator().collect::<Vec<_>>()))
+    }
+
     fn inheritance() -> impl Strategy<Value = Inheritance> {
         (
             1..u64::MAX,
             1..i32::MAX,
+            signal(),
             prop::collection::btree_map(".{1,20}", (kind(), any::<bool>()), 0..8),
         )
-            .prop_map(|(generation, parent, named)| Inheritance {
+            .prop_map(|(generation, parent, blocked, named)| Inheritance {
                 generation,
                 parent,
                 link: 3,
+                blocked,
                 fds: named
                     .into_iter()
                     .map(|(name, (kind, activated))| InheritedFd {

@@ -39,14 +39,19 @@ pub enum Fault {
     /// Hang before the library starts: the successor reads nothing at all
     /// (not even the state its parent hands over).
     HangBeforeStart,
-    /// Before the library starts, announce `event=gated` and wait until a
-    /// writer opens the FIFO named by [`GATE_VAR`]: a test can act while a
-    /// successor has not yet read anything its parent sent it.
+    /// Before the library starts, announce `event=gated` with the numbers of
+    /// the descriptors this process was started with (`fds=0,1,2,3`), and
+    /// wait until a writer opens the FIFO named by [`GATE_VAR`]: a test can
+    /// act while a successor has not yet read anything its parent sent it.
     GateBeforeStart,
     /// Once its work is done and its `Upgrader` dropped, announce
     /// `event=lingering` and wait, like `gate-before-start`, before the
     /// process exits: a test can signal a generation in its last moments.
     LingerAfterExit,
+    /// A release that upgrades only through the API (no upgrade signal) and
+    /// reloads its configuration on SIGHUP: each SIGHUP is announced as
+    /// `event=reloaded`.
+    SighupReloads,
 }
 
 /// The FIFO a `gate-before-start` generation waits on.
@@ -68,6 +73,7 @@ impl FromStr for Fault {
             "hang-before-start" => Fault::HangBeforeStart,
             "gate-before-start" => Fault::GateBeforeStart,
             "linger-after-exit" => Fault::LingerAfterExit,
+            "sighup-reloads" => Fault::SighupReloads,
             other => match other.strip_prefix("slow-init:").map(str::parse::<u64>) {
                 Some(Ok(millis)) => Fault::SlowInit(Duration::from_millis(millis)),
                 _ => return Err(format!("unknown fault {other:?}")),
@@ -84,10 +90,15 @@ impl Fault {
                 std::thread::park();
             },
             Fault::GateBeforeStart => {
+                let fds: Vec<String> = crate::open_descriptor_numbers()
+                    .iter()
+                    .map(i32::to_string)
+                    .collect();
                 println!(
-                    "event=gated gen={} pid={}",
+                    "event=gated gen={} pid={} fds={}",
                     Faults::generation_to_be(),
-                    std::process::id()
+                    std::process::id(),
+                    fds.join(",")
                 );
                 // Opening a FIFO for reading blocks until a writer opens it.
                 if let Some(path) = std::env::var_os(GATE_VAR) {
@@ -119,7 +130,8 @@ impl Fault {
             | Fault::CrashAfterReady
             | Fault::HangBeforeStart
             | Fault::GateBeforeStart
-            | Fault::LingerAfterExit => {}
+            | Fault::LingerAfterExit
+            | Fault::SighupReloads => {}
         }
     }
 

@@ -18,3 +18,21 @@ pub fn open_descriptors() -> usize {
         Err(_) => 0,
     }
 }
+
+/// The numbers of the descriptors this process has open, in order, listed
+/// portably from `/dev/fd` (the listing's own descriptor, closed by then,
+/// left out).
+pub fn open_descriptor_numbers() -> Vec<i32> {
+    let listed: Vec<i32> = match std::fs::read_dir("/dev/fd") {
+        Ok(entries) => entries
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => return Vec::new(),
+    };
+    let mut open: Vec<i32> = listed
+        .into_iter()
+        .filter(|fd| std::fs::symlink_metadata(format!("/dev/fd/{fd}")).is_ok())
+        .collect();
+    open.sort_unstable();
+    open
+}

@@ -7,7 +7,8 @@
 //! `event=...` lines on stdout, which all generations share.
 //!
 //! Control commands, one per line: `upgrade` (answers `ok pid=.. gen=.. us=..`
-//! or `err reason=.. ..`), `info` (`pid=.. gen=.. fds=..`), `stop`.
+//! or `err reason=.. ..`), `info` (`pid=.. gen=.. fds=.. open=0,1,..`: how
+//! many descriptors it has open, and their numbers), `stop`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -46,6 +47,12 @@ struct Args {
     /// A lower RLIMIT_NOFILE (soft limit), so that a test can run the
     /// service out of descriptors.
     max_open_files: Option<u64>,
+    /// Hold a pipe made without close-on-exec, as a careless service would:
+    /// the library must not pass it to a successor.
+    inheritable_pipe: bool,
+    /// Die of SIGPIPE, as a process with its default action does, instead
+    /// of ignoring it as the Rust runtime arranges.
+    sigpipe_default: bool,
 }
 
 fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -64,6 +71,8 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
         quiet_period: Duration::from_millis(500),
         library_stop_signals: false,
         max_open_files: None,
+        inheritable_pipe: false,
+        sigpipe_default: false,
     };
     let mut words = words;
     while let Some(flag) = words.next() {
@@ -103,6 +112,13 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
                 args.library_stop_signals =
                     value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
             }
+            "--inheritable-pipe" => {
+                args.inheritable_pipe =
+                    value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
+            }
+            "--sigpipe-default" => {
+                args.sigpipe_default = value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -127,10 +143,30 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Ok(faults) = Faults::from_env() {
-        faults
-            .for_generation(Faults::generation_to_be())
-            .before_start();
+    let fault_to_be = Faults::from_env()
+        .map(|faults| faults.for_generation(Faults::generation_to_be()))
+        .unwrap_or_default();
+    fault_to_be.before_start();
+    // Held for the life of the process.
+    let _inheritable_pipe = if args.inheritable_pipe {
+        match nix::unistd::pipe() {
+            Ok(pipe) => Some(pipe),
+            Err(error) => {
+                eprintln!("handover-subject: pipe: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    if args.sigpipe_default {
+        let always = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        if let Err(error) =
+            signal_hook::flag::register_conditional_default(nix::libc::SIGPIPE, always)
+        {
+            eprintln!("handover-subject: SIGPIPE: {error}");
+            return ExitCode::FAILURE;
+        }
     }
     if let Some(limit) = args.max_open_files {
         use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -142,6 +178,9 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
         }
     }
     let mut options = Options::default().upgrade_timeout(args.upgrade_timeout);
+    if fault_to_be == Fault::SighupReloads {
+        options = options.upgrade_signal(None);
+    }
     if let Some(path) = &args.pid_file {
         options = options.pid_file(path);
     }
@@ -236,6 +275,16 @@ async fn serve(
         Some(path) => Some(upgrader.control_socket(path)?),
         None => None,
     };
+
+    if fault == Fault::SighupReloads {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                event(format_args!("reloaded gen={generation}"));
+            }
+        });
+    }
 
     fault.before_ready().await;
     if upgrader.has_parent() {
@@ -520,10 +569,15 @@ async fn accept_control(listener: TcpListener, upgrader: Arc<Upgrader>, drain: D
                         Err(error) => format!("err reason={} {error}", error.reason()),
                     },
                     "info" => format!(
-                        "pid={} gen={} fds={}",
+                        "pid={} gen={} fds={} open={}",
                         std::process::id(),
                         upgrader.generation(),
-                        crate::open_descriptors()
+                        crate::open_descriptors(),
+                        crate::open_descriptor_numbers()
+                            .iter()
+                            .map(i32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
                     ),
                     "stop" => {
                         upgrader.stop();

@@ -723,3 +723,161 @@ fn running_out_of_descriptors_does_not_stop_accepting() {
     assert_echoes(again, b"accepting again");
     assert_served_by(&subject, 0);
 }
+
+/// The numbers after `open=` in an `info` answer.
+fn open_descriptors(info: &str) -> Vec<i32> {
+    info.split_whitespace()
+        .find_map(|word| word.strip_prefix("open="))
+        .unwrap_or_else(|| panic!("no open= in {info:?}"))
+        .split(',')
+        .map(|fd| fd.parse().unwrap())
+        .collect()
+}
+
+/// Descriptor hygiene: a successor starts with stdio and its handshake link
+/// (fd 3) and nothing else, although its parent holds descriptors that are
+/// not close-on-exec: a pipe it made itself, and fd 251, left to it by
+/// whatever started it.
+#[test]
+fn a_successor_starts_with_only_stdio_and_its_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let mut subject = Subject::start(&SubjectConfig {
+        binary: PathBuf::from("/bin/bash"),
+        args: vec![
+            "-c".into(),
+            r#"exec 251</dev/null; exec "$0" "$@""#.into(),
+            subject_binary().display().to_string(),
+            "--quiet-period-ms".into(),
+            "100".into(),
+            "--inheritable-pipe".into(),
+            "true".into(),
+        ],
+        faults: Some("1=gate-before-start".into()),
+        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        ..config()
+    })
+    .unwrap();
+    let parent = open_descriptors(&subject.control("info").unwrap());
+    assert!(parent.contains(&251), "{parent:?}");
+
+    subject.signal(subject.first_pid(), Signal::SIGHUP).unwrap();
+    // Before the successor runs any code of the library or the service.
+    let gated = subject.wait_for(|e| e.is("gated", 1)).unwrap();
+    assert_eq!(gated.fields["fds"], "0,1,2,3", "{gated:?}");
+
+    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
+    assert_served_by(&subject, 1);
+    let successor = open_descriptors(&subject.control("info").unwrap());
+    assert!(!successor.contains(&251), "{successor:?}");
+}
+
+/// A successor ended by a signal that has no name in `nix` (a real-time
+/// one) before it was ready: the upgrade fails with its exit status, and
+/// the parent, which has reaped it, serves on and leaves no zombie.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_successor_killed_by_a_realtime_signal_is_reported_and_the_parent_serves_on() {
+    let mut subject = Subject::start(&SubjectConfig {
+        faults: Some("1=hang".into()),
+        ..config()
+    })
+    .unwrap();
+    // Asked from another thread (`Subject` stays with the test), answered
+    // once the upgrade has failed.
+    let control = subject.addresses.control;
+    let upgrade = std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(control).unwrap();
+        stream
+            .set_read_timeout(Some(handover_harness::process::EVENT_TIMEOUT))
+            .unwrap();
+        stream.write_all(b"upgrade\n").unwrap();
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut answer).unwrap();
+        answer.trim().to_owned()
+    });
+    let second = subject.wait_for(|e| e.is("started", 1)).unwrap().pid;
+    let signal = nix::libc::SIGRTMIN() + 2;
+    let killed = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -{signal} {second}"))
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let answer = upgrade.join().unwrap();
+    assert!(
+        answer.starts_with("err reason=successor_exited "),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(&format!("pid {second} killed by signal {signal} ")),
+        "{answer}"
+    );
+    assert_served_by(&subject, 0);
+    assert_eq!(subject.zombie_children().unwrap(), Vec::<i32>::new());
+}
+
+/// The parent blocks its upgrade signal (SIGHUP) in its successor; a
+/// release that upgrades only through the API and reloads on SIGHUP gets
+/// it unblocked all the same, and receives it.
+#[test]
+fn a_successor_without_an_upgrade_signal_receives_the_one_its_parent_blocked() {
+    let mut subject = Subject::start(&SubjectConfig {
+        faults: Some("1=sighup-reloads".into()),
+        ..config()
+    })
+    .unwrap();
+    let second = subject.upgrade_and_settle(0).unwrap();
+    subject.signal(second, Signal::SIGHUP).unwrap();
+    subject.wait_for(|e| e.is("reloaded", 1)).unwrap();
+    assert_served_by(&subject, 1);
+    subject.collect_events();
+    assert!(
+        !subject.history.iter().any(|e| e.generation >= 2),
+        "SIGHUP is not its upgrade signal: {:#?}",
+        subject.history
+    );
+}
+
+/// A service that restores SIGPIPE's default action survives writing the
+/// state it hands over to a successor that closed its end of the link
+/// unread: the library's writes on the link never raise SIGPIPE.
+#[test]
+fn a_closed_link_does_not_kill_a_parent_with_default_sigpipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let successor = dir.path().join("successor");
+    // Closes the link (fd 3) unread, says so, and waits to be killed.
+    std::fs::write(
+        &successor,
+        "#!/bin/sh\nexec 3>&-\necho \"event=link-closed gen=1 pid=$$\"\nexec tail -f /dev/null\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&successor, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut subject = Subject::start(&SubjectConfig {
+        args: [
+            config().args,
+            vec![
+                "--sigpipe-default".into(),
+                "true".into(),
+                // More than the link holds: the rest is written as it drains.
+                "--state-bytes".into(),
+                (16 << 20).to_string(),
+                "--upgrade-timeout-ms".into(),
+                "3000".into(),
+                "--executable".into(),
+                successor.display().to_string(),
+            ],
+        ]
+        .concat(),
+        ..config()
+    })
+    .unwrap();
+    let answer = subject.upgrade().unwrap_err();
+    assert!(answer.starts_with("err reason=timeout "), "{answer}");
+    subject.wait_for(|e| e.is("link-closed", 1)).unwrap();
+    assert_served_by(&subject, 0);
+    assert!(is_running(subject.first_pid()));
+}
