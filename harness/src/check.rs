@@ -1067,11 +1067,11 @@ impl<'a> Session<'a> {
         descriptors_before: Option<(i32, usize)>,
     ) -> CheckReport {
         let options = self.options;
-        for (class, detail) in &slow_failures {
-            if load.examples.len() < 5 {
-                load.examples.push(format!("slow {class}: {detail}"));
-            }
+        // Slow requests are few: their failures go first among the examples.
+        for (class, detail) in slow_failures.iter().take(3).rev() {
+            load.examples.insert(0, format!("slow {class}: {detail}"));
         }
+        load.examples.truncate(5);
         let resets = load
             .failures
             .get(&FailureClass::Reset)
