@@ -62,14 +62,11 @@ enum Command {
         scenarios: PathBuf,
     },
     /// Checks that anyone's HTTP/1.1 server survives upgrades, seen from outside.
+    #[command(long_about = CHECK_ABOUT)]
     Check(Box<CheckArgs>),
 }
 
-/// `check`: one fresh server per scenario, under load, upgraded again and
-/// again.
-#[derive(clap::Args)]
-#[command(
-    long_about = "Checks that an HTTP/1.1 server, in any language, survives its own upgrades (or reloads) without losing a request.
+const CHECK_ABOUT: &str = "Checks that an HTTP/1.1 server, in any language, survives its own upgrades (or reloads) without losing a request.
 
 Each scenario starts the server afresh with --server, puts it under strict load (clients that never retry: every request that got no complete 200 is a failure, by class: refused, reset, timeout, wrong), asks for upgrades, and watches from outside: the processes under the started one (and those re-parented to the harness), the PID file, the answers, the upgrade command's exit. It reports failed requests by class, processes left, zombies, the serving generation's descriptors before and after (Linux), the time from each trigger to a ready new generation and to the old one gone, and p99 latency near upgrades against steady state: a table, report.json and report.html (same as `run`). Exit status 0 only if every scenario passed.
 
@@ -83,8 +80,11 @@ Not covered yet: TLS and HTTP/2 (the HTTP/2 load waits for its issue); the load 
 
 Examples:
   handover-harness check --server 'target/release/examples/http_server --listen {addr} --pid-file {pidfile}' --ready-body pid=
-  handover-harness check --server 'nginx -c /tmp/n/nginx.conf -p /tmp/n' --addr 127.0.0.1:8080 --pid-file /tmp/n/nginx.pid --upgrade-cmd 'nginx -c /tmp/n/nginx.conf -p /tmp/n -s reload' --ready-header X-Pid"
-)]
+  handover-harness check --server 'nginx -c /tmp/n/nginx.conf -p /tmp/n' --addr 127.0.0.1:8080 --pid-file /tmp/n/nginx.pid --upgrade-cmd 'nginx -c /tmp/n/nginx.conf -p /tmp/n -s reload' --ready-header X-Pid";
+
+/// `check`: one fresh server per scenario, under load, upgraded again and
+/// again.
+#[derive(clap::Args)]
 struct CheckArgs {
     /// The command that starts the server, in the foreground (placeholders {addr} {port} {pidfile} {control}).
     #[arg(long, value_name = "CMD")]
