@@ -230,8 +230,11 @@ fn nginx_reloads_lose_no_new_connection() {
     let d = dir.path().display();
     let port = free_port();
     // nginx's workers run as nobody: they read /slow's file from here.
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("big"), vec![b'x'; 64 * 1024]).unwrap();
     std::fs::write(
         dir.path().join("nginx.conf"),
