@@ -2,6 +2,8 @@
 //! drive it as real processes and check what they leave behind.
 #![deny(missing_docs, rust_2018_idioms)]
 
+pub mod blackbox;
+pub mod check;
 pub mod fault;
 pub mod load;
 pub mod process;

@@ -149,6 +149,74 @@ pub struct LoadPlan {
     pub connection_life: Duration,
     /// UDP echo address and clients.
     pub udp: Option<(SocketAddr, usize)>,
+    /// How to judge an answer of a server that is not the subject; `None`
+    /// for the subject's own `pid=.. gen=..` body.
+    pub http_check: Option<HttpCheck>,
+}
+
+/// How the HTTP clients judge a black-box server's answers: a 200 on
+/// `path`, with `body_contains` in the body if given. The generation that
+/// answered is read from `identity`, when the server names it.
+#[derive(Debug, Clone)]
+pub struct HttpCheck {
+    /// The path every request asks for.
+    pub path: String,
+    /// The `Host` header.
+    pub host: String,
+    /// Text the body must contain.
+    pub body_contains: Option<String>,
+    /// Where the answer names the process or generation that gave it.
+    pub identity: Identity,
+}
+
+impl Default for HttpCheck {
+    fn default() -> Self {
+        HttpCheck {
+            path: "/".into(),
+            host: "localhost".into(),
+            body_contains: None,
+            identity: Identity::None,
+        }
+    }
+}
+
+/// Where a server's answer names the process or generation that gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// It does not.
+    None,
+    /// In this response header (`X-Pid: 1234`).
+    Header(String),
+    /// In the body's word after this prefix (`pid=` in `pid=1234 generation=2`).
+    BodyPrefix(String),
+}
+
+impl Identity {
+    /// The identity an answer names, if this server names one.
+    pub fn of(&self, headers: &[(String, String)], body: &str) -> Option<String> {
+        match self {
+            Identity::None => None,
+            Identity::Header(name) => headers
+                .iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value.trim().to_owned()),
+            Identity::BodyPrefix(prefix) => body
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix(prefix.as_str()))
+                .map(str::to_owned),
+        }
+    }
+}
+
+/// An identity as a number for [`LoadReport::generations`]: itself if it
+/// is one (a pid, a generation), else a hash of its text.
+fn identity_number(identity: &str) -> u64 {
+    identity.parse().unwrap_or_else(|_| {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        identity.hash(&mut hasher);
+        hasher.finish()
+    })
 }
 
 /// Load running on its own thread until [`Load::finish`].
@@ -226,6 +294,7 @@ async fn run_plan(plan: LoadPlan, stopped: watch::Receiver<bool>, live: Arc<Live
                 addr,
                 mode,
                 pause,
+                plan.http_check.clone(),
                 stopped.clone(),
                 Arc::clone(&live),
                 started,
@@ -283,6 +352,7 @@ async fn client(
     addr: SocketAddr,
     mode: Mode,
     pause: Option<Duration>,
+    check: Option<HttpCheck>,
     mut stopped: watch::Receiver<bool>,
     live: Arc<Live>,
     epoch: Instant,
@@ -331,8 +401,11 @@ async fn client(
                 continue 'connections;
             }
             let sent = Instant::now();
-            let request = Request::get("/")
-                .header("host", "subject")
+            let (path, host) = check
+                .as_ref()
+                .map_or(("/", "subject"), |c| (c.path.as_str(), c.host.as_str()));
+            let request = Request::get(path)
+                .header("host", host)
                 .header(
                     CONNECTION,
                     if mode == Mode::KeepAlive {
@@ -350,11 +423,16 @@ async fn client(
                     .headers()
                     .get(CONNECTION)
                     .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                let headers: Vec<(String, String)> = response
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                    .collect();
                 let body = response.into_body().collect().await?.to_bytes();
-                Ok::<_, hyper::Error>((status, close, body))
+                Ok::<_, hyper::Error>((status, close, headers, body))
             })
             .await;
-            let (status, close, body) = match answer {
+            let (status, close, headers, body) = match answer {
                 Err(_) => {
                     record(&mut report, sent, false);
                     report.fail(FailureClass::Timeout, "no answer".into());
@@ -368,7 +446,21 @@ async fn client(
                 Ok(Ok(answer)) => answer,
             };
             let body = String::from_utf8_lossy(&body);
-            match parse_generation(&body) {
+            let generation = match &check {
+                None => parse_generation(&body),
+                Some(check) => (status == 200
+                    && check
+                        .body_contains
+                        .as_ref()
+                        .is_none_or(|text| body.contains(text.as_str())))
+                .then(|| {
+                    check
+                        .identity
+                        .of(&headers, &body)
+                        .map_or(0, |identity| identity_number(&identity))
+                }),
+            };
+            match generation {
                 Some(generation) if status == 200 => {
                     record(&mut report, sent, true);
                     report.ok += 1;

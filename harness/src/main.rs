@@ -1,52 +1,193 @@
-//! `handover-harness`: runs chaos scenarios against the subject service.
+//! `handover-harness`: runs chaos scenarios against the subject service, or
+//! the black-box upgrade scenarios against anyone's server.
 //!
 //! ```text
 //! handover-harness run [--scenarios DIR] [--out DIR] [--quiet] [NAME...]
 //! handover-harness list [--scenarios DIR]
+//! handover-harness check --server 'CMD {addr} {pidfile}' [OPTIONS]
 //! handover-harness subject [FLAGS]      # the subject service itself
 //! ```
 //!
 //! `run` runs the named scenarios (all of them by default), prints a live
 //! progress line and a table, and writes `report.json` and `report.html`
 //! (the table and a picture per scenario) into the output directory. It
-//! exits 0 only if every scenario passed.
+//! exits 0 only if every scenario passed. `check` does the same for a
+//! server the harness did not write (see `handover-harness check --help`).
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
+use clap::{Parser, Subcommand, ValueEnum};
+use handover_harness::check::{self, CheckOptions, ReadySource};
+use handover_harness::load::{HttpCheck, Identity};
 use handover_harness::report::{ScenarioReport, html, table};
 use handover_harness::runner::{RunOptions, run};
 use handover_harness::scenario::Scenario;
+use nix::sys::signal::Signal;
+
+#[derive(Parser)]
+#[command(
+    name = "handover-harness",
+    version,
+    about = "Chaos scenarios for the handover library's subject, and upgrade checks of anyone's HTTP/1.1 server."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the scenarios (all by default) against the subject.
+    Run {
+        /// Where the scenario files are.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios"))]
+        scenarios: PathBuf,
+        /// Where report.json and report.html go.
+        #[arg(long, default_value = "target/harness-report")]
+        out: PathBuf,
+        /// No progress line.
+        #[arg(long)]
+        quiet: bool,
+        /// Scenarios to run.
+        names: Vec<String>,
+    },
+    /// Lists the scenarios.
+    List {
+        /// Where the scenario files are.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios"))]
+        scenarios: PathBuf,
+    },
+    /// Checks that anyone's HTTP/1.1 server survives upgrades, seen from outside.
+    #[command(long_about = CHECK_ABOUT)]
+    Check(Box<CheckArgs>),
+}
+
+const CHECK_ABOUT: &str = "Checks that an HTTP/1.1 server, in any language, survives its own upgrades (or reloads) without losing a request.
+
+Each scenario starts the server afresh with --server, puts it under strict load (clients that never retry: every request that got no complete 200 is a failure, by class: refused, reset, timeout, wrong), asks for upgrades, and watches from outside: the processes under the started one (and those re-parented to the harness), the PID file, the answers, the upgrade command's exit. It reports failed requests by class, processes left, zombies, the serving generation's descriptors before and after (Linux), the time from each trigger to a ready new generation and to the old one gone, and p99 latency near upgrades against steady state: a table, report.json and report.html (same as `run`). Exit status 0 only if every scenario passed.
+
+Placeholders in --server, --upgrade-cmd, --broken-upgrade and --restore-upgrade: {addr} (a free 127.0.0.1 port), {port}, {pidfile} and {control} (paths in a temporary directory). The server is run as `sh -c 'exec CMD'`.
+
+Scenarios: keep-alive, new-connections, idle-keep-alive, long-in-flight (needs --slow-path), upgrade-storm, sigkill-old-during-start, broken-successor (needs --broken-upgrade).
+
+Ready and old gone: ready is the first available of an answer naming a new pid or generation (--ready-header, --ready-body), the upgrade command's exit, a new pid in the PID file (this library writes it when the old generation exits), a new process. Old gone: every process present at the trigger that leaves has left and the server is back to its starting number of processes (a master, as nginx's or HAProxy's, stays).
+
+Not covered yet: TLS and HTTP/2 (the HTTP/2 load waits for its issue); the load is plain HTTP/1.1.
+
+Examples:
+  handover-harness check --server 'target/release/examples/http_server --listen {addr} --pid-file {pidfile}' --ready-body pid=
+  handover-harness check --server 'nginx -c /tmp/n/nginx.conf -p /tmp/n' --addr 127.0.0.1:8080 --pid-file /tmp/n/nginx.pid --upgrade-cmd 'nginx -c /tmp/n/nginx.conf -p /tmp/n -s reload' --ready-header X-Pid";
+
+/// `check`: one fresh server per scenario, under load, upgraded again and
+/// again.
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// The command that starts the server, in the foreground (placeholders {addr} {port} {pidfile} {control}).
+    #[arg(long, value_name = "CMD")]
+    server: String,
+    /// Where the server listens, when its own configuration says (instead of {addr}).
+    #[arg(long, value_name = "ADDR")]
+    addr: Option<SocketAddr>,
+    /// The server's PID file, when its own configuration names it (instead of {pidfile}).
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// The signal that asks for an upgrade, sent to the pid in the PID file (or to the started process).
+    #[arg(long, value_name = "NAME", default_value = "SIGHUP", value_parser = parse_signal)]
+    upgrade_signal: Signal,
+    /// A command that asks for an upgrade instead of the signal (placeholders too).
+    #[arg(long, value_name = "CMD")]
+    upgrade_cmd: Option<String>,
+    /// How a new generation is seen to be ready.
+    #[arg(long, value_enum, default_value = "auto")]
+    ready: Ready,
+    /// A response header that names the pid or generation that answered.
+    #[arg(long, value_name = "NAME", conflicts_with = "ready_body")]
+    ready_header: Option<String>,
+    /// The prefix of a body word that names the pid or generation (`pid=` for `pid=123 generation=4`).
+    #[arg(long, value_name = "PREFIX")]
+    ready_body: Option<String>,
+    /// The path every load request asks for.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// The Host header of every request.
+    #[arg(long, default_value = "localhost")]
+    host: String,
+    /// Text every answer's body must contain.
+    #[arg(long, value_name = "TEXT")]
+    expect_body: Option<String>,
+    /// A path whose answers take long: requests to it are in flight at each upgrade.
+    #[arg(long, value_name = "PATH")]
+    slow_path: Option<String>,
+    /// How long an answer from --slow-path may take.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    slow_timeout: Duration,
+    /// A command that makes the next upgrade fail (replace the binary by one that exits 1, break the config).
+    #[arg(long, value_name = "CMD")]
+    broken_upgrade: Option<String>,
+    /// A command that undoes --broken-upgrade; an upgrade after it must succeed.
+    #[arg(long, value_name = "CMD", requires = "broken_upgrade")]
+    restore_upgrade: Option<String>,
+    /// Each scenario's load lasts this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Between two upgrades.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Client connections.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// A new generation must be ready, and the old one gone, within this.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    upgrade_timeout: Duration,
+    /// The server must answer within this of its start.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    start_timeout: Duration,
+    /// Run only these scenarios (repeatable, or comma-separated).
+    #[arg(long = "scenario", value_name = "NAME", value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Where report.json, report.html and the server's logs go.
+    #[arg(long, default_value = "target/check-report")]
+    out: PathBuf,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Ready {
+    Auto,
+    Answer,
+    Command,
+    PidFile,
+    Processes,
+}
+
+fn parse_signal(name: &str) -> Result<Signal, String> {
+    let upper = name.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse()
+        .map_err(|_| format!("not a signal: {name} (SIGHUP, USR2, ...)"))
+}
 
 fn main() -> ExitCode {
-    let mut words = std::env::args().skip(1);
-    let command = words.next().unwrap_or_default();
-    if command == "subject" {
+    let mut words = std::env::args();
+    if words.nth(1).as_deref() == Some("subject") {
         return handover_harness::subject::main(words);
     }
-    let mut scenarios_dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios"));
-    let mut out = PathBuf::from("target/harness-report");
-    let mut quiet = false;
-    let mut names = Vec::new();
-    while let Some(word) = words.next() {
-        match word.as_str() {
-            "--scenarios" => {
-                scenarios_dir = words.next().map(PathBuf::from).unwrap_or(scenarios_dir)
-            }
-            "--out" => out = words.next().map(PathBuf::from).unwrap_or(out),
-            "--quiet" => quiet = true,
-            _ => names.push(word),
-        }
-    }
-    let scenarios = match Scenario::load_dir(&scenarios_dir) {
-        Ok(scenarios) => scenarios,
-        Err(problem) => {
-            eprintln!("handover-harness: {problem}");
-            return ExitCode::from(2);
-        }
-    };
-    match command.as_str() {
-        "list" => {
+    match Cli::parse().command {
+        Command::List { scenarios } => {
+            let scenarios = match Scenario::load_dir(&scenarios) {
+                Ok(scenarios) => scenarios,
+                Err(problem) => return usage(&problem),
+            };
             for scenario in &scenarios {
                 println!(
                     "{:<30} {}",
@@ -56,36 +197,47 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        "run" => {
+        Command::Run {
+            scenarios,
+            out,
+            quiet,
+            names,
+        } => {
+            let scenarios = match Scenario::load_dir(&scenarios) {
+                Ok(scenarios) => scenarios,
+                Err(problem) => return usage(&problem),
+            };
             let unknown: Vec<&String> = names
                 .iter()
                 .filter(|name| !scenarios.iter().any(|s| &s.name == *name))
                 .collect();
             if !unknown.is_empty() {
-                eprintln!(
-                    "handover-harness: no such scenario: {unknown:?} (see `handover-harness list`)"
-                );
-                return ExitCode::from(2);
+                return usage(&format!(
+                    "no such scenario: {unknown:?} (see `handover-harness list`)"
+                ));
             }
             let chosen: Vec<&Scenario> = scenarios
                 .iter()
                 .filter(|s| names.is_empty() || names.contains(&s.name))
                 .collect();
-            use std::io::IsTerminal;
             run_all(&chosen, &out, !quiet && std::io::stderr().is_terminal())
         }
-        _ => {
-            eprintln!(
-                "usage: handover-harness run [--scenarios DIR] [--out DIR] [--quiet] [NAME...] | list | subject [FLAGS]"
-            );
-            ExitCode::from(2)
-        }
+        Command::Check(args) => check_command(*args),
     }
 }
 
-fn run_all(scenarios: &[&Scenario], out: &std::path::Path, progress: bool) -> ExitCode {
+fn usage(problem: &str) -> ExitCode {
+    eprintln!("handover-harness: {problem}");
+    ExitCode::from(2)
+}
+
+fn run_all(scenarios: &[&Scenario], out: &Path, progress: bool) -> ExitCode {
+    let subject = match std::env::current_exe() {
+        Ok(path) => path,
+        Err(e) => return usage(&format!("cannot find this executable: {e}")),
+    };
     let options = RunOptions {
-        subject: std::env::current_exe().expect("this executable"),
+        subject,
         subject_args: vec!["subject".into()],
         progress,
     };
@@ -104,14 +256,27 @@ fn run_all(scenarios: &[&Scenario], out: &std::path::Path, progress: bool) -> Ex
         reports.push(report);
     }
     println!("\n{}", table(&reports));
+    write_report(
+        out,
+        &serde_json::to_string_pretty(&reports).unwrap_or_default(),
+        &html(&reports),
+    );
+    let passed = reports.iter().filter(|r| r.passed).count();
+    println!(
+        "scenarios: {passed} passed, {} failed",
+        reports.len() - passed
+    );
+    if passed == reports.len() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn write_report(out: &Path, json: &str, page: &str) {
     let written = std::fs::create_dir_all(out)
-        .and_then(|()| {
-            std::fs::write(
-                out.join("report.json"),
-                serde_json::to_string_pretty(&reports).unwrap_or_default(),
-            )
-        })
-        .and_then(|()| std::fs::write(out.join("report.html"), html(&reports)));
+        .and_then(|()| std::fs::write(out.join("report.json"), json))
+        .and_then(|()| std::fs::write(out.join("report.html"), page));
     match written {
         Ok(()) => println!(
             "report: {}/report.json, picture: {}/report.html",
@@ -123,14 +288,112 @@ fn run_all(scenarios: &[&Scenario], out: &std::path::Path, progress: bool) -> Ex
             out.display()
         ),
     }
-    let passed = reports.iter().filter(|r| r.passed).count();
+}
+
+fn check_command(args: CheckArgs) -> ExitCode {
+    let identity = match (&args.ready_header, &args.ready_body) {
+        (Some(name), _) => Identity::Header(name.clone()),
+        (None, Some(prefix)) => Identity::BodyPrefix(prefix.clone()),
+        (None, None) => Identity::None,
+    };
+    let options = CheckOptions {
+        server: args.server,
+        addr: args.addr,
+        pid_file: args.pid_file,
+        upgrade_signal: args.upgrade_signal,
+        upgrade_cmd: args.upgrade_cmd,
+        ready: match args.ready {
+            Ready::Auto => ReadySource::Auto,
+            Ready::Answer => ReadySource::Answer,
+            Ready::Command => ReadySource::Command,
+            Ready::PidFile => ReadySource::PidFile,
+            Ready::Processes => ReadySource::Processes,
+        },
+        identity,
+        http: HttpCheck {
+            path: args.path,
+            host: args.host,
+            body_contains: args.expect_body,
+            identity: Identity::None,
+        },
+        slow_path: args.slow_path,
+        slow_timeout: args.slow_timeout,
+        broken_upgrade: args.broken_upgrade,
+        restore_upgrade: args.restore_upgrade,
+        duration: args.duration,
+        interval: args.interval,
+        connections: args.connections,
+        upgrade_timeout: args.upgrade_timeout,
+        start_timeout: args.start_timeout,
+        only: args.scenarios,
+        progress: !args.quiet && std::io::stderr().is_terminal(),
+    };
+    let options = CheckOptions {
+        http: HttpCheck {
+            identity: options.identity.clone(),
+            ..options.http.clone()
+        },
+        ..options
+    };
+    if let Err(problem) = check::validate(&options) {
+        return usage(&problem);
+    }
+    if let Err(e) = std::fs::create_dir_all(&args.out) {
+        return usage(&format!("cannot create {}: {e}", args.out.display()));
+    }
+    // The servers' logs and PID files live as long as the report.
+    let dir = match tempfile::Builder::new()
+        .prefix("check-")
+        .tempdir_in(&args.out)
+    {
+        Ok(dir) => dir.keep(),
+        Err(e) => {
+            return usage(&format!(
+                "cannot create a directory in {}: {e}",
+                args.out.display()
+            ));
+        }
+    };
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let (reports, skipped) = check::check(&options, &dir);
+    let scenarios: Vec<ScenarioReport> = reports.iter().map(|r| r.scenario.clone()).collect();
+    println!("\n{}", table(&scenarios));
+    print!("{}", check::summary(&reports, &skipped));
+    write_report(
+        &args.out,
+        &serde_json::to_string_pretty(&reports).unwrap_or_default(),
+        &check::html(&reports, &skipped),
+    );
+    println!("server logs: {}", dir.display());
+    let passed = reports.iter().filter(|r| r.scenario.passed).count();
+    if passed < reports.len() {
+        println!("reproduce: {}", reproduce());
+    }
     println!(
         "scenarios: {passed} passed, {} failed",
         reports.len() - passed
     );
-    if passed == reports.len() {
+    if passed == reports.len() && !reports.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// This very command line, quoted for a shell.
+fn reproduce() -> String {
+    std::env::args()
+        .map(|word| {
+            if !word.is_empty()
+                && word
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+            {
+                word
+            } else {
+                format!("'{}'", word.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }

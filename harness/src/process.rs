@@ -445,7 +445,7 @@ fn wait_gone_unparented(pid: i32) -> io::Result<()> {
 
 /// Orphaned generations are re-parented to this process, which can then
 /// reap them and see their exit. Linux only; elsewhere they go to init.
-fn become_subreaper() {
+pub fn become_subreaper() {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         let _ = nix::sys::prctl::set_child_subreaper(true);

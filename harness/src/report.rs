@@ -230,7 +230,22 @@ fn timeline(samples: &[Sample]) -> Vec<Bucket> {
 }
 
 fn around_upgrades(samples: &[Sample], upgrades: &[u32]) -> AroundUpgrades {
-    let near = |at: u32| upgrades.iter().any(|&u| at + 500 >= u && at <= u + 500);
+    around_upgrades_within(samples, upgrades, 500)
+}
+
+/// Request latency within `window_ms` of an upgrade (at `upgrades`, in ms
+/// from the start of the load) against the rest of the run: for runs whose
+/// upgrades come closer together than a second.
+pub fn around_upgrades_within(
+    samples: &[Sample],
+    upgrades: &[u32],
+    window_ms: u32,
+) -> AroundUpgrades {
+    let near = |at: u32| {
+        upgrades
+            .iter()
+            .any(|&u| at + window_ms >= u && at <= u + window_ms)
+    };
     let (mut around, mut steady): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
     for sample in samples.iter().filter(|s| s.ok) {
         if near(sample.at_ms) {

@@ -119,6 +119,7 @@ impl Run<'_> {
                 .then(|| (self.dir.path().join("subject.sock"), settings.unix)),
             connection_life: Duration::from_millis(settings.connection_ms),
             udp: (settings.udp > 0).then_some((addresses.udp, settings.udp)),
+            http_check: None,
         };
         self.started = Instant::now();
         let load = Load::run(plan);
