@@ -21,7 +21,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::sync::{oneshot, watch};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ExitStatus, Result};
 use crate::machine::{Decision, Machine, Origin, Phase, Refusal};
 use crate::registry::Registry;
 use crate::state::{self, Inbox, Outbox};
@@ -891,19 +891,8 @@ impl Supervisor {
                 // SIGCHLD and the ready byte can arrive in the same wake-up.
                 // Either way it is gone before this generation heard it was
                 // ready: were it to leave, nobody would serve.
-                if read_link(&inflight.link) == LinkRead::Ready {
-                    tracing::warn!(
-                        generation = self.config.generation,
-                        pid = inflight.pid.as_raw(),
-                        %status,
-                        "successor said it was ready but had exited before we heard it; serving on"
-                    );
-                }
-                let error = Error::SuccessorExited {
-                    pid: inflight.pid.as_raw(),
-                    status,
-                };
-                self.finish(Err(error), inflight.waiter);
+                let said_ready = read_link(&inflight.link) == LinkRead::Ready;
+                self.successor_exited(inflight, status, said_ready);
             }
             Ok(None) => {} // another child of this process
             // Not ours to wait for any more (someone else reaped it): its
@@ -921,6 +910,24 @@ impl Supervisor {
         }
     }
 
+    /// The starting successor exited (`said_ready`: after its ready byte,
+    /// but before this generation heard it): the upgrade fails.
+    fn successor_exited(&mut self, inflight: Inflight, status: ExitStatus, said_ready: bool) {
+        if said_ready {
+            tracing::warn!(
+                generation = self.config.generation,
+                pid = inflight.pid.as_raw(),
+                %status,
+                "successor said it was ready but had exited before we heard it; serving on"
+            );
+        }
+        let error = Error::SuccessorExited {
+            pid: inflight.pid.as_raw(),
+            status,
+        };
+        self.finish(Err(error), inflight.waiter);
+    }
+
     /// The starting successor's ready byte was read. It succeeds if it is
     /// still alive now (if it dies a moment later, it was ready all the
     /// same); one already gone would leave nobody serving once this
@@ -931,19 +938,7 @@ impl Supervisor {
         };
         match sys::try_reap(inflight.pid) {
             Ok(None) => self.succeed(inflight),
-            Ok(Some(status)) => {
-                tracing::warn!(
-                    generation = self.config.generation,
-                    pid = inflight.pid.as_raw(),
-                    %status,
-                    "successor said it was ready but had exited before we heard it; serving on"
-                );
-                let error = Error::SuccessorExited {
-                    pid: inflight.pid.as_raw(),
-                    status,
-                };
-                self.finish(Err(error), inflight.waiter);
-            }
+            Ok(Some(status)) => self.successor_exited(inflight, status, true),
             Err(err) => {
                 self.inflight = Some(inflight);
                 let problem = format!("cannot wait for it: {err}");

@@ -256,6 +256,13 @@ impl Subject {
         Ok(event)
     }
 
+    /// How many events of `kind` have arrived so far (taking in those that
+    /// came without waiting), e.g. how many generations `started`.
+    pub fn count(&mut self, kind: &str) -> usize {
+        self.collect_events();
+        self.history.iter().filter(|e| e.kind == kind).count()
+    }
+
     /// Takes in the events that have arrived, without waiting.
     pub fn collect_events(&mut self) {
         while let Ok(event) = self.events.try_recv() {

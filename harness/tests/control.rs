@@ -184,13 +184,7 @@ fn a_client_that_hangs_up_leaves_no_upgrade_queued() {
     // ...and is the only one: no second successor was started.
     let output = cli(&["status", "--socket", service.socket.to_str().unwrap()]);
     assert!(text(&output).contains("generation 1"), "{}", text(&output));
-    service.subject.collect_events();
-    let started = service
-        .subject
-        .history
-        .iter()
-        .filter(|e| e.kind == "started")
-        .count();
+    let started = service.subject.count("started");
     assert_eq!(started, 2, "{:#?}", service.subject.history);
 }
 

@@ -299,12 +299,7 @@ fn concurrent_upgrades_exactly_one_proceeds() {
         .count();
     assert_eq!((succeeded, refused), (1, 7), "{answers:#?}");
     subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
-    subject.collect_events();
-    let started = subject
-        .history
-        .iter()
-        .filter(|e| e.kind == "started")
-        .count();
+    let started = subject.count("started");
     assert_eq!(started, 2, "one successor only: {:#?}", subject.history);
 }
 
@@ -508,12 +503,7 @@ fn an_upgrade_signal_while_draining_is_passed_to_the_successor() {
     subject.wait_for(|e| e.is("ready", 2)).unwrap();
     subject.wait_for(|e| e.is("parent-gone", 2)).unwrap();
     assert_served_by(&subject, 2);
-    subject.collect_events();
-    let started = subject
-        .history
-        .iter()
-        .filter(|e| e.kind == "started")
-        .count();
+    let started = subject.count("started");
     assert_eq!(started, 3, "one upgrade per signal: {:#?}", subject.history);
 }
 
