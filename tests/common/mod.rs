@@ -47,10 +47,18 @@ pub fn assert_serving(upgrader: &Upgrader) {
 
 /// Ends the test's upgrader and the successor it made ready. The successor
 /// would exit once its handshake link closes, but the link closes only when
-/// this process exits (as a real old generation's does): it is killed.
+/// this process exits (as a real old generation's does): it is killed. The
+/// dropped upgrader's supervisor stays until the process exits, and may
+/// reap it first (ECHILD here).
 pub fn finish(upgrader: Upgrader, successor: i32) {
     drop(upgrader);
     let successor = nix::unistd::Pid::from_raw(successor);
-    nix::sys::signal::kill(successor, nix::sys::signal::Signal::SIGKILL).unwrap();
-    nix::sys::wait::waitpid(successor, None).unwrap();
+    match nix::sys::signal::kill(successor, nix::sys::signal::Signal::SIGKILL) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => panic!("cannot kill the successor: {e}"),
+    }
+    match nix::sys::wait::waitpid(successor, None) {
+        Ok(_) | Err(nix::errno::Errno::ECHILD) => {}
+        Err(e) => panic!("cannot reap the successor: {e}"),
+    }
 }
