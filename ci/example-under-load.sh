@@ -13,7 +13,18 @@ cargo build --release --example http_server -q
 dir=$(mktemp -d)
 pid_file=$dir/http.pid
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-RUST_LOG=info target/release/examples/http_server --listen "127.0.0.1:$port" --pid-file "$pid_file" 2>"$dir/log" &
+# Started with stdio only, as a service manager starts it: a descriptor this
+# shell inherited without close-on-exec would reach the first generation and
+# no later one (the library hands a successor its link only).
+start_clean() {
+  local fd
+  for fd in /proc/"$BASHPID"/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+  done
+  exec "$@"
+}
+(start_clean env RUST_LOG=info target/release/examples/http_server --listen "127.0.0.1:$port" --pid-file "$pid_file") 2>"$dir/log" &
 first=$!
 cleanup() { kill -TERM "$(cat "$pid_file" 2>/dev/null)" 2>/dev/null || true; kill -KILL "$first" 2>/dev/null || true; }
 trap cleanup EXIT

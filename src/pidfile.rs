@@ -67,6 +67,8 @@ fn write_inner(
 /// What the PID file must name when this process exits: its successor.
 static AT_EXIT: Mutex<Option<(PathBuf, i32)>> = Mutex::new(None);
 static HOOK: Once = Once::new();
+/// The process that registered the hook.
+static HOOK_PID: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
 
 /// Names `successor` in the PID file at `path` as this process's last act,
 /// when it exits, and not before.
@@ -82,6 +84,7 @@ static HOOK: Once = Once::new();
 pub(crate) fn name_at_exit(path: &Path, successor: i32) {
     *AT_EXIT.lock().unwrap_or_else(|p| p.into_inner()) = Some((path.to_path_buf(), successor));
     HOOK.call_once(|| {
+        HOOK_PID.get_or_init(crate::sys::pid);
         if let Err(error) = crate::sys::at_exit(write_at_exit) {
             tracing::error!(%error, "cannot arrange to name the successor in the PID file at exit");
         }
@@ -119,6 +122,11 @@ pub(crate) fn forget_at_exit(successor: i32) {
 }
 
 extern "C" fn write_at_exit() {
+    // Only in the process that registered it, not in a child forked from it
+    // that calls exit(3): that one must not name anyone.
+    if HOOK_PID.get() != Some(&crate::sys::pid()) {
+        return;
+    }
     // Nothing may unwind into libc's exit.
     let _ = std::panic::catch_unwind(|| {
         let Some((path, successor)) = AT_EXIT.lock().unwrap_or_else(|p| p.into_inner()).take()

@@ -245,6 +245,17 @@ impl Supervisor {
     /// stop signals still stop. Returns when the `Upgrader` is dropped.
     fn serve_failed(&mut self, problem: &str) {
         let generation = self.config.generation;
+        // Detached, nobody asks anything any more, and the process exits.
+        if self.detached {
+            guarded(|| {
+                tracing::error!(
+                    generation,
+                    problem,
+                    "upgrade supervisor failed while exiting"
+                )
+            });
+            return;
+        }
         let failed = || Error::SupervisorFailed {
             problem: problem.to_owned(),
         };
@@ -610,7 +621,10 @@ impl Supervisor {
         let Some(successor) = &mut self.successor else {
             return;
         };
-        if let Err(error) = successor.outbox.write_some(&successor.link) {
+        if let Err(error) = successor
+            .outbox
+            .write_some(sys::LinkWriter(successor.link.as_fd()))
+        {
             tracing::error!(
                 generation = self.config.generation,
                 successor = successor.pid.as_raw(),
@@ -960,6 +974,7 @@ impl Supervisor {
         // Registered after the PID file's hook, so run before it.
         static SETTLE: std::sync::Once = std::sync::Once::new();
         SETTLE.call_once(|| {
+            SETTLE_PID.get_or_init(sys::pid);
             if let Err(error) = sys::at_exit(settle_at_exit) {
                 tracing::error!(%error, "cannot arrange to pass on upgrade signals at exit");
             }
@@ -1127,6 +1142,8 @@ fn drain(mut stream: &UnixStream) {
 /// Upgrade signals handled by the supervisor (see `on_upgrade_signals`).
 static SIGNALS_HANDLED: Mutex<u64> = Mutex::new(0);
 static SIGNALS_HANDLED_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+/// The process that registered [`settle_at_exit`].
+static SETTLE_PID: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
 /// How long the exit waits for the supervisor to pass a signal on.
 const SETTLE_AT_EXIT: Duration = Duration::from_secs(1);
 
@@ -1142,6 +1159,11 @@ fn signals_handled(count: u64) {
 /// comes after this, in the last microseconds of `exit`, is lost: nothing
 /// of this process runs any more to pass it on.
 extern "C" fn settle_at_exit() {
+    // Only in the process that registered it, not in a child forked from it
+    // that calls exit(3).
+    if sys::pid() != *SETTLE_PID.get_or_init(sys::pid) {
+        return;
+    }
     let _ = std::panic::catch_unwind(|| {
         let deadline = Instant::now() + SETTLE_AT_EXIT;
         let mut handled = SIGNALS_HANDLED.lock().unwrap_or_else(|p| p.into_inner());

@@ -231,8 +231,11 @@ fn run(args: &Args) -> Result<ExitCode, String> {
                 println!("{serving}");
             } else {
                 let waited = Instant::now();
+                let new = field("pid");
                 let closed = wait_for_close(&mut exchange.stream, deadline)
-                    && old.parse().is_ok_and(|pid| wait_for_exit(pid, deadline));
+                    && old
+                        .parse()
+                        .is_ok_and(|pid| wait_for_exit(pid, &new, deadline));
                 if closed {
                     println!(
                         "{serving}; the old generation (pid {old}) exited {:.1} ms later",
@@ -320,33 +323,38 @@ fn wait_for_close(stream: &mut BufReader<UnixStream>, deadline: Instant) -> bool
 }
 
 /// The connection closes as the old process exits, a moment before the
-/// kernel hands its children (the new generation) to the service manager.
-/// On Linux, waits until that is done too, so that a manager which reads
-/// the PID file when this command ends (systemd, after `ExecReload=`) finds
-/// its own child there: `/proc/PID/stat` says `Z` (or is gone) from then on.
+/// kernel hands its children (the new generation) to the service manager:
+/// the last of its threads closes the connection, then re-parents them. On
+/// Linux, waits until that is done too, so that a manager which reads the
+/// PID file when this command ends (systemd, after `ExecReload=`) finds its
+/// own child there: until `/proc/NEW/stat` names another parent than the
+/// old generation. Elsewhere no service manager reads a PID file then.
 #[cfg(target_os = "linux")]
-fn wait_for_exit(pid: u32, deadline: Instant) -> bool {
+fn wait_for_exit(old: u32, new: &str, deadline: Instant) -> bool {
+    let mut pause = Duration::from_micros(50);
     loop {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
-        // The state follows the command name, which is in parentheses.
-        let exited = state
+        let stat = std::fs::read_to_string(format!("/proc/{new}/stat")).ok();
+        // The parent is the second field after the command name, which is
+        // in parentheses and may hold anything.
+        let parent = stat
             .as_deref()
             .and_then(|stat| stat.rsplit_once(") "))
-            .is_none_or(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'));
-        if exited {
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|parent| parent.parse::<u32>().ok());
+        if parent != Some(old) {
             return true;
         }
         if remaining(deadline).is_none() {
             return false;
         }
-        // Microseconds at most: the process is past closing its files.
-        std::thread::yield_now();
+        // Microseconds, usually: the old process is past closing its files.
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
     }
 }
 
-/// Elsewhere no service manager reads the PID file after the command.
 #[cfg(not(target_os = "linux"))]
-fn wait_for_exit(_pid: u32, _deadline: Instant) -> bool {
+fn wait_for_exit(_old: u32, _new: &str, _deadline: Instant) -> bool {
     true
 }
 
