@@ -593,6 +593,7 @@ back_to_back() { # unit port reloads pid-file
       reload_fail="pair $i: MainPID=$mainpid but the PID file says '$(cat "$pidf" 2>/dev/null)'"; return
     fi
     reload_log+=("$old=>$mainpid(gen $((gen + 2)), ${elapsed}ms)")
+    gen=$((gen + 2))
     sleep "$pause"
   done
 }
