@@ -123,6 +123,9 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
     tokio::pin!(exit);
     let reason = loop {
         tokio::select! {
+            // Exit first: once the successor is ready (and a deploy script
+            // has been told so), this generation accepts nothing more.
+            biased;
             reason = &mut exit => break reason,
             accepted = listener.accept() => {
                 // A failed accept (EMFILE, ECONNABORTED): accept on.

@@ -47,6 +47,7 @@
 //!     tokio::pin!(exit);
 //!     loop {
 //!         tokio::select! {
+//!             biased; // once the successor is ready, accept nothing more
 //!             _ = &mut exit => break,
 //!             accepted = listener.accept() => {
 //!                 // A failed accept (EMFILE, ECONNABORTED) is the moment's,

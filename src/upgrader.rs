@@ -519,6 +519,12 @@ impl Upgrader {
     /// Resolves when this generation must exit: its successor is ready, or
     /// [`stop`](Self::stop) was called. From then on, accept nothing new,
     /// finish what is in flight (see [`crate::drain`]) and return from `main`.
+    ///
+    /// It resolves before [`upgrade`](Self::upgrade) returns `Ok`. In an
+    /// accept loop, poll it first (`tokio::select! { biased; ... }`, as in
+    /// the crate's example): `select!` otherwise picks a ready branch at
+    /// random, and a connection made just after the upgrade was reported
+    /// could still be accepted here.
     pub fn exit(&self) -> impl Future<Output = ExitReason> + Send + 'static {
         let mut exit = self.exit.clone();
         async move {

@@ -398,6 +398,10 @@ async fn accept_until_exit<L: Accept>(
     let mut failing = false;
     loop {
         tokio::select! {
+            // Exit first: `tokio::select!` picks a ready branch at random,
+            // and a connection made after `upgrade()` answered must be the
+            // successor's (the CI once saw the old generation take one).
+            biased;
             _ = &mut exit => return,
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
@@ -526,6 +530,7 @@ async fn echo_udp(socket: UdpSocket, exit: impl std::future::Future<Output = Exi
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
         tokio::select! {
+            biased;
             _ = &mut exit => return,
             received = socket.recv_from(&mut buffer) => {
                 if let Ok((n, peer)) = received {

@@ -347,3 +347,49 @@ fn a_request_accepted_as_the_generation_exits_is_answered() {
         "generation 0 answered {answer:?}"
     );
 }
+
+/// Once a client has read `ok` for an upgrade, the old generation accepts
+/// nothing more: the very next request, sent at once, reaches the new
+/// generation (it used to be accepted now and then by the old one, in the
+/// moment between its answer and its accept loop seeing the exit, and be
+/// refused with `exiting`).
+#[test]
+fn after_ok_only_the_new_generation_accepts() {
+    let service = service();
+    let mut refused = Vec::new();
+    for attempt in 0..40 {
+        let upgraded = raw_request(&service.socket, b"upgrade\n");
+        assert!(upgraded.starts_with("ok "), "attempt {attempt}: {upgraded}");
+        let pid = upgraded
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("pid="))
+            .unwrap()
+            .to_owned();
+        let status = raw_request(&service.socket, b"status\n");
+        if !status.starts_with(&format!("ok pid={pid} ")) {
+            refused.push(format!("attempt {attempt}: {pid} was ready, {status:?}"));
+        }
+    }
+    assert!(refused.is_empty(), "{refused:#?}");
+}
+
+/// The same through the subject's own accept loop (`biased` towards the
+/// exit, as the README's loop is): after `ok`, the next connection is the
+/// new generation's.
+#[test]
+fn after_ok_only_the_new_generation_accepts_on_the_subjects_port() {
+    let mut service = service();
+    let mut refused = Vec::new();
+    for attempt in 0..40u64 {
+        let upgraded = service.subject.upgrade().unwrap();
+        let info = service.subject.control("info").unwrap();
+        if !info.contains(&format!("gen={} ", attempt + 1)) {
+            refused.push(format!("attempt {attempt}: {upgraded:?}, then {info:?}"));
+        }
+        service
+            .subject
+            .wait_for(|e| e.is("parent-gone", attempt + 1))
+            .unwrap();
+    }
+    assert!(refused.is_empty(), "{refused:#?}");
+}
