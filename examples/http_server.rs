@@ -7,50 +7,47 @@
 //! kill -TERM "$(cat /tmp/http.pid)"    # stop
 //! # with --control-socket /tmp/http.sock, an upgrade that reports its outcome:
 //! handover upgrade --socket /tmp/http.sock
+//! # with --rollback-window 5s, a release that dies within 5 s of its
+//! # readiness hands the service back to this one (handover upgrade exits 4)
 //! ```
 //!
 //! The whole API in one page: create the `Upgrader` first, take listeners
-//! by name, call `ready()`, serve until `exit()`, then drain. SIGHUP
-//! upgrades, SIGTERM and SIGINT stop; under systemd it notifies readiness
-//! and takes a socket-activated listener named "http".
+//! by name, call `ready()`, serve until `exit()`, then drain (and, with a
+//! rollback window, serve again if the verdict says so). SIGHUP upgrades,
+//! SIGTERM and SIGINT stop; under systemd it notifies readiness and takes a
+//! socket-activated listener named "http".
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::Parser;
 use handover::drain::{Drain, DrainOptions};
-use handover::{ExitReason, Options, Signal, Upgrader};
+use handover::{ExitReason, Options, Signal, Upgrader, Verdict};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 
+/// A tokio HTTP/1.1 server that upgrades itself on SIGHUP without dropping
+/// a request.
+#[derive(Parser)]
+#[command(version)]
 struct Args {
+    /// The address to serve on (a socket-activated "http" socket wins).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// A PID file naming the serving process (for systemd's PIDFile=).
+    #[arg(long, value_name = "PATH")]
     pid_file: Option<String>,
+    /// A control socket for `handover upgrade --socket PATH`.
+    #[arg(long, value_name = "PATH")]
     control_socket: Option<String>,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut listen = "127.0.0.1:8080".parse().expect("a constant address");
-    let mut pid_file = None;
-    let mut control_socket = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--listen" => listen = value()?.parse().map_err(|e| format!("--listen: {e}"))?,
-            "--pid-file" => pid_file = Some(value()?),
-            "--control-socket" => control_socket = Some(value()?),
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    Ok(Args {
-        listen,
-        pid_file,
-        control_socket,
-    })
+    /// How long the old generation can take back over if its successor
+    /// dies after it is ready, e.g. 5s, 1m30s (default: no window).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    rollback_window: Option<Duration>,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +57,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -71,7 +69,7 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let args = parse_args()?;
+    let args = Args::parse();
 
     // 1. First thing in main, before any thread: read what the parent
     //    handed over. SIGHUP now asks for an upgrade; one that arrives before
@@ -82,6 +80,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .stop_signals([Signal::SIGTERM, Signal::SIGINT]);
     if let Some(path) = &args.pid_file {
         options = options.pid_file(path);
+    }
+    if let Some(window) = args.rollback_window {
+        options = options.rollback_window(window);
     }
     let upgrader = Upgrader::new(options)?;
 
@@ -112,49 +113,67 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
     let generation = upgrader.generation();
     tracing::info!(generation, addr = %listener.local_addr()?, "serving");
 
-    let drain = Drain::new(DrainOptions::default());
     let body = Bytes::from(format!(
         "pid={} generation={generation}\n",
         std::process::id()
     ));
 
-    // 4. Serve until exit() resolves: a successor is ready, or stop().
-    let exit = upgrader.exit();
-    tokio::pin!(exit);
+    // Each serving period's drain, finishing in the background.
+    let mut draining = tokio::task::JoinSet::new();
     let reason = loop {
-        tokio::select! {
-            // Exit first: once the successor is ready (and a deploy script
-            // has been told so), this generation accepts nothing more.
-            biased;
-            reason = &mut exit => break reason,
-            accepted = listener.accept() => {
-                // A failed accept (EMFILE, ECONNABORTED): accept on.
-                let Ok((stream, _)) = accepted else { continue };
-                let body = body.clone();
-                let hello = service_fn(move |_: Request<Incoming>| {
+        let drain = Drain::new(DrainOptions::default());
+
+        // 4. Serve until exit() resolves: a successor is ready, or stop().
+        let exit = upgrader.exit();
+        tokio::pin!(exit);
+        let reason = loop {
+            tokio::select! {
+                // Exit first: once the successor is ready (and a deploy script
+                // has been told so), this generation accepts nothing more.
+                biased;
+                reason = &mut exit => break reason,
+                accepted = listener.accept() => {
+                    // A failed accept (EMFILE, ECONNABORTED): accept on.
+                    let Ok((stream, _)) = accepted else { continue };
                     let body = body.clone();
-                    async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
-                });
-                // Counted by the drain from here on, not from the spawn.
-                tokio::spawn(drain.serve_http1(stream, hello));
+                    let hello = service_fn(move |_: Request<Incoming>| {
+                        let body = body.clone();
+                        async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                    });
+                    // Counted by the drain from here on, not from the spawn.
+                    tokio::spawn(drain.serve_http1(stream, hello));
+                }
+            }
+        };
+
+        // 5. Accept nothing new, finish what is in flight: responses now say
+        //    `Connection: close`, and idle keep-alive connections are closed
+        //    only after a quiet period, so no client loses a request.
+        match &reason {
+            ExitReason::Upgraded(successor) => {
+                tracing::info!(generation, successor = successor.pid, "draining")
+            }
+            ExitReason::Stopped => tracing::info!(generation, "stopping"),
+        }
+        draining.spawn(async move { drain.wait().await });
+
+        // 6. Leave, or (with a rollback window, if the successor died in
+        //    it) serve again on the same listener: the connections the
+        //    kernel queued meanwhile are accepted now.
+        match upgrader.verdict().await {
+            Verdict::Exit(_) => break reason,
+            Verdict::RolledBack(why) => {
+                tracing::error!(generation, %why, "rolled back: serving again");
             }
         }
     };
-
-    // 5. Accept nothing new, finish what is in flight: responses now say
-    //    `Connection: close`, and idle keep-alive connections are closed
-    //    only after a quiet period, so no client loses a request.
     drop(listener);
-    match reason {
-        ExitReason::Upgraded(successor) => {
-            tracing::info!(generation, successor = successor.pid, "draining")
-        }
-        ExitReason::Stopped => tracing::info!(generation, "stopping"),
+    while let Some(outcome) = draining.join_next().await {
+        tracing::info!(generation, ?outcome, "drained");
     }
-    let outcome = drain.wait().await;
     if let Some(control) = control {
         let _ = control.await;
     }
-    tracing::info!(generation, ?outcome, "exiting");
+    tracing::info!(generation, ?reason, "exiting");
     Ok(())
 }

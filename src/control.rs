@@ -24,6 +24,21 @@
 //! connection open until its process exits, so the kernel closes it then:
 //! a client that reads to the end knows the old code has stopped running.
 //!
+//! With a [rollback window](crate::Options::rollback_window), `ok` says
+//! `window_ms=`, and a second line follows when the window has passed or
+//! the successor has died in it:
+//!
+//! ```text
+//! > upgrade
+//! < ok pid=4250 generation=3 duration_us=2817 old_pid=4242 window_ms=5000
+//! < committed pid=4250 generation=3
+//! ```
+//! or
+//! ```text
+//! < rolled_back pid=4250 generation=3 served_ms=130 message=successor pid 4250 (generation 3) exited with code 101 130 ms after it was ready
+//! ```
+//! after which the old generation serves again and closes the connection.
+//!
 //! Every accepted request is answered. A generation that must exit stops
 //! accepting (its successor, holding the same socket, accepts from then
 //! on) and answers what it had already accepted before
@@ -44,7 +59,7 @@ use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::upgrader::SupervisorHandle;
-use crate::{ExitReason, Upgrader};
+use crate::{ExitReason, Upgrader, Verdict};
 
 /// The name under which the control socket is handed over.
 pub const CONTROL_NAME: &str = "handover.control";
@@ -63,6 +78,7 @@ pub struct ControlSocket {
     path: PathBuf,
     supervisor: SupervisorHandle,
     exit: watch::Receiver<Option<ExitReason>>,
+    verdict: watch::Receiver<Option<Verdict>>,
     parent_gone: watch::Receiver<bool>,
     generation: u64,
 }
@@ -91,6 +107,7 @@ impl Upgrader {
             path: path.to_path_buf(),
             supervisor: self.handle(),
             exit: self.exit_watch(),
+            verdict: self.verdict_watch(),
             parent_gone: self.parent_gone_watch(),
             generation: self.generation(),
         })
@@ -106,9 +123,10 @@ impl ControlSocket {
     /// Answers requests until this generation must exit; then the successor
     /// (which holds the same socket) answers them. Returns once the requests
     /// this generation accepted are answered (at most a second after it must
-    /// exit): spawn it after [`ready`](Upgrader::ready), and await its task
-    /// before returning from `main`, so that no client is left without an
-    /// answer. Needs a tokio runtime.
+    /// exit, or after the verdict with a rollback window; after a rollback
+    /// it answers again): spawn it after [`ready`](Upgrader::ready), and
+    /// await its task before returning from `main`, so that no client is
+    /// left without an answer. Needs a tokio runtime.
     pub async fn serve(self) {
         let listener = match UnixListener::from_std(self.listener) {
             Ok(listener) => listener,
@@ -118,24 +136,48 @@ impl ControlSocket {
             }
         };
         let mut exit = self.exit;
+        let mut verdict = self.verdict;
         let mut answering = tokio::task::JoinSet::new();
         loop {
-            tokio::select! {
+            let must_exit = tokio::select! {
                 // Exit first: once it is due, accept nothing more.
                 biased;
-                _ = exit.wait_for(Option::is_some) => break,
+                _ = exit.wait_for(Option::is_some) => true,
                 accepted = listener.accept() => {
                     if let Ok((stream, _)) = accepted {
                         answering.spawn(answer(
                             stream,
                             self.supervisor.clone(),
                             self.parent_gone.clone(),
+                            verdict.clone(),
                             self.generation,
                         ));
                     }
+                    false
                 }
                 // Reap finished answers as they end.
-                Some(_) = answering.join_next(), if !answering.is_empty() => {}
+                Some(_) = answering.join_next(), if !answering.is_empty() => false,
+            };
+            if !must_exit {
+                continue;
+            }
+            // Not accepting from here on; the socket stays open in case this
+            // generation takes back over (a rollback window).
+            let settled = async {
+                match verdict.wait_for(Option::is_some).await {
+                    Ok(verdict) => matches!(*verdict, Some(Verdict::RolledBack(_))),
+                    Err(_) => false,
+                }
+            };
+            tokio::pin!(settled);
+            let rolled_back = loop {
+                tokio::select! {
+                    rolled_back = &mut settled => break rolled_back,
+                    Some(_) = answering.join_next(), if !answering.is_empty() => {}
+                }
+            };
+            if !rolled_back {
+                break;
             }
         }
         drop(listener);
@@ -153,6 +195,7 @@ async fn answer(
     stream: UnixStream,
     supervisor: SupervisorHandle,
     mut parent_gone: watch::Receiver<bool>,
+    mut verdict: watch::Receiver<Option<Verdict>>,
     generation: u64,
 ) {
     let allowed = match stream.peer_cred() {
@@ -171,6 +214,8 @@ async fn answer(
     let request = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
     // Whether this connection must stay open until this process exits.
     let mut until_exit = false;
+    // Whether a verdict line follows (a rollback window is open).
+    let mut verdict_follows = false;
     let reply = match request {
         Err(_) => "error reason=bad_request message=no request within 10 s".to_owned(),
         Ok(Err(error)) => format!("error reason=bad_request message={error}"),
@@ -183,8 +228,17 @@ async fn answer(
             Ok("upgrade") => match upgrade_when_parent_gone(&supervisor, &mut parent_gone).await {
                 Ok(upgraded) => {
                     until_exit = true;
+                    // The verdict was cleared before the upgrade's answer
+                    // came: the next one set is this upgrade's.
+                    let window = supervisor.rollback_window();
+                    verdict_follows = !window.is_zero();
+                    let window = if verdict_follows {
+                        format!(" window_ms={}", window.as_millis())
+                    } else {
+                        String::new()
+                    };
                     format!(
-                        "ok pid={} generation={} duration_us={} old_pid={}",
+                        "ok pid={} generation={} duration_us={} old_pid={}{window}",
                         upgraded.pid,
                         upgraded.generation,
                         upgraded.duration.as_micros(),
@@ -201,6 +255,27 @@ async fn answer(
         },
     };
     let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
+    if verdict_follows {
+        let line = match verdict.wait_for(Option::is_some).await.map(|v| v.clone()) {
+            Ok(Some(Verdict::RolledBack(rolled_back))) => {
+                // This generation serves again: nothing to wait for.
+                until_exit = false;
+                format!(
+                    "rolled_back pid={} generation={} served_ms={} message={rolled_back}",
+                    rolled_back.pid,
+                    rolled_back.generation,
+                    rolled_back.served.as_millis()
+                )
+            }
+            Ok(Some(Verdict::Exit(ExitReason::Upgraded(upgraded)))) => format!(
+                "committed pid={} generation={}",
+                upgraded.pid, upgraded.generation
+            ),
+            // Stopped, or the supervisor is gone: this process exits.
+            _ => "committed".to_owned(),
+        };
+        let _ = write.write_all(format!("{line}\n").as_bytes()).await;
+    }
     if until_exit {
         // The kernel closes it when this process exits: that EOF is how the
         // client learns the old code has stopped running. Close-on-exec,

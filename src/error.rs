@@ -158,8 +158,11 @@ pub enum Error {
     InProgress,
 
     /// This generation's parent has not exited yet, so it may not start an
-    /// upgrade: at most two generations run at once.
-    #[error("this generation's parent (pid {parent}) has not exited yet")]
+    /// upgrade: at most two generations run at once. The parent drains, or
+    /// holds its rollback window ([`Options::rollback_window`](crate::Options::rollback_window)).
+    #[error(
+        "this generation's parent (pid {parent}) has not exited yet: it drains, or its rollback window is open"
+    )]
     ParentAlive {
         /// The parent's process id.
         parent: i32,
@@ -177,6 +180,17 @@ pub enum Error {
     /// called), so it starts no upgrade.
     #[error("this generation is exiting")]
     Exiting,
+
+    /// This generation's successor serves in the rollback window: this one
+    /// takes back over only if that one exits, and starts no upgrade. Ask
+    /// the successor (it holds upgrade signals until the window has passed).
+    #[error(
+        "successor pid {successor} serves in this generation's rollback window; ask it to upgrade"
+    )]
+    WindowOpen {
+        /// The successor's process id.
+        successor: i32,
+    },
 
     /// The PID file could not be written.
     #[error("cannot write PID file {path}: {source}")]
@@ -237,6 +251,7 @@ impl Error {
             Error::NotReady => "not_ready",
             Error::AlreadyReady => "already_ready",
             Error::Exiting => "exiting",
+            Error::WindowOpen { .. } => "window_open",
             Error::PidFile { .. } => "pid_file",
             Error::Io { .. } => "io",
             Error::StateProviderPanicked { .. } => "state_provider_panicked",
@@ -311,6 +326,7 @@ mod tests {
             Error::NotReady,
             Error::AlreadyReady,
             Error::Exiting,
+            Error::WindowOpen { successor: 1 },
             Error::PidFile {
                 path: "/run/x.pid".into(),
                 source: io(),
@@ -349,6 +365,7 @@ mod tests {
                 "not_ready",
                 "already_ready",
                 "exiting",
+                "window_open",
                 "pid_file",
                 "io",
                 "state_provider_panicked",

@@ -99,7 +99,7 @@ pub use control::ControlSocket;
 pub use error::{Error, ExitStatus, Result};
 pub use nix::sys::signal::Signal;
 pub use registry::Kind;
-pub use upgrader::{ExitReason, Options, Upgraded, Upgrader};
+pub use upgrader::{ExitReason, Options, RolledBack, Upgraded, Upgrader, Verdict};
 pub use wire::WireError;
 
 /// The README's examples, compiled as doctests so that they cannot rot.

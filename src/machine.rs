@@ -6,6 +6,9 @@
 //! running, so at most two generations ever run at once; an upgrade signal
 //! is never lost: it is held until it can run here, or passed on to the
 //! successor that serves next, and refused only by a generation that stops.
+//! A generation whose successor is ready keeps its rollback window (if it
+//! has one) until the window passes or the successor exits: it takes back
+//! over only then, so it never accepts while a successor serves.
 
 /// Where a generation is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,8 +19,12 @@ pub(crate) enum Phase {
     Serving,
     /// A successor is starting.
     Upgrading,
-    /// Its successor is ready: it drains and leaves, and passes upgrade
-    /// signals on to the successor.
+    /// Its successor is ready and serves; this generation accepts nothing,
+    /// drains, and takes back over if the successor exits before its
+    /// rollback window passes. Upgrade signals go on to the successor.
+    Window,
+    /// Its successor is ready (and its window, if any, has passed): it
+    /// drains and leaves, and passes upgrade signals on to the successor.
     Exiting,
     /// `stop()` was called: a final stop.
     Stopping,
@@ -40,6 +47,8 @@ pub(crate) enum Refusal {
     ParentAlive,
     InProgress,
     Exiting,
+    /// This generation's successor serves in its rollback window.
+    WindowOpen,
 }
 
 /// What the supervisor must do about an upgrade request.
@@ -81,6 +90,7 @@ impl Machine {
     pub(crate) fn request_upgrade(&mut self, origin: Origin) -> Decision {
         let refusal = match self.phase {
             Phase::Upgrading => Some(Refusal::InProgress),
+            Phase::Window => Some(Refusal::WindowOpen),
             Phase::Exiting | Phase::Stopping => Some(Refusal::Exiting),
             Phase::Initializing => Some(Refusal::NotReady),
             Phase::Serving if self.parent_alive => Some(Refusal::ParentAlive),
@@ -93,7 +103,7 @@ impl Machine {
             }
             (Some(refusal), Origin::Call) => Decision::Refuse(refusal),
             (Some(_), Origin::Signal) => match self.phase {
-                Phase::Exiting => Decision::Forward,
+                Phase::Window | Phase::Exiting => Decision::Forward,
                 Phase::Stopping => Decision::Refuse(Refusal::Exiting),
                 // Initializing, a parent still alive, an upgrade running.
                 _ => {
@@ -123,18 +133,44 @@ impl Machine {
 
     /// The running upgrade ended. A signal held while it ran now starts
     /// another upgrade (`Start`: this one failed) or goes to the successor
-    /// (`Forward`: it succeeded).
-    pub(crate) fn upgrade_finished(&mut self, succeeded: bool) -> Option<Decision> {
+    /// (`Forward`: it succeeded). A successful one opens the rollback
+    /// window if `window`.
+    pub(crate) fn upgrade_finished(&mut self, succeeded: bool, window: bool) -> Option<Decision> {
         if self.phase != Phase::Upgrading {
             return None;
         }
         if succeeded {
-            self.phase = Phase::Exiting;
+            self.phase = if window {
+                Phase::Window
+            } else {
+                Phase::Exiting
+            };
             std::mem::take(&mut self.signal_held).then_some(Decision::Forward)
         } else {
             self.phase = Phase::Serving;
             self.take_held().then_some(Decision::Start)
         }
+    }
+
+    /// The rollback window closes: it passed, the service stopped this
+    /// generation, or dropped its `Upgrader`. The successor keeps serving
+    /// for good. `true` if a window was open.
+    pub(crate) fn commit(&mut self) -> bool {
+        let open = self.phase == Phase::Window;
+        if open {
+            self.phase = Phase::Exiting;
+        }
+        open
+    }
+
+    /// The ready successor exited. Within the window, this generation
+    /// serves again (`true`); after it, nothing changes.
+    pub(crate) fn successor_lost(&mut self) -> bool {
+        let open = self.phase == Phase::Window;
+        if open {
+            self.phase = Phase::Serving;
+        }
+        open
     }
 
     /// Whether this generation is the one that serves, and so speaks for
@@ -145,15 +181,18 @@ impl Machine {
         match self.phase {
             Phase::Initializing => !self.parent_alive,
             Phase::Serving | Phase::Upgrading => true,
-            Phase::Exiting | Phase::Stopping => false,
+            Phase::Window | Phase::Exiting | Phase::Stopping => false,
         }
     }
 
     /// `stop()` was called. `true` means an upgrade is running and must be
-    /// aborted. A generation whose successor is ready is leaving already;
-    /// a stop changes nothing for it.
+    /// aborted. A generation whose successor is ready is leaving already: a
+    /// stop closes its rollback window (so that a successor stopped with it,
+    /// as a service manager stops them all, does not bring it back), and
+    /// changes nothing else.
     pub(crate) fn stop(&mut self) -> bool {
-        if self.phase == Phase::Exiting {
+        if matches!(self.phase, Phase::Window | Phase::Exiting) {
+            self.commit();
             return false;
         }
         let was_upgrading = self.phase == Phase::Upgrading;
@@ -184,7 +223,12 @@ mod tests {
         Signal,
         Ready,
         ParentGone,
-        Finished(bool),
+        /// The running upgrade ended: succeeded, with a rollback window.
+        Finished(bool, bool),
+        /// The window passed (or the `Upgrader` was dropped).
+        Commit,
+        /// The ready successor exited.
+        SuccessorLost,
         Stop,
     }
 
@@ -194,7 +238,9 @@ mod tests {
             Just(Event::Signal),
             Just(Event::Ready),
             Just(Event::ParentGone),
-            any::<bool>().prop_map(Event::Finished),
+            (any::<bool>(), any::<bool>()).prop_map(|(ok, window)| Event::Finished(ok, window)),
+            Just(Event::Commit),
+            Just(Event::SuccessorLost),
             Just(Event::Stop),
         ]
     }
@@ -218,14 +264,16 @@ mod tests {
                     Event::Signal => machine.request_upgrade(Origin::Signal) == Decision::Start,
                     Event::Ready => machine.ready() == Ok(true),
                     Event::ParentGone => { parent_alive = false; machine.parent_gone() }
-                    Event::Finished(ok) => {
+                    Event::Finished(ok, window) => {
                         let mut again = false;
                         if running {
                             running = false;
-                            again = machine.upgrade_finished(ok) == Some(Decision::Start);
+                            again = machine.upgrade_finished(ok, window) == Some(Decision::Start);
                         }
                         again
                     }
+                    Event::Commit => { machine.commit(); false }
+                    Event::SuccessorLost => { machine.successor_lost(); false }
                     Event::Stop => { machine.stop(); running = false; false }
                 };
                 if started {
@@ -260,11 +308,19 @@ mod tests {
                     }
                     Event::Ready => (machine.ready() == Ok(true)).then_some(Decision::Start),
                     Event::ParentGone => machine.parent_gone().then_some(Decision::Start),
-                    Event::Finished(ok) if running => {
+                    Event::Finished(ok, window) if running => {
                         running = false;
-                        machine.upgrade_finished(ok)
+                        machine.upgrade_finished(ok, window)
                     }
-                    Event::Finished(_) => None,
+                    Event::Finished(..) => None,
+                    Event::Commit => {
+                        machine.commit();
+                        None
+                    }
+                    Event::SuccessorLost => {
+                        machine.successor_lost();
+                        None
+                    }
                     Event::Stop => {
                         machine.stop();
                         running = false;
@@ -293,6 +349,58 @@ mod tests {
             }
         }
 
+        /// Never both accepting: this generation accepts (`Serving`,
+        /// `Upgrading`) only while no ready successor lives; it takes back
+        /// over from one only when that one has exited within the window,
+        /// and never once the window is closed.
+        #[test]
+        fn never_accepting_beside_a_ready_successor(
+            events in prop::collection::vec(event(), 0..80),
+        ) {
+            let mut machine = Machine::new(false);
+            let mut running = false;
+            // A successor that said it is ready and has not exited.
+            let mut successor_serves = false;
+            // Whether this generation may still take back over.
+            let mut window_open = false;
+            for event in events {
+                match event {
+                    Event::Call => { if machine.request_upgrade(Origin::Call) == Decision::Start { running = true; } }
+                    Event::Signal => { if machine.request_upgrade(Origin::Signal) == Decision::Start { running = true; } }
+                    Event::Ready => { if machine.ready() == Ok(true) { running = true; } }
+                    Event::ParentGone => { if machine.parent_gone() { running = true; } }
+                    Event::Finished(ok, window) => {
+                        if running {
+                            running = false;
+                            if machine.upgrade_finished(ok, window) == Some(Decision::Start) {
+                                running = true;
+                            }
+                            if ok && machine.phase() != Phase::Stopping {
+                                successor_serves = true;
+                                window_open = window;
+                            }
+                        }
+                    }
+                    Event::Commit => { machine.commit(); window_open = false; }
+                    Event::SuccessorLost => {
+                        if successor_serves {
+                            successor_serves = false;
+                            let back = machine.successor_lost();
+                            prop_assert_eq!(back, window_open, "took back over iff the window was open");
+                            window_open = false;
+                        }
+                    }
+                    Event::Stop => { machine.stop(); running = false; window_open = false; }
+                }
+                let accepting = matches!(machine.phase(), Phase::Serving | Phase::Upgrading);
+                prop_assert!(!(accepting && successor_serves), "accepting beside a ready successor");
+                prop_assert!(!(machine.serves() && successor_serves), "speaks for the service beside its successor");
+                if machine.phase() == Phase::Window {
+                    prop_assert!(successor_serves && window_open);
+                }
+            }
+        }
+
         /// A signal that arrives too early is held, and runs as soon as the
         /// generation is ready and its parent is gone, in either order.
         #[test]
@@ -312,7 +420,7 @@ mod tests {
             prop_assert!(started);
             prop_assert_eq!(machine.phase(), Phase::Upgrading);
             // Held signals coalesce into that one upgrade.
-            prop_assert_eq!(machine.upgrade_finished(false), None);
+            prop_assert_eq!(machine.upgrade_finished(false, false), None);
             prop_assert_eq!(machine.phase(), Phase::Serving);
         }
     }
@@ -340,7 +448,7 @@ mod tests {
             machine.request_upgrade(Origin::Call),
             Decision::Refuse(Refusal::InProgress)
         );
-        assert_eq!(machine.upgrade_finished(true), None);
+        assert_eq!(machine.upgrade_finished(true, false), None);
         assert_eq!(
             machine.request_upgrade(Origin::Call),
             Decision::Refuse(Refusal::Exiting)
@@ -353,7 +461,10 @@ mod tests {
         machine.ready().unwrap();
         assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Start);
         assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Hold);
-        assert_eq!(machine.upgrade_finished(false), Some(Decision::Start));
+        assert_eq!(
+            machine.upgrade_finished(false, false),
+            Some(Decision::Start)
+        );
         assert_eq!(machine.phase(), Phase::Upgrading);
     }
 
@@ -363,7 +474,10 @@ mod tests {
         machine.ready().unwrap();
         assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Start);
         assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Hold);
-        assert_eq!(machine.upgrade_finished(true), Some(Decision::Forward));
+        assert_eq!(
+            machine.upgrade_finished(true, false),
+            Some(Decision::Forward)
+        );
         assert_eq!(machine.phase(), Phase::Exiting);
         // While it drains, each further signal is passed on too.
         assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Forward);
@@ -394,7 +508,7 @@ mod tests {
         machine.ready().unwrap();
         machine.request_upgrade(Origin::Call);
         assert!(machine.serves(), "upgrading");
-        machine.upgrade_finished(true);
+        machine.upgrade_finished(true, false);
         assert!(!machine.serves(), "its successor is ready");
         let mut machine = Machine::new(true);
         machine.stop();
@@ -408,7 +522,7 @@ mod tests {
         assert_eq!(machine.request_upgrade(Origin::Call), Decision::Start);
         assert!(machine.stop());
         assert_eq!(machine.phase(), Phase::Stopping);
-        assert_eq!(machine.upgrade_finished(true), None);
+        assert_eq!(machine.upgrade_finished(true, false), None);
         assert_eq!(machine.phase(), Phase::Stopping);
     }
 
@@ -417,8 +531,49 @@ mod tests {
         let mut machine = Machine::new(false);
         machine.ready().unwrap();
         machine.request_upgrade(Origin::Call);
-        machine.upgrade_finished(true);
+        machine.upgrade_finished(true, false);
         assert!(!machine.stop());
+        assert_eq!(machine.phase(), Phase::Exiting);
+    }
+
+    #[test]
+    fn a_successor_lost_in_the_window_gives_the_service_back() {
+        let mut machine = Machine::new(false);
+        machine.ready().unwrap();
+        assert_eq!(machine.request_upgrade(Origin::Call), Decision::Start);
+        assert_eq!(machine.upgrade_finished(true, true), None);
+        assert_eq!(machine.phase(), Phase::Window);
+        assert!(!machine.serves());
+        assert_eq!(
+            machine.request_upgrade(Origin::Call),
+            Decision::Refuse(Refusal::WindowOpen)
+        );
+        // Signals go to the successor, which serves.
+        assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Forward);
+        assert!(machine.successor_lost());
+        assert_eq!(machine.phase(), Phase::Serving);
+        assert!(machine.serves());
+        assert_eq!(machine.request_upgrade(Origin::Call), Decision::Start);
+    }
+
+    #[test]
+    fn a_closed_window_never_gives_the_service_back() {
+        for close in [Machine::commit as fn(&mut Machine) -> bool, |m| m.stop()] {
+            let mut machine = Machine::new(false);
+            machine.ready().unwrap();
+            machine.request_upgrade(Origin::Call);
+            machine.upgrade_finished(true, true);
+            close(&mut machine);
+            assert_eq!(machine.phase(), Phase::Exiting);
+            assert!(!machine.successor_lost());
+            assert_eq!(machine.phase(), Phase::Exiting);
+        }
+        // Without a window, there is nothing to give back.
+        let mut machine = Machine::new(false);
+        machine.ready().unwrap();
+        machine.request_upgrade(Origin::Call);
+        machine.upgrade_finished(true, false);
+        assert!(!machine.successor_lost());
         assert_eq!(machine.phase(), Phase::Exiting);
     }
 }

@@ -28,7 +28,7 @@ use crate::state::{self, Inbox, Outbox};
 use crate::sys::{self, SpawnRequest};
 use crate::systemd::Notifier;
 use crate::wire::{self, Inheritance, InheritedFd};
-use crate::{ExitReason, Upgraded, pidfile};
+use crate::{ExitReason, RolledBack, Upgraded, Verdict, pidfile};
 
 /// The byte a successor sends on the link when it is ready.
 const READY: u8 = b'R';
@@ -53,6 +53,8 @@ pub(crate) struct Config {
     pub executable: PathBuf,
     pub args: Vec<OsString>,
     pub upgrade_timeout: Duration,
+    /// See `Options::rollback_window`; zero for none.
+    pub rollback_window: Duration,
     pub pid_file: Option<PathBuf>,
     pub upgrade_signal: Option<Signal>,
     /// Called at each upgrade for the bytes to hand over.
@@ -88,6 +90,9 @@ pub(crate) struct Channels {
     pub child_signal: UnixStream,
     pub parent_link: Option<UnixStream>,
     pub exit: watch::Sender<Option<ExitReason>>,
+    /// Set before `exit` changes, so that whoever saw `exit` resolve sees
+    /// the verdict that goes with it (or none yet).
+    pub verdict: watch::Sender<Option<Verdict>>,
     pub parent_gone: watch::Sender<bool>,
     /// The state the parent hands over, filled as it arrives.
     pub state: Arc<state::Slot>,
@@ -100,6 +105,14 @@ struct Successor {
     pid: Pid,
     link: UnixStream,
     outbox: Outbox,
+}
+
+/// The open rollback window of a generation whose successor is ready.
+struct Window {
+    upgraded: Upgraded,
+    ready_at: Instant,
+    /// `None` for a window longer than the clock can count: until closed.
+    closes: Option<Instant>,
 }
 
 /// Panics in consecutive turns after which the supervisor gives up.
@@ -132,6 +145,7 @@ pub(crate) struct Supervisor {
     machine: Machine,
     inflight: Option<Inflight>,
     successor: Option<Successor>,
+    window: Option<Window>,
     systemd: Notifier,
     /// The parent's state, while it arrives.
     inbox: Option<Inbox>,
@@ -152,6 +166,7 @@ impl Supervisor {
             machine,
             inflight: None,
             successor: None,
+            window: None,
             systemd: Notifier::from_env(),
             inbox,
             parent_messages: false,
@@ -234,7 +249,7 @@ impl Supervisor {
             self.finish(Err(failed()), None);
         } else if self.machine.phase() == Phase::Stopping && self.channels.exit.borrow().is_none() {
             // A stop that panicked before `exit()` heard of it.
-            self.channels.exit.send_replace(Some(ExitReason::Stopped));
+            self.stopped();
         }
     }
 
@@ -321,7 +336,7 @@ impl Supervisor {
     fn stop_even_if_it_panics(&mut self) {
         guarded(|| self.stop());
         if self.channels.exit.borrow().is_none() {
-            self.channels.exit.send_replace(Some(ExitReason::Stopped));
+            self.stopped();
         }
     }
 
@@ -355,11 +370,14 @@ impl Supervisor {
         if !self.detached {
             watched.push((Source::Wake, (self.channels.wake.as_fd(), false)));
         }
-        let timeout = self
-            .inflight
-            .as_ref()
-            .and_then(|i| i.deadline)
-            .map(|deadline| deadline.saturating_duration_since(Instant::now()));
+        let deadline = [
+            self.inflight.as_ref().and_then(|i| i.deadline),
+            self.window.as_ref().and_then(|w| w.closes),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let timeout = deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
         let fds: Vec<(BorrowedFd<'_>, bool)> = watched.iter().map(|(_, fd)| *fd).collect();
         let ready = sys::poll(&fds, timeout)?;
         let sources: Vec<Source> = watched
@@ -403,6 +421,14 @@ impl Supervisor {
         {
             self.on_deadline();
         }
+        if self
+            .window
+            .as_ref()
+            .and_then(|w| w.closes)
+            .is_some_and(|closes| Instant::now() >= closes)
+        {
+            self.commit("the rollback window passed");
+        }
         Ok(true)
     }
 
@@ -433,6 +459,8 @@ impl Supervisor {
                     "upgrader dropped: passing upgrade signals on until this process exits"
                 );
                 self.detached = true;
+                // Nobody would serve again: the successor is on its own.
+                self.commit("the Upgrader was dropped");
             }
         }
         true
@@ -443,6 +471,9 @@ impl Supervisor {
             Refusal::NotReady => Error::NotReady,
             Refusal::InProgress => Error::InProgress,
             Refusal::Exiting => Error::Exiting,
+            Refusal::WindowOpen => Error::WindowOpen {
+                successor: self.successor.as_ref().map_or(0, |s| s.pid.as_raw()),
+            },
             Refusal::ParentAlive => Error::ParentAlive {
                 parent: self.config.parent.unwrap_or_default(),
             },
@@ -455,7 +486,7 @@ impl Supervisor {
             Phase::Initializing => {}
             // Stopped (by a stop signal) before it was ready.
             Phase::Stopping => return Err(Error::Exiting),
-            Phase::Serving | Phase::Upgrading | Phase::Exiting => {
+            Phase::Serving | Phase::Upgrading | Phase::Window | Phase::Exiting => {
                 return Err(Error::AlreadyReady);
             }
         }
@@ -492,6 +523,12 @@ impl Supervisor {
 
     fn stop(&mut self) {
         let generation = self.config.generation;
+        if self.machine.phase() == Phase::Window {
+            // The successor serves; a service manager that stops the whole
+            // service stops it too, and that must not bring us back.
+            self.commit("stop() closed the rollback window");
+            return;
+        }
         if matches!(self.machine.phase(), Phase::Exiting | Phase::Stopping) {
             // Leaving already; its successor (if any) serves.
             tracing::info!(generation, "stop asked while exiting: nothing to do");
@@ -526,7 +563,69 @@ impl Supervisor {
             self.systemd.stopping();
         }
         tracing::info!(generation, serves, "stopping");
+        self.stopped();
+    }
+
+    /// `exit()` and `verdict()` say: a final stop.
+    fn stopped(&self) {
+        self.channels
+            .verdict
+            .send_replace(Some(Verdict::Exit(ExitReason::Stopped)));
         self.channels.exit.send_replace(Some(ExitReason::Stopped));
+    }
+
+    /// Closes the rollback window, if one is open: the successor serves
+    /// for good, and this generation leaves.
+    fn commit(&mut self, why: &'static str) {
+        if !self.machine.commit() {
+            return;
+        }
+        let Some(window) = self.window.take() else {
+            return;
+        };
+        tracing::info!(
+            generation = self.config.generation,
+            successor = window.upgraded.pid,
+            why,
+            "upgrade committed: this generation exits"
+        );
+        self.channels
+            .verdict
+            .send_replace(Some(Verdict::Exit(ExitReason::Upgraded(window.upgraded))));
+    }
+
+    /// The ready successor exited within the rollback window: this
+    /// generation serves again, with the sockets it kept.
+    fn roll_back(&mut self, pid: Pid, status: ExitStatus) {
+        let Some(window) = self.window.take() else {
+            return;
+        };
+        if !self.machine.successor_lost() {
+            return;
+        }
+        let generation = self.config.generation;
+        let rolled_back = RolledBack {
+            pid: pid.as_raw(),
+            generation: window.upgraded.generation,
+            status,
+            served: window.ready_at.elapsed(),
+        };
+        tracing::error!(
+            generation,
+            successor = rolled_back.pid,
+            %status,
+            served_ms = rolled_back.served.as_millis() as u64,
+            "successor exited within the rollback window: this generation serves again"
+        );
+        // The PID file names us still (the successor never wrote it while
+        // we live); the exit hook must not name the dead successor.
+        self.restore_pid_file();
+        self.systemd.rolled_back(generation, &rolled_back);
+        // `exit` first: whoever sees the verdict then waits for a new exit.
+        self.channels.exit.send_replace(None);
+        self.channels
+            .verdict
+            .send_replace(Some(Verdict::RolledBack(rolled_back)));
     }
 
     /// The upgrade signal, or a request the parent passed on (`from` says
@@ -888,10 +987,14 @@ impl Supervisor {
         if let Some(successor) = &self.successor {
             let pid = successor.pid;
             if let Ok(Some(status)) = sys::try_reap(pid) {
-                tracing::error!(generation = self.config.generation, pid = pid.as_raw(), %status, "successor exited after it was ready");
                 pidfile::forget_at_exit(pid.as_raw());
                 // Its link is closed by the kernel; ours may go now.
                 self.successor = None;
+                if self.window.is_some() {
+                    self.roll_back(pid, status);
+                } else {
+                    tracing::error!(generation = self.config.generation, pid = pid.as_raw(), %status, "successor exited after it was ready");
+                }
             }
         }
         let Some(inflight) = &self.inflight else {
@@ -1029,8 +1132,30 @@ impl Supervisor {
         waiter: Option<oneshot::Sender<Result<Upgraded>>>,
     ) {
         let generation = self.config.generation;
-        let next = self.machine.upgrade_finished(outcome.is_ok());
+        let window = self.config.rollback_window;
+        let next = self
+            .machine
+            .upgrade_finished(outcome.is_ok(), !window.is_zero());
         match &outcome {
+            Ok(upgraded) if self.machine.phase() == Phase::Window => {
+                tracing::info!(
+                    generation,
+                    pid = upgraded.pid,
+                    duration_us = upgraded.duration.as_micros() as u64,
+                    window_ms = window.as_millis() as u64,
+                    "successor ready: this generation stops accepting, and takes back over if it exits within the rollback window"
+                );
+                let ready_at = Instant::now();
+                self.window = Some(Window {
+                    upgraded: upgraded.clone(),
+                    ready_at,
+                    closes: ready_at.checked_add(window),
+                });
+                self.channels.verdict.send_replace(None);
+                self.channels
+                    .exit
+                    .send_replace(Some(ExitReason::Upgraded(upgraded.clone())));
+            }
             Ok(upgraded) => {
                 tracing::info!(
                     generation,
@@ -1038,6 +1163,9 @@ impl Supervisor {
                     duration_us = upgraded.duration.as_micros() as u64,
                     "successor ready: this generation exits"
                 );
+                self.channels
+                    .verdict
+                    .send_replace(Some(Verdict::Exit(ExitReason::Upgraded(upgraded.clone()))));
                 self.channels
                     .exit
                     .send_replace(Some(ExitReason::Upgraded(upgraded.clone())));

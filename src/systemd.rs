@@ -86,6 +86,15 @@ impl Notifier {
         ));
     }
 
+    /// The successor exited within the rollback window: this generation
+    /// serves again (`Type=notify-reload` hears the reload end).
+    pub(crate) fn rolled_back(&self, generation: u64, rolled_back: &crate::RolledBack) {
+        self.notify(&format!(
+            "READY=1\nSTATUS=serving (generation {generation}, pid {}); rolled back: {rolled_back}",
+            sys::pid()
+        ));
+    }
+
     /// A final stop.
     pub(crate) fn stopping(&self) {
         self.notify("STOPPING=1\nSTATUS=stopping");

@@ -41,11 +41,13 @@ pub struct Options {
     executable: Option<PathBuf>,
     upgrade_signal: Option<Signal>,
     stop_signals: Vec<Signal>,
+    rollback_window: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
+            rollback_window: Duration::ZERO,
             upgrade_timeout: Duration::from_secs(60),
             pid_file: None,
             executable: None,
@@ -107,6 +109,35 @@ impl Options {
         self.stop_signals = signals.into_iter().collect();
         self
     }
+
+    /// How long a generation whose successor is ready stays able to take
+    /// back over, should that successor exit (a release that crashes on
+    /// its first requests, an OOM kill a second after start). Default: zero,
+    /// no window, the behaviour of every release before this option.
+    ///
+    /// With a window, [`Upgrader::exit`] still resolves the moment the
+    /// successor is ready: stop accepting and drain as always, but keep
+    /// the listeners (the kernel queues new connections on them for the
+    /// successor) and await [`Upgrader::verdict`] before leaving. If the
+    /// successor exits within the window, the verdict is
+    /// [`Verdict::RolledBack`]: this generation serves again, with the same
+    /// sockets (connections queued meanwhile are served, not refused),
+    /// names itself in the PID file, tells systemd `READY=1`, and may be
+    /// upgraded again. Otherwise, once the window has passed since the
+    /// successor's readiness, the verdict is [`Verdict::Exit`]. The
+    /// successor may not upgrade while the window is open (its parent
+    /// lives); upgrade signals it gets meanwhile run once it has passed.
+    ///
+    /// Zero is the default because a window needs the service's help (it
+    /// must await the verdict and serve again), and keeps the old
+    /// generation's memory for its length. A few seconds (`5s`) cover the
+    /// crashes a deploy is most likely to meet. `Duration::MAX`: until
+    /// [`Upgrader::stop`], which closes a window, as dropping the
+    /// `Upgrader` does.
+    pub fn rollback_window(mut self, window: Duration) -> Self {
+        self.rollback_window = window;
+        self
+    }
 }
 
 /// A successful upgrade.
@@ -130,6 +161,47 @@ pub enum ExitReason {
     Stopped,
 }
 
+/// What became of the hand-over that made [`Upgrader::exit`] resolve: leave,
+/// or serve again. See [`Upgrader::verdict`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Leave: finish draining and return from `main`. The successor serves
+    /// for good (its rollback window, if any, has passed or was closed), or
+    /// this is a final stop.
+    Exit(ExitReason),
+    /// The successor exited within the rollback window: this generation
+    /// serves again. Accept again on the same listeners, and wait for
+    /// [`Upgrader::exit`] anew.
+    RolledBack(RolledBack),
+}
+
+/// A successor that exited within its parent's rollback window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RolledBack {
+    /// The successor's process id.
+    pub pid: i32,
+    /// The successor's generation number.
+    pub generation: u64,
+    /// How it exited.
+    pub status: crate::ExitStatus,
+    /// From its readiness to its exit, as this generation saw them.
+    pub served: Duration,
+}
+
+impl std::fmt::Display for RolledBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "successor pid {} (generation {}) {} {} ms after it was ready",
+            self.pid,
+            self.generation,
+            self.status,
+            self.served.as_millis()
+        )
+    }
+}
+
 /// Runs graceful upgrades for one process. Create it once, first thing in
 /// `main`; see the [crate documentation](crate) for the life of a generation.
 #[derive(Debug)]
@@ -139,6 +211,7 @@ pub struct Upgrader {
     registry: Arc<Mutex<Registry>>,
     supervisor_handle: SupervisorHandle,
     exit: watch::Receiver<Option<ExitReason>>,
+    verdict: watch::Receiver<Option<Verdict>>,
     parent_gone: watch::Receiver<bool>,
     signal_ids: Vec<SigId>,
     state_provider: Arc<Mutex<Option<StateProvider>>>,
@@ -280,6 +353,7 @@ impl Upgrader {
         let (wake_read, wake) = self_pipe()?;
         let (commands, commands_rx) = mpsc::channel();
         let (exit_tx, exit) = watch::channel(None);
+        let (verdict_tx, verdict) = watch::channel(None);
         let (parent_gone_tx, parent_gone) = watch::channel(parent_link.is_none());
         let registry = Arc::new(Mutex::new(registry));
         let state_provider = Arc::new(Mutex::new(None));
@@ -289,12 +363,14 @@ impl Upgrader {
             state::Status::Complete
         }));
         let config_has_no_pid_file = options.pid_file.is_none();
+        let rollback_window = options.rollback_window;
         let config = Config {
             generation,
             parent,
             executable,
             args: std::env::args_os().collect::<Vec<OsString>>(),
             upgrade_timeout: options.upgrade_timeout,
+            rollback_window: options.rollback_window,
             pid_file: options.pid_file,
             upgrade_signal: options.upgrade_signal,
             state_provider: Arc::clone(&state_provider),
@@ -307,6 +383,7 @@ impl Upgrader {
             child_signal,
             parent_link,
             exit: exit_tx,
+            verdict: verdict_tx,
             parent_gone: parent_gone_tx,
             state: Arc::clone(&state),
         };
@@ -331,8 +408,10 @@ impl Upgrader {
             supervisor_handle: SupervisorHandle {
                 commands,
                 wake: Arc::new(wake),
+                rollback_window,
             },
             exit,
+            verdict,
             parent_gone,
             signal_ids,
             state_provider,
@@ -500,8 +579,9 @@ impl Upgrader {
     /// runs to its end even if the future is dropped.
     ///
     /// # Errors
-    /// [`Error::InProgress`], [`Error::NotReady`], [`Error::ParentAlive`] and
-    /// [`Error::Exiting`] when no upgrade may start now; [`Error::Spawn`],
+    /// [`Error::InProgress`], [`Error::NotReady`], [`Error::ParentAlive`],
+    /// [`Error::WindowOpen`] and [`Error::Exiting`] when no upgrade may
+    /// start now; [`Error::Spawn`],
     /// [`Error::SuccessorExited`], [`Error::Timeout`] and
     /// [`Error::Handshake`] when the successor failed;
     /// [`Error::StateProviderPanicked`] when the state provider panicked;
@@ -518,7 +598,10 @@ impl Upgrader {
 
     /// Resolves when this generation must exit: its successor is ready, or
     /// [`stop`](Self::stop) was called. From then on, accept nothing new,
-    /// finish what is in flight (see [`crate::drain`]) and return from `main`.
+    /// finish what is in flight (see [`crate::drain`]) and return from `main`
+    /// (with a [rollback window](Options::rollback_window), once
+    /// [`verdict`](Self::verdict) says so). After a rollback it resolves
+    /// again at the next upgrade or stop.
     ///
     /// It resolves before [`upgrade`](Self::upgrade) returns `Ok`. In an
     /// accept loop, poll it first (`tokio::select! { biased; ... }`, as in
@@ -538,6 +621,64 @@ impl Upgrader {
     /// [`exit`](Self::exit) for blocking code.
     pub fn exit_blocking(&self) -> ExitReason {
         block_on(self.exit())
+    }
+
+    /// Resolves once what made [`exit`](Self::exit) resolve is settled:
+    /// [`Verdict::Exit`] when this generation must leave (a final stop, or a
+    /// successor that serves for good: at once without a
+    /// [rollback window](Options::rollback_window), when it passes with
+    /// one), or [`Verdict::RolledBack`] when the successor exited within
+    /// the window and this generation serves again. Await it after `exit()`,
+    /// while the drain runs:
+    ///
+    /// ```no_run
+    /// # async fn serve(upgrader: handover::Upgrader, listener: tokio::net::TcpListener) {
+    /// use handover::{Verdict, drain::Drain};
+    /// let mut draining = tokio::task::JoinSet::new();
+    /// loop {
+    ///     let drain = Drain::default();
+    ///     let exit = upgrader.exit();
+    ///     tokio::pin!(exit);
+    ///     loop {
+    ///         tokio::select! {
+    ///             biased;
+    ///             _ = &mut exit => break,
+    ///             Ok((stream, _)) = listener.accept() => {
+    ///                 let _open = drain.track();
+    ///                 // ... serve `stream` ...
+    ///             }
+    ///         }
+    ///     }
+    ///     // Stop accepting (the listener stays), drain in the background.
+    ///     let finishing = drain.clone();
+    ///     draining.spawn(async move { finishing.wait().await });
+    ///     match upgrader.verdict().await {
+    ///         Verdict::Exit(_) => break,
+    ///         Verdict::RolledBack(why) => tracing::warn!(%why, "rolled back: serving again"),
+    ///     }
+    /// }
+    /// while draining.join_next().await.is_some() {}
+    /// # }
+    /// ```
+    ///
+    /// Called while this generation serves, it waits for the next exit and
+    /// its verdict (or returns the last rollback at once, if one came since
+    /// the last upgrade: the caller then serves on, which is right).
+    pub fn verdict(&self) -> impl Future<Output = Verdict> + Send + 'static {
+        let mut verdict = self.verdict.clone();
+        async move {
+            match verdict.wait_for(Option::is_some).await {
+                Ok(verdict) => verdict
+                    .clone()
+                    .unwrap_or(Verdict::Exit(ExitReason::Stopped)),
+                Err(_) => Verdict::Exit(ExitReason::Stopped),
+            }
+        }
+    }
+
+    /// [`verdict`](Self::verdict) for blocking code.
+    pub fn verdict_blocking(&self) -> Verdict {
+        block_on(self.verdict())
     }
 
     /// A final stop: [`exit`](Self::exit) resolves with
@@ -573,6 +714,10 @@ impl Upgrader {
         self.exit.clone()
     }
 
+    pub(crate) fn verdict_watch(&self) -> watch::Receiver<Option<Verdict>> {
+        self.verdict.clone()
+    }
+
     pub(crate) fn parent_gone_watch(&self) -> watch::Receiver<bool> {
         self.parent_gone.clone()
     }
@@ -583,9 +728,14 @@ impl Upgrader {
 pub(crate) struct SupervisorHandle {
     commands: mpsc::Sender<Command>,
     wake: Arc<UnixStream>,
+    rollback_window: Duration,
 }
 
 impl SupervisorHandle {
+    pub(crate) fn rollback_window(&self) -> Duration {
+        self.rollback_window
+    }
+
     fn send(&self, command: Command) -> Result<()> {
         self.commands.send(command).map_err(|_| Error::Exiting)?;
         // A full pipe already wakes the supervisor.

@@ -7,13 +7,16 @@
 //!
 //! `upgrade` returns once the new generation serves and the old one has
 //! exited (so no old code runs any more), or, with `--no-wait`, as soon as
-//! the new generation serves.
+//! the new generation serves. A service with a rollback window is waited
+//! for until the window has passed (committed) or the new generation has
+//! died in it (rolled back: the old one serves again).
 //!
 //! Exit status: 0 when the upgrade succeeded (the new generation serves),
 //! 1 when it did not happen (it failed, or was refused: `in_progress`, ...;
 //! the generation that answered still serves, and the reason is printed),
 //! 2 for a mistake on the command line, 3 when the service could not be
-//! asked or did not answer in time. An answer `exiting` comes from a
+//! asked or did not answer in time, 4 when the new generation died within
+//! the rollback window and the old one serves again. An answer `exiting` comes from a
 //! generation on its way out; once it has exited, the request is sent
 //! again, and the generation serving then answers it. Fit for
 //! `ExecReload=` and deploy scripts.
@@ -35,13 +38,18 @@ options:
   --socket PATH        the service's control socket
   --timeout DURATION   how long to wait in all, e.g. 60s, 1m30s, 500ms (default 60s)
   --no-wait            return once the new generation serves, without waiting
-                       for the old one to finish its requests and exit
+                       for the old one to finish its requests and exit (nor
+                       for the end of its rollback window)
   -h, --help           this text
   -V, --version        the version
 
 exit status: 0 upgraded (or status answered), 1 the upgrade did not happen
 (the reason is printed; the service serves on), 2 a usage mistake,
-3 the service could not be asked or did not answer in time";
+3 the service could not be asked or did not answer in time, 4 rolled back:
+the new generation died within the rollback window, the old one serves again";
+
+/// Exit status when the new generation died within the rollback window.
+const ROLLED_BACK: u8 = 4;
 
 /// How many times a request answered `exiting` is sent again.
 const RETRIES_WHEN_EXITING: usize = 3;
@@ -220,16 +228,49 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         ),
         Request::Upgrade => {
             let micros: f64 = field("duration_us").parse().unwrap_or(f64::NAN);
-            let serving = format!(
+            let mut serving = format!(
                 "upgraded: generation {} (pid {}) is serving, ready in {:.1} ms",
                 field("generation"),
                 field("pid"),
                 micros / 1000.0
             );
             let old = field("old_pid");
+            // A window longer than milliseconds fit in (Duration::MAX): as
+            // long as the clock counts.
+            let window = match field("window_ms") {
+                none if none == "?" => None,
+                ms => Some(ms.parse::<u64>().unwrap_or(u64::MAX)),
+            };
             if !args.wait_for_exit {
                 println!("{serving}");
-            } else {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut deadline = deadline;
+            if let Some(window) = window {
+                // The service said how long the verdict takes: wait for it
+                // even past --timeout, which counts the rest.
+                let window = Duration::from_millis(window);
+                let verdict_due = Instant::now()
+                    .checked_add(window + VERDICT_GRACE)
+                    .unwrap_or(deadline);
+                deadline = deadline.max(verdict_due);
+                let verdict = read_line(&mut exchange.stream, deadline).ok_or_else(|| {
+                    format!(
+                        "{serving}, but no verdict came within its {} ms rollback window",
+                        window.as_millis()
+                    )
+                })?;
+                if verdict.starts_with("rolled_back") {
+                    let message = verdict.split_once("message=").map_or("", |(_, m)| m);
+                    println!("rolled back: {message}; the old generation (pid {old}) serves again");
+                    return Ok(ExitCode::from(ROLLED_BACK));
+                }
+                serving.push_str(&format!(
+                    "; committed after its {} ms rollback window",
+                    window.as_millis()
+                ));
+            }
+            {
                 let waited = Instant::now();
                 let new = field("pid");
                 let closed = wait_for_close(&mut exchange.stream, deadline)
@@ -251,6 +292,20 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long past the end of a rollback window its verdict may take.
+const VERDICT_GRACE: Duration = Duration::from_secs(10);
+
+/// One more line of the answer, trimmed; `None` at EOF or the deadline.
+fn read_line(stream: &mut BufReader<UnixStream>, deadline: Instant) -> Option<String> {
+    let left = remaining(deadline)?;
+    stream.get_ref().set_read_timeout(Some(left)).ok()?;
+    let mut line = String::new();
+    match stream.read_line(&mut line) {
+        Ok(n) if n > 0 => Some(line.trim().to_owned()),
+        _ => None,
+    }
 }
 
 /// Sends one request and reads its one-line answer.
