@@ -36,6 +36,12 @@ pub enum Fault {
     Abort,
     /// Exit with code 5 right after `ready()`.
     CrashAfterReady,
+    /// Exit with code 5 this long after `ready()` (`crash-after-ready:MS`),
+    /// having served meanwhile: a release that dies on its first requests.
+    /// It first announces `event=crashing` with the client ports of the TCP
+    /// connections it holds (the only ones its death may fail), and stops
+    /// reading UDP, so that it takes no datagram with it.
+    CrashAfterReadyIn(Duration),
     /// Hang before the library starts: the successor reads nothing at all
     /// (not even the state its parent hands over).
     HangBeforeStart,
@@ -74,10 +80,21 @@ impl FromStr for Fault {
             "gate-before-start" => Fault::GateBeforeStart,
             "linger-after-exit" => Fault::LingerAfterExit,
             "sighup-reloads" => Fault::SighupReloads,
-            other => match other.strip_prefix("slow-init:").map(str::parse::<u64>) {
-                Some(Ok(millis)) => Fault::SlowInit(Duration::from_millis(millis)),
-                _ => return Err(format!("unknown fault {other:?}")),
-            },
+            other => {
+                let millis = |prefix: &str| {
+                    other
+                        .strip_prefix(prefix)
+                        .and_then(|ms| ms.parse::<u64>().ok())
+                        .map(Duration::from_millis)
+                };
+                if let Some(duration) = millis("slow-init:") {
+                    Fault::SlowInit(duration)
+                } else if let Some(duration) = millis("crash-after-ready:") {
+                    Fault::CrashAfterReadyIn(duration)
+                } else {
+                    return Err(format!("unknown fault {other:?}"));
+                }
+            }
         })
     }
 }
@@ -128,6 +145,7 @@ impl Fault {
             Fault::None
             | Fault::CrashBeforeListen
             | Fault::CrashAfterReady
+            | Fault::CrashAfterReadyIn(_)
             | Fault::HangBeforeStart
             | Fault::GateBeforeStart
             | Fault::LingerAfterExit

@@ -67,6 +67,10 @@ pub struct LoadReport {
     pub udp_sent: u64,
     /// UDP datagrams never answered.
     pub udp_lost: u64,
+    /// The local ports of the TCP connections on which a request or round
+    /// trip failed: a crashed server process can fail only the connections
+    /// it held, and says which (the subject's `crashing` event).
+    pub failed_ports: Vec<(FailureClass, u16)>,
 }
 
 /// One HTTP request, for the timeline.
@@ -102,6 +106,13 @@ impl LoadReport {
         }
     }
 
+    /// Notes the connection a failure of `class` happened on.
+    fn failed_on(&mut self, class: FailureClass, port: Option<u16>) {
+        if let Some(port) = port {
+            self.failed_ports.push((class, port));
+        }
+    }
+
     fn merge(&mut self, other: LoadReport) {
         self.ok += other.ok;
         self.echoes += other.echoes;
@@ -109,6 +120,7 @@ impl LoadReport {
         self.udp_lost += other.udp_lost;
         self.samples.extend(other.samples);
         self.reconnects += other.reconnects;
+        self.failed_ports.extend(other.failed_ports);
         for (class, n) in other.failures {
             *self.failures.entry(class).or_default() += n;
         }
@@ -377,10 +389,12 @@ async fn client(
             }
         };
         let _ = stream.set_nodelay(true);
+        let port = stream.local_addr().map(|addr| addr.port()).ok();
         let Ok((mut sender, connection)) =
             hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await
         else {
             report.fail(FailureClass::Reset, "handshake".into());
+            report.failed_on(FailureClass::Reset, port);
             continue;
         };
         tokio::spawn(connection);
@@ -436,11 +450,13 @@ async fn client(
                 Err(_) => {
                     record(&mut report, sent, false);
                     report.fail(FailureClass::Timeout, "no answer".into());
+                    report.failed_on(FailureClass::Timeout, port);
                     continue 'connections;
                 }
                 Ok(Err(e)) => {
                     record(&mut report, sent, false);
                     report.fail(FailureClass::Reset, e.to_string());
+                    report.failed_on(FailureClass::Reset, port);
                     continue 'connections;
                 }
                 Ok(Ok(answer)) => answer,
@@ -468,7 +484,8 @@ async fn client(
                 }
                 _ => {
                     record(&mut report, sent, false);
-                    report.fail(FailureClass::WrongResponse, format!("{status} {body:?}"))
+                    report.fail(FailureClass::WrongResponse, format!("{status} {body:?}"));
+                    report.failed_on(FailureClass::WrongResponse, port);
                 }
             }
             if close || mode == Mode::NewConnection {
@@ -487,6 +504,29 @@ fn connect_failure(e: &std::io::Error) -> FailureClass {
     }
 }
 
+/// The local port of a connection, for [`LoadReport::failed_ports`].
+pub trait LocalPort {
+    /// `None` where there are no ports (Unix sockets).
+    fn local_port(&self) -> Option<u16>;
+}
+
+impl LocalPort for TcpStream {
+    fn local_port(&self) -> Option<u16> {
+        self.local_addr().map(|addr| addr.port()).ok()
+    }
+}
+
+impl LocalPort for tokio::net::UnixStream {
+    /// Port 0 stands for every Unix connection: a crashed server can name
+    /// only how many it held.
+    fn local_port(&self) -> Option<u16> {
+        Some(UNIX_PORT)
+    }
+}
+
+/// The port [`LoadReport::failed_ports`] gives a Unix connection.
+pub const UNIX_PORT: u16 = 0;
+
 /// A client of the echo service that keeps each connection for `life`,
 /// sending a numbered message every [`ECHO_PACE`] and checking its echo: a
 /// connection that stays open across an upgrade must keep being served by
@@ -500,7 +540,7 @@ async fn echo_client<C, F, S>(
 where
     C: Fn() -> F,
     F: std::future::Future<Output = std::io::Result<S>>,
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + LocalPort,
 {
     let mut report = LoadReport::default();
     let mut sequence = 0u64;
@@ -514,6 +554,7 @@ where
             }
         };
         let opened = Instant::now();
+        let port = stream.local_port();
         let mut pace = tokio::time::interval(ECHO_PACE);
         while opened.elapsed() < life && !*stopped.borrow() {
             pace.tick().await;
@@ -536,16 +577,19 @@ where
                         format!("echo {:?}", String::from_utf8_lossy(&echoed)),
                     );
                     live.failed.fetch_add(1, Ordering::Relaxed);
+                    report.failed_on(FailureClass::WrongResponse, port);
                     break;
                 }
                 Ok(Err(e)) => {
                     report.fail(FailureClass::Reset, format!("echo: {e}"));
                     live.failed.fetch_add(1, Ordering::Relaxed);
+                    report.failed_on(FailureClass::Reset, port);
                     break;
                 }
                 Err(_) => {
                     report.fail(FailureClass::Timeout, "echo: no answer".into());
                     live.failed.fetch_add(1, Ordering::Relaxed);
+                    report.failed_on(FailureClass::Timeout, port);
                     break;
                 }
             }

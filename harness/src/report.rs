@@ -83,6 +83,10 @@ pub struct ScenarioReport {
     pub failures: BTreeMap<String, u64>,
     /// The first few failures.
     pub failure_examples: Vec<String>,
+    /// Failures on connections a generation held when it crashed (the
+    /// `crash-after-ready:MS` fault): not in `failures`, which counts what
+    /// the library is to blame for.
+    pub with_crashed: u64,
     /// Every upgrade asked for.
     pub upgrades: Vec<UpgradeRecord>,
     /// Handover latency (library-measured) percentiles over successful upgrades.
@@ -147,6 +151,7 @@ impl ScenarioReport {
             echoes: load.echoes,
             udp_sent: load.udp_sent,
             failures,
+            with_crashed: 0,
             failure_examples: load.examples.clone(),
             handover_p50_us: percentile(&handover, 50),
             handover_p99_us: percentile(&handover, 99),
@@ -299,7 +304,7 @@ pub fn table(reports: &[ScenarioReport]) -> String {
         "near upgrade: p99/steady, rps"
     );
     for r in reports {
-        let failures = if r.failures.is_empty() {
+        let mut failures = if r.failures.is_empty() {
             "0".to_owned()
         } else {
             r.failures
@@ -308,6 +313,10 @@ pub fn table(reports: &[ScenarioReport]) -> String {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        if r.with_crashed > 0 {
+            // Not the library's: on connections a crashed generation held.
+            failures.push_str(&format!(" +{} crashed", r.with_crashed));
+        }
         let (ok, failed) = r.upgrade_counts();
         let ms =
             |us: Option<u64>| us.map_or("-".to_owned(), |us| format!("{:.1}", us as f64 / 1000.0));

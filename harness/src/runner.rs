@@ -70,6 +70,8 @@ fn start<'a>(scenario: &'a Scenario, options: &RunOptions) -> Result<Run<'a>, St
         settings.upgrade_timeout_ms.to_string(),
         "--quiet-period-ms".into(),
         settings.quiet_period_ms.to_string(),
+        "--rollback-window-ms".into(),
+        settings.rollback_window_ms.to_string(),
         "--executable".into(),
         executable.display().to_string(),
     ]);
@@ -79,10 +81,12 @@ fn start<'a>(scenario: &'a Scenario, options: &RunOptions) -> Result<Run<'a>, St
         faults_file: Some(faults_file.clone()),
         unix: settings.unix.then(|| dir.path().join("subject.sock")),
         pid_file: Some(dir.path().join("subject.pid")),
-        // The report says what failed; the subject's own log would only repeat it.
+        // The report says what failed; the subject's own log would only
+        // repeat it (and a scenario's faults make it log errors on purpose,
+        // such as a rollback). SUBJECT_LOG=warn shows it.
         env: vec![(
             "SUBJECT_LOG".into(),
-            std::env::var("SUBJECT_LOG").unwrap_or_else(|_| "error".into()),
+            std::env::var("SUBJECT_LOG").unwrap_or_else(|_| "off".into()),
         )],
         ..SubjectConfig::default()
     };
@@ -205,6 +209,9 @@ impl Run<'_> {
                 let pid = match target.as_str() {
                     "serving" => self.serving()?.pid,
                     "starting" => self.starting().ok_or("no generation is starting")?.pid,
+                    // A generation whose successor is ready and which has
+                    // not exited: in its drain or rollback window.
+                    "leaving" => self.leaving().ok_or("no generation is leaving")?.pid,
                     other => return Err(format!("unknown target {other}")),
                 };
                 self.subject
@@ -391,20 +398,44 @@ impl Run<'_> {
             .map_err(|e| e.to_string())
     }
 
-    /// The newest generation that is ready and has not exited.
+    /// The generation that serves: the one that most recently became ready
+    /// or took back over (a rollback), and has not since begun to leave,
+    /// crashed or exited.
     fn serving(&self) -> Result<Event, String> {
+        let mut serving: Option<&Event> = None;
+        for event in &self.subject.history {
+            match event.kind.as_str() {
+                "ready" | "rolled-back" => serving = Some(event),
+                "exiting" | "crashing" | "exited"
+                    if serving.is_some_and(|s| s.pid == event.pid) =>
+                {
+                    // The one before it, if it is still there, serves again
+                    // only by a `rolled-back` event of its own.
+                    serving = None;
+                }
+                _ => {}
+            }
+        }
+        serving
+            .cloned()
+            .ok_or_else(|| "no generation is serving".into())
+    }
+
+    /// The newest generation that has begun to leave and has not exited
+    /// nor taken back over.
+    fn leaving(&self) -> Option<Event> {
         let history = &self.subject.history;
         history
             .iter()
+            .enumerate()
             .rev()
-            .find(|e| {
-                e.kind == "ready"
-                    && !history
-                        .iter()
-                        .any(|x| x.kind == "exiting" && x.pid == e.pid)
+            .find(|(at, e)| {
+                e.kind == "exiting"
+                    && !history[*at..].iter().any(|x| {
+                        x.pid == e.pid && matches!(x.kind.as_str(), "exited" | "rolled-back")
+                    })
             })
-            .cloned()
-            .ok_or_else(|| "no generation is serving".into())
+            .map(|(_, e)| e.clone())
     }
 
     /// The newest generation that has started and is not ready yet.
@@ -449,22 +480,94 @@ impl Run<'_> {
 
     fn finish(
         mut self,
-        load: LoadReport,
+        mut load: LoadReport,
         slow_failures: u64,
         first_descriptors: Option<usize>,
     ) -> ScenarioReport {
         let expect = self.scenario.expect.clone();
         self.subject.collect_events();
+        // A generation that crashed could fail the connections it held,
+        // and only those: they are counted apart, and must be no more than
+        // it held.
+        let mut held = std::collections::BTreeSet::new();
+        let mut held_unix = 0u64;
+        let mut crashes = 0;
+        for crash in self.subject.history.iter().filter(|e| e.kind == "crashing") {
+            crashes += 1;
+            held_unix += crash
+                .fields
+                .get("held_unix")
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            held.extend(
+                crash
+                    .fields
+                    .get("held")
+                    .map_or("", String::as_str)
+                    .split(',')
+                    .filter_map(|port| port.parse::<u16>().ok()),
+            );
+        }
+        let mut with_crashed = 0u64;
+        let mut unix_left = held_unix;
+        for (class, port) in std::mem::take(&mut load.failed_ports) {
+            let crashed = if port == crate::load::UNIX_PORT {
+                // Unix connections have no port: as many as it held.
+                let crashed = unix_left > 0;
+                unix_left = unix_left.saturating_sub(1);
+                crashed
+            } else {
+                held.contains(&port)
+            };
+            if crashed {
+                with_crashed += 1;
+                if let Some(n) = load.failures.get_mut(&class) {
+                    *n -= 1;
+                }
+            }
+        }
+        load.failures.retain(|_, n| *n > 0);
+        if with_crashed > held.len() as u64 + held_unix {
+            self.problems.push(format!(
+                "{with_crashed} failures on connections the crashed generations held, which held {}",
+                held.len() as u64 + held_unix
+            ));
+        }
         let dropped = load.failed() + slow_failures;
         if dropped > expect.dropped {
             self.problems.push(format!(
-                "{dropped} dropped (allowed {}): {:?}",
-                expect.dropped, load.examples
+                "{dropped} dropped (allowed {}{}): {:?}",
+                expect.dropped,
+                if crashes > 0 {
+                    format!("; {with_crashed} more on connections a crashed generation held")
+                } else {
+                    String::new()
+                },
+                load.examples
             ));
+        }
+        if dropped < expect.min_dropped {
+            self.problems.push(format!(
+                "{dropped} dropped, expected at least {}: the harness did not see the loss",
+                expect.min_dropped
+            ));
+        }
+        let rolled_back = self
+            .subject
+            .history
+            .iter()
+            .filter(|e| e.kind == "rolled-back")
+            .count();
+        if let Some(expected) = expect.rolled_back
+            && rolled_back != expected
+        {
+            self.problems
+                .push(format!("{rolled_back} rollbacks, expected {expected}"));
         }
         let serving = self.serving().ok();
         let live = self.subject.live_pids();
-        if live.len() != 1 {
+        let expected_live = usize::from(expect.serves_at_end);
+        if live.len() != expected_live {
             self.problems
                 .push(format!("{} subject processes left: {live:?}", live.len()));
         }
@@ -504,7 +607,7 @@ impl Run<'_> {
                     serving.generation
                 ));
             }
-        } else {
+        } else if expect.serves_at_end {
             self.problems.push("no generation serves at the end".into());
         }
         let ok = self.upgrades.iter().filter(|u| u.outcome == "ok").count();
@@ -524,7 +627,7 @@ impl Run<'_> {
             .map(|e| e.generation)
             .max()
             .unwrap_or(0);
-        ScenarioReport::new(
+        let mut report = ScenarioReport::new(
             self.scenario,
             load,
             slow_failures,
@@ -534,7 +637,9 @@ impl Run<'_> {
             generations,
             (first_descriptors, last_descriptors),
             self.started.elapsed(),
-        )
+        );
+        report.with_crashed = with_crashed;
+        report
     }
 
     /// A thread that rewrites one status line until told to stop.

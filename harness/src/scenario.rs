@@ -46,6 +46,8 @@ pub struct SubjectSettings {
     pub faults: BTreeMap<String, String>,
     /// Serve a Unix listener (and run the Unix load against it).
     pub unix: bool,
+    /// The subject's `Options::rollback_window`; 0 for none.
+    pub rollback_window_ms: u64,
 }
 
 impl Default for SubjectSettings {
@@ -55,6 +57,7 @@ impl Default for SubjectSettings {
             quiet_period_ms: 200,
             faults: BTreeMap::new(),
             unix: false,
+            rollback_window_ms: 0,
         }
     }
 }
@@ -219,6 +222,14 @@ pub struct Expectations {
     pub upgrades_ok: Option<usize>,
     /// The first and last generations hold as many descriptors.
     pub same_descriptors: bool,
+    /// Rollbacks (`rolled-back` events), if the scenario knows the number.
+    pub rolled_back: Option<usize>,
+    /// A generation serves at the end (false: the scenario shows an outage,
+    /// such as a crash after the rollback window).
+    pub serves_at_end: bool,
+    /// At least this many failures: a scenario that proves the harness sees
+    /// a loss passes only if it sees it.
+    pub min_dropped: u64,
 }
 
 impl Default for Expectations {
@@ -228,6 +239,9 @@ impl Default for Expectations {
             generation: None,
             upgrades_ok: None,
             same_descriptors: true,
+            rolled_back: None,
+            serves_at_end: true,
+            min_dropped: 0,
         }
     }
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use crate::fault::{Fault, Faults};
 use bytes::Bytes;
 use handover::drain::{Drain, DrainOptions};
-use handover::{ExitReason, Options, Signal, Upgrader};
+use handover::{ExitReason, Options, Signal, Upgrader, Verdict};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -40,6 +40,8 @@ struct Args {
     state_bytes: usize,
     upgrade_timeout: Duration,
     quiet_period: Duration,
+    /// `Options::rollback_window`; zero for none.
+    rollback_window: Duration,
     /// SIGTERM and SIGINT stop the generation through the library
     /// (`Options::stop_signals`) from its first instruction, not only
     /// once it serves.
@@ -69,6 +71,7 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
         state_bytes: 0,
         upgrade_timeout: Duration::from_secs(10),
         quiet_period: Duration::from_millis(500),
+        rollback_window: Duration::ZERO,
         library_stop_signals: false,
         max_open_files: None,
         inheritable_pipe: false,
@@ -104,6 +107,7 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             "--upgrade-timeout-ms" => args.upgrade_timeout = millis()?,
             "--quiet-period-ms" => args.quiet_period = millis()?,
+            "--rollback-window-ms" => args.rollback_window = millis()?,
             "--max-open-files" => {
                 args.max_open_files =
                     Some(value.parse().map_err(|e| format!("{flag} {value}: {e}"))?);
@@ -177,7 +181,9 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let mut options = Options::default().upgrade_timeout(args.upgrade_timeout);
+    let mut options = Options::default()
+        .upgrade_timeout(args.upgrade_timeout)
+        .rollback_window(args.rollback_window);
     if fault_to_be == Fault::SighupReloads {
         options = options.upgrade_signal(None);
     }
@@ -308,37 +314,7 @@ async fn serve(
     ));
     fault.after_ready();
 
-    let drain = Drain::new(DrainOptions {
-        quiet_period: args.quiet_period,
-        deadline: Duration::from_secs(30),
-    });
     let identity: Bytes = format!("pid={} gen={generation}\n", std::process::id()).into();
-    // The accept loops end when `exit()` resolves; the drain counts what they
-    // accepted, so they must have ended before it is waited for.
-    let mut accepting = tokio::task::JoinSet::new();
-    let tasks = &mut accepting;
-    tasks.spawn(accept_http(
-        generation,
-        http,
-        drain.clone(),
-        identity,
-        upgrader.exit(),
-    ));
-    tasks.spawn(accept_echo(generation, tcp, drain.clone(), upgrader.exit()));
-    if let Some(unix) = unix {
-        tasks.spawn(accept_echo(
-            generation,
-            unix,
-            drain.clone(),
-            upgrader.exit(),
-        ));
-    }
-    tasks.spawn(echo_udp(udp, upgrader.exit()));
-    tasks.spawn(accept_control(
-        control,
-        Arc::clone(&upgrader),
-        drain.clone(),
-    ));
     tokio::spawn(stop_on_signals(Arc::clone(&upgrader)));
     let parent_gone = upgrader.wait_for_parent();
     if upgrader.has_parent() {
@@ -347,32 +323,257 @@ async fn serve(
             event(format_args!("parent-gone gen={generation}"));
         });
     }
+    if let Fault::CrashAfterReadyIn(after) = fault {
+        tokio::spawn(crash_after(generation, after));
+    }
 
-    let reason = upgrader.exit().await;
-    let reason = match reason {
-        ExitReason::Upgraded(upgraded) => format!("upgraded successor={}", upgraded.pid),
-        ExitReason::Stopped => "stopped".to_owned(),
-    };
-    event(format_args!("exiting gen={generation} reason={reason}"));
-    while accepting.join_next().await.is_some() {}
+    // The listeners outlive each serving period: with a rollback window,
+    // this generation may serve again on them.
+    let (http, tcp, unix, udp, control) = (
+        Arc::new(http),
+        Arc::new(tcp),
+        unix.map(Arc::new),
+        Arc::new(udp),
+        Arc::new(control),
+    );
+    let mut draining = tokio::task::JoinSet::new();
+    loop {
+        let drain = Drain::new(DrainOptions {
+            quiet_period: args.quiet_period,
+            deadline: Duration::from_secs(30),
+        });
+        // The accept loops end when `exit()` resolves; the drain counts what
+        // they accepted, so they must have ended before it is waited for.
+        let mut accepting = tokio::task::JoinSet::new();
+        let tasks = &mut accepting;
+        tasks.spawn(accept_http(
+            generation,
+            Arc::clone(&http),
+            drain.clone(),
+            identity.clone(),
+            upgrader.exit(),
+        ));
+        tasks.spawn(accept_echo(
+            generation,
+            Arc::clone(&tcp),
+            drain.clone(),
+            upgrader.exit(),
+        ));
+        if let Some(unix) = &unix {
+            tasks.spawn(accept_echo(
+                generation,
+                Arc::clone(unix),
+                drain.clone(),
+                upgrader.exit(),
+            ));
+        }
+        tasks.spawn(echo_udp(Arc::clone(&udp), upgrader.exit()));
+        tasks.spawn(accept_control(
+            Arc::clone(&control),
+            Arc::clone(&upgrader),
+            drain.clone(),
+        ));
+
+        let reason = upgrader.exit().await;
+        let reason = match reason {
+            ExitReason::Upgraded(upgraded) => format!("upgraded successor={}", upgraded.pid),
+            ExitReason::Stopped => "stopped".to_owned(),
+        };
+        event(format_args!("exiting gen={generation} reason={reason}"));
+        while accepting.join_next().await.is_some() {}
+        draining.spawn(async move {
+            let outcome = drain.wait().await;
+            event(format_args!("drained gen={generation} drain={outcome:?}"));
+            outcome
+        });
+        match upgrader.verdict().await {
+            Verdict::Exit(ExitReason::Upgraded(upgraded)) => {
+                if !args.rollback_window.is_zero() {
+                    event(format_args!(
+                        "committed gen={generation} successor={}",
+                        upgraded.pid
+                    ));
+                }
+                break;
+            }
+            Verdict::Exit(ExitReason::Stopped) => break,
+            Verdict::RolledBack(rolled_back) => event(format_args!(
+                "rolled-back gen={generation} successor={} status={} served_ms={}",
+                rolled_back.pid,
+                rolled_back.status.to_string().replace(' ', "_"),
+                rolled_back.served.as_millis()
+            )),
+        }
+    }
     if let Some(control_socket) = control_socket {
         let _ = control_socket.await;
     }
-    let outcome = drain.wait().await;
+    let mut outcome = handover::drain::DrainOutcome::Complete;
+    while let Some(drained) = draining.join_next().await {
+        if let Ok(drained @ handover::drain::DrainOutcome::DeadlinePassed { .. }) = drained {
+            outcome = drained;
+        }
+    }
     event(format_args!("exited gen={generation} drain={outcome:?}"));
     Ok(())
+}
+
+/// The client ports of the TCP connections this process holds (HTTP and
+/// echo), for the `crashing` event: what a crash may fail, and nothing else.
+fn held_connections() -> &'static std::sync::Mutex<std::collections::BTreeSet<u16>> {
+    static HELD: std::sync::OnceLock<std::sync::Mutex<std::collections::BTreeSet<u16>>> =
+        std::sync::OnceLock::new();
+    HELD.get_or_init(Default::default)
+}
+
+/// Unix connections this process holds: they have no port to name.
+static HELD_UNIX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a connection (`peer`: a TCP client's address, `None` for a Unix
+/// one) as held until the returned guard is dropped.
+fn hold(peer: Option<SocketAddr>) -> impl Drop + Send {
+    use std::sync::atomic::Ordering;
+    struct Held(Option<u16>);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            match self.0 {
+                Some(port) => {
+                    held_connections()
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&port);
+                }
+                None => {
+                    HELD_UNIX.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+    let port = peer.map(|peer| peer.port());
+    match port {
+        Some(port) => {
+            held_connections()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(port);
+        }
+        None => {
+            HELD_UNIX.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    Held(port)
+}
+
+/// Set by `crash_after`: the accept loops stop (the second value counts
+/// the loops still running).
+fn crash_gate() -> &'static (
+    tokio::sync::watch::Sender<bool>,
+    tokio::sync::watch::Sender<usize>,
+) {
+    static GATE: std::sync::OnceLock<(
+        tokio::sync::watch::Sender<bool>,
+        tokio::sync::watch::Sender<usize>,
+    )> = std::sync::OnceLock::new();
+    GATE.get_or_init(|| {
+        (
+            tokio::sync::watch::channel(false).0,
+            tokio::sync::watch::channel(0).0,
+        )
+    })
+}
+
+/// A running accept loop, counted in [`crash_gate`].
+struct AcceptLoop;
+
+impl AcceptLoop {
+    fn enter() -> AcceptLoop {
+        crash_gate().1.send_modify(|n| *n += 1);
+        AcceptLoop
+    }
+}
+
+impl Drop for AcceptLoop {
+    fn drop(&mut self) {
+        crash_gate().1.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Told to the UDP loop by `crash_after`; answered once it has stopped.
+fn udp_stop() -> &'static (
+    tokio::sync::watch::Sender<bool>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    static STOP: std::sync::OnceLock<(
+        tokio::sync::watch::Sender<bool>,
+        tokio::sync::watch::Sender<bool>,
+    )> = std::sync::OnceLock::new();
+    STOP.get_or_init(|| {
+        (
+            tokio::sync::watch::channel(false).0,
+            tokio::sync::watch::channel(false).0,
+        )
+    })
+}
+
+/// The `crash-after-ready:MS` fault: serve for `after`, then die with what
+/// this process holds.
+async fn crash_after(generation: u64, after: Duration) {
+    tokio::time::sleep(after).await;
+    // Every connection accepted from here on would die unnamed: stop the
+    // accept loops first (each names what it accepted as it accepts it).
+    let (crashing, loops) = crash_gate();
+    let mut loops = loops.subscribe();
+    crashing.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(1), loops.wait_for(|n| *n == 0)).await;
+    let (stop, stopped) = udp_stop();
+    let mut stopped = stopped.subscribe();
+    stop.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stopped.wait_for(|s| *s)).await;
+    let held: Vec<String> = held_connections()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(u16::to_string)
+        .collect();
+    event(format_args!(
+        "crashing gen={generation} held={} held_unix={}",
+        if held.is_empty() {
+            "-".to_owned()
+        } else {
+            held.join(",")
+        },
+        HELD_UNIX.load(std::sync::atomic::Ordering::SeqCst)
+    ));
+    std::process::exit(5);
 }
 
 /// Any listener the echo and HTTP loops accept on.
 trait Accept: Send + 'static {
     type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
     fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+    /// The client's address, for a TCP connection.
+    fn peer(_stream: &Self::Stream) -> Option<SocketAddr> {
+        None
+    }
 }
 
 impl Accept for TcpListener {
     type Stream = tokio::net::TcpStream;
     async fn accept(&self) -> std::io::Result<Self::Stream> {
         TcpListener::accept(self).await.map(|(stream, _)| stream)
+    }
+    fn peer(stream: &Self::Stream) -> Option<SocketAddr> {
+        stream.peer_addr().ok()
+    }
+}
+
+impl<L: Accept + Sync> Accept for Arc<L> {
+    type Stream = L::Stream;
+    async fn accept(&self) -> std::io::Result<Self::Stream> {
+        L::accept(self).await
+    }
+    fn peer(stream: &Self::Stream) -> Option<SocketAddr> {
+        L::peer(stream)
     }
 }
 
@@ -396,6 +597,9 @@ async fn accept_until_exit<L: Accept>(
 ) {
     tokio::pin!(exit);
     let mut failing = false;
+    let _accepting = AcceptLoop::enter();
+    let (crashing, _) = crash_gate();
+    let mut crashing = crashing.subscribe();
     loop {
         tokio::select! {
             // Exit first: `tokio::select!` picks a ready branch at random,
@@ -403,6 +607,9 @@ async fn accept_until_exit<L: Accept>(
             // successor's (the CI once saw the old generation take one).
             biased;
             _ = &mut exit => return,
+            // The `crash-after-ready:MS` fault: accept no more, so that the
+            // connections it holds are all it names.
+            _ = async { let _ = crashing.wait_for(|c| *c).await; } => return,
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
                     failing = false;
@@ -422,16 +629,21 @@ async fn accept_until_exit<L: Accept>(
 
 async fn accept_http(
     generation: u64,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     drain: Drain,
     identity: Bytes,
     exit: impl std::future::Future<Output = ExitReason>,
 ) {
     accept_until_exit(generation, listener, exit, |stream| {
         let _ = stream.set_nodelay(true);
+        let held = hold(stream.peer_addr().ok());
         let identity = identity.clone();
         let service = service_fn(move |request| respond(request, identity.clone(), generation));
-        tokio::spawn(drain.serve_http1(stream, service));
+        let serving = drain.serve_http1(stream, service);
+        tokio::spawn(async move {
+            let _held = held;
+            serving.await
+        });
     })
     .await
 }
@@ -497,6 +709,7 @@ async fn accept_echo<L: Accept>(
     exit: impl std::future::Future<Output = ExitReason>,
 ) {
     accept_until_exit(generation, listener, exit, |mut stream| {
+        let held = hold(L::peer(&stream));
         let open = drain.track();
         let deadline = drain.deadline_passed();
         tokio::spawn(async move {
@@ -520,18 +733,27 @@ async fn accept_echo<L: Accept>(
                 _ = deadline => {}
             }
             drop(open);
+            drop(held);
         });
     })
     .await
 }
 
-async fn echo_udp(socket: UdpSocket, exit: impl std::future::Future<Output = ExitReason>) {
+async fn echo_udp(socket: Arc<UdpSocket>, exit: impl std::future::Future<Output = ExitReason>) {
     tokio::pin!(exit);
     let mut buffer = vec![0u8; 64 * 1024];
+    let (stop, stopped) = udp_stop();
+    let mut stop = stop.subscribe();
     loop {
         tokio::select! {
             biased;
             _ = &mut exit => return,
+            // A crash to come: no datagram is read and left unanswered.
+            _ = async { let _ = stop.wait_for(|stop| *stop).await; } => {
+                stopped.send_replace(true);
+                exit.await;
+                return;
+            }
             received = socket.recv_from(&mut buffer) => {
                 if let Ok((n, peer)) = received {
                     let _ = socket.send_to(&buffer[..n], peer).await;
@@ -543,7 +765,7 @@ async fn echo_udp(socket: UdpSocket, exit: impl std::future::Future<Output = Exi
 
 /// A control session counts as a connection to drain: the answer to the
 /// upgrade that ends this generation is written before it exits.
-async fn accept_control(listener: TcpListener, upgrader: Arc<Upgrader>, drain: Drain) {
+async fn accept_control(listener: Arc<TcpListener>, upgrader: Arc<Upgrader>, drain: Drain) {
     let exit = upgrader.exit();
     accept_until_exit(upgrader.generation(), listener, exit, |stream| {
         let upgrader = Arc::clone(&upgrader);
