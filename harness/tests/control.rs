@@ -60,12 +60,18 @@ struct Service {
 }
 
 fn service() -> Service {
+    service_with(&[])
+}
+
+fn service_with(extra: &[&str]) -> Service {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("control.sock");
     let faults = dir.path().join("faults");
+    let mut args = vec!["--control-socket".to_owned(), socket.display().to_string()];
+    args.extend(extra.iter().map(|word| (*word).to_owned()));
     let subject = Subject::start(&SubjectConfig {
         binary: PathBuf::from(env!("CARGO_BIN_EXE_handover-subject")),
-        args: vec!["--control-socket".into(), socket.display().to_string()],
+        args,
         faults_file: Some(faults.clone()),
         ..SubjectConfig::default()
     })
@@ -392,4 +398,52 @@ fn after_ok_only_the_new_generation_accepts_on_the_subjects_port() {
             .unwrap();
     }
     assert!(refused.is_empty(), "{refused:#?}");
+}
+
+/// With a rollback window, `handover upgrade` waits for the verdict: a new
+/// generation that dies within the window is a rollback (exit 4, the old
+/// generation named as serving again, and it answers); one that lives
+/// through it is committed (exit 0), and the old generation has exited.
+#[test]
+fn the_command_line_tells_a_rollback_from_a_commit() {
+    let mut service = service_with(&["--rollback-window-ms", "800"]);
+    let socket = service.socket.to_str().unwrap().to_owned();
+    let old = service.subject.pid_of(0).unwrap();
+    std::fs::write(&service.faults, "1=crash-after-ready:50").unwrap();
+    let output = cli(&["upgrade", "--socket", &socket]);
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(4), "{said}");
+    assert!(
+        said.contains("rolled back: successor pid")
+            && said.contains("exited with code 5")
+            && said.contains(&format!("the old generation (pid {old}) serves again")),
+        "{said}"
+    );
+    service
+        .subject
+        .wait_for(|e| e.is("rolled-back", 0))
+        .unwrap();
+    let output = cli(&["status", "--socket", &socket]);
+    assert!(
+        text(&output).contains(&format!("generation 0 (pid {old})")),
+        "{}",
+        text(&output)
+    );
+
+    std::fs::write(&service.faults, "").unwrap();
+    let output = cli(&["upgrade", "--socket", &socket]);
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("committed after its 800 ms rollback window")
+            && said.contains(&format!("the old generation (pid {old}) exited")),
+        "{said}"
+    );
+    // It had exited when the command returned: reaped or gone.
+    service.subject.wait_exit(old).unwrap();
+    service
+        .subject
+        .wait_for(|e| e.is("parent-gone", 1))
+        .unwrap();
+    assert_eq!(service.subject.live_pids().len(), 1);
 }
