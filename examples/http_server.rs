@@ -153,7 +153,7 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
             ExitReason::Upgraded(successor) => {
                 tracing::info!(generation, successor = successor.pid, "draining")
             }
-            ExitReason::Stopped => tracing::info!(generation, "stopping"),
+            _ => tracing::info!(generation, "stopping"),
         }
         draining.spawn(async move { drain.wait().await });
 

@@ -22,8 +22,10 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-/// How long a drain may take.
+/// How long a drain may take. Build it from the default:
+/// `DrainOptions::default().quiet_period(Duration::from_millis(500))`.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct DrainOptions {
     /// A keep-alive connection with no request for this long is closed by
     /// the server once draining. Default: 1 s. `Duration::MAX`: never.
@@ -42,8 +44,23 @@ impl Default for DrainOptions {
     }
 }
 
+impl DrainOptions {
+    /// Sets the quiet period.
+    pub fn quiet_period(mut self, period: Duration) -> Self {
+        self.quiet_period = period;
+        self
+    }
+
+    /// Sets the deadline.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+}
+
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DrainOutcome {
     /// Every connection finished on its own.
     Complete,

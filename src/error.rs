@@ -15,8 +15,10 @@ use crate::wire::WireError;
 /// A specialised `Result` for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// How a successor ended before it became ready.
+/// How a successor ended (before it became ready, or within its parent's
+/// rollback window).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ExitStatus {
     /// It exited on its own with this code.
     Exited(i32),

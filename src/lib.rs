@@ -87,6 +87,7 @@ mod error;
 mod machine;
 mod pidfile;
 mod registry;
+mod signal;
 mod state;
 mod supervisor;
 #[allow(unsafe_code)]
@@ -97,8 +98,8 @@ mod wire;
 
 pub use control::ControlSocket;
 pub use error::{Error, ExitStatus, Result};
-pub use nix::sys::signal::Signal;
 pub use registry::Kind;
+pub use signal::{Signal, UnknownSignal};
 pub use upgrader::{ExitReason, Options, RolledBack, Upgraded, Upgrader, Verdict};
 pub use wire::WireError;
 

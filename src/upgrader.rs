@@ -95,8 +95,8 @@ impl Options {
     /// handles it itself (a SIGHUP that reloads its configuration) receives
     /// it; one that arrived before is delivered then, with the action the
     /// process has at that moment.
-    pub fn upgrade_signal(mut self, signal: Option<Signal>) -> Self {
-        self.upgrade_signal = signal;
+    pub fn upgrade_signal(mut self, signal: Option<crate::Signal>) -> Self {
+        self.upgrade_signal = signal.map(crate::Signal::to_nix);
         self
     }
 
@@ -105,8 +105,8 @@ impl Options {
     /// handles them itself keeps doing so. With them set, [`Upgrader::exit`]
     /// resolves with [`ExitReason::Stopped`] on either signal; a generation
     /// stopped before it is ready gets [`Error::Exiting`] from `ready()`.
-    pub fn stop_signals(mut self, signals: impl IntoIterator<Item = Signal>) -> Self {
-        self.stop_signals = signals.into_iter().collect();
+    pub fn stop_signals(mut self, signals: impl IntoIterator<Item = crate::Signal>) -> Self {
+        self.stop_signals = signals.into_iter().map(crate::Signal::to_nix).collect();
         self
     }
 
@@ -142,6 +142,7 @@ impl Options {
 
 /// A successful upgrade.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Upgraded {
     /// The successor's process id.
     pub pid: i32,
@@ -154,6 +155,7 @@ pub struct Upgraded {
 /// Why [`Upgrader::exit`] resolved: this generation must stop accepting,
 /// drain, and exit.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ExitReason {
     /// A successor is ready and serves the same sockets.
     Upgraded(Upgraded),
@@ -162,7 +164,9 @@ pub enum ExitReason {
 }
 
 /// What became of the hand-over that made [`Upgrader::exit`] resolve: leave,
-/// or serve again. See [`Upgrader::verdict`].
+/// or serve again. See [`Upgrader::verdict`]. Exhaustive on purpose: a
+/// generation either leaves or serves again, and a service's loop should
+/// not need a third arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Leave: finish draining and return from `main`. The successor serves

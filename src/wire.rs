@@ -68,6 +68,7 @@ pub struct InheritedFd {
 
 /// Why an inheritance string could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WireError {
     /// The byte offset in the variable where the problem was found.
     pub position: usize,

@@ -171,7 +171,7 @@ async fn a_stop_signal_is_a_final_stop() {
     )
     .unwrap();
     upgrader.ready().unwrap();
-    nix::sys::signal::raise(handover::Signal::SIGUSR2).unwrap();
+    nix::sys::signal::raise(nix::sys::signal::Signal::SIGUSR2).unwrap();
     assert_eq!(upgrader.exit().await, handover::ExitReason::Stopped);
 }
 

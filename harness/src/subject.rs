@@ -338,10 +338,11 @@ async fn serve(
     );
     let mut draining = tokio::task::JoinSet::new();
     loop {
-        let drain = Drain::new(DrainOptions {
-            quiet_period: args.quiet_period,
-            deadline: Duration::from_secs(30),
-        });
+        let drain = Drain::new(
+            DrainOptions::default()
+                .quiet_period(args.quiet_period)
+                .deadline(Duration::from_secs(30)),
+        );
         // The accept loops end when `exit()` resolves; the drain counts what
         // they accepted, so they must have ended before it is waited for.
         let mut accepting = tokio::task::JoinSet::new();
@@ -377,7 +378,7 @@ async fn serve(
         let reason = upgrader.exit().await;
         let reason = match reason {
             ExitReason::Upgraded(upgraded) => format!("upgraded successor={}", upgraded.pid),
-            ExitReason::Stopped => "stopped".to_owned(),
+            _ => "stopped".to_owned(),
         };
         event(format_args!("exiting gen={generation} reason={reason}"));
         while accepting.join_next().await.is_some() {}
@@ -396,7 +397,7 @@ async fn serve(
                 }
                 break;
             }
-            Verdict::Exit(ExitReason::Stopped) => break,
+            Verdict::Exit(_) => break,
             Verdict::RolledBack(rolled_back) => event(format_args!(
                 "rolled-back gen={generation} successor={} status={} served_ms={}",
                 rolled_back.pid,
