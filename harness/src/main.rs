@@ -43,9 +43,10 @@ struct Cli {
 enum Command {
     /// Runs the scenarios (all by default) against the subject.
     Run {
-        /// Where the scenario files are.
-        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios"))]
-        scenarios: PathBuf,
+        /// Where the scenario files are [default: $HANDOVER_SCENARIOS, else
+        /// ./scenarios, else the nearest scenarios/ above the executable].
+        #[arg(long, value_name = "DIR")]
+        scenarios: Option<PathBuf>,
         /// Where report.json and report.html go.
         #[arg(long, default_value = "target/harness-report")]
         out: PathBuf,
@@ -57,9 +58,9 @@ enum Command {
     },
     /// Lists the scenarios.
     List {
-        /// Where the scenario files are.
-        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios"))]
-        scenarios: PathBuf,
+        /// Where the scenario files are [default: as for `run`].
+        #[arg(long, value_name = "DIR")]
+        scenarios: Option<PathBuf>,
     },
     /// Checks that anyone's HTTP/1.1 server survives upgrades, seen from outside.
     #[command(long_about = CHECK_ABOUT)]
@@ -177,6 +178,33 @@ fn parse_signal(name: &str) -> Result<Signal, String> {
         .map_err(|_| format!("not a signal: {name} (SIGHUP, USR2, ...)"))
 }
 
+/// The scenarios directory: the one given, else `$HANDOVER_SCENARIOS`, else
+/// `./scenarios`, else the nearest `scenarios/` in a directory above the
+/// executable (`target/release/handover-harness` in a checkout finds the
+/// checkout's). Found when it runs, not fixed when it was built.
+fn scenarios_dir(given: Option<PathBuf>) -> Result<PathBuf, String> {
+    if let Some(dir) = given.or_else(|| std::env::var_os("HANDOVER_SCENARIOS").map(PathBuf::from)) {
+        return Ok(dir);
+    }
+    let here = PathBuf::from("scenarios");
+    if here.is_dir() {
+        return Ok(here);
+    }
+    let executable =
+        std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    executable
+        .ancestors()
+        .skip(1)
+        .map(|dir| dir.join("scenarios"))
+        .find(|dir| dir.is_dir())
+        .ok_or_else(|| {
+            format!(
+                "no scenarios directory: give --scenarios DIR or HANDOVER_SCENARIOS, or run from a directory that has scenarios/ (none above {} either)",
+                executable.display()
+            )
+        })
+}
+
 fn main() -> ExitCode {
     let mut words = std::env::args();
     if words.nth(1).as_deref() == Some("subject") {
@@ -184,7 +212,8 @@ fn main() -> ExitCode {
     }
     match Cli::parse().command {
         Command::List { scenarios } => {
-            let scenarios = match Scenario::load_dir(&scenarios) {
+            let scenarios = match scenarios_dir(scenarios).and_then(|dir| Scenario::load_dir(&dir))
+            {
                 Ok(scenarios) => scenarios,
                 Err(problem) => return usage(&problem),
             };
@@ -203,7 +232,8 @@ fn main() -> ExitCode {
             quiet,
             names,
         } => {
-            let scenarios = match Scenario::load_dir(&scenarios) {
+            let scenarios = match scenarios_dir(scenarios).and_then(|dir| Scenario::load_dir(&dir))
+            {
                 Ok(scenarios) => scenarios,
                 Err(problem) => return usage(&problem),
             };
