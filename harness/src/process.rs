@@ -78,6 +78,8 @@ pub struct SubjectConfig {
     pub faults_file: Option<PathBuf>,
     /// Extra environment.
     pub env: Vec<(String, String)>,
+    /// Where every generation's stderr goes (appended); `None`: inherited.
+    pub stderr: Option<PathBuf>,
 }
 
 /// The serving addresses, the same in every generation.
@@ -117,6 +119,13 @@ impl Subject {
             .args(&config.args)
             .stdout(Stdio::piped())
             .stdin(Stdio::null());
+        if let Some(path) = &config.stderr {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            command.stderr(file);
+        }
         if let Some(path) = &config.unix {
             command.arg("--unix").arg(path);
         }

@@ -87,6 +87,9 @@ pub struct ScenarioReport {
     /// `crash-after-ready:MS` fault): not in `failures`, which counts what
     /// the library is to blame for.
     pub with_crashed: u64,
+    /// The last lines the subject wrote on stderr, for a scenario that
+    /// failed (empty when it passed).
+    pub stderr_tail: Vec<String>,
     /// Every upgrade asked for.
     pub upgrades: Vec<UpgradeRecord>,
     /// Handover latency (library-measured) percentiles over successful upgrades.
@@ -152,6 +155,7 @@ impl ScenarioReport {
             udp_sent: load.udp_sent,
             failures,
             with_crashed: 0,
+            stderr_tail: Vec::new(),
             failure_examples: load.examples.clone(),
             handover_p50_us: percentile(&handover, 50),
             handover_p99_us: percentile(&handover, 99),
@@ -347,6 +351,12 @@ pub fn table(reports: &[ScenarioReport]) -> String {
         );
         for problem in &r.problems {
             let _ = writeln!(out, "    - {problem}");
+        }
+        if !r.stderr_tail.is_empty() {
+            let _ = writeln!(out, "    the subject's stderr, last lines:");
+            for line in &r.stderr_tail {
+                let _ = writeln!(out, "    | {line}");
+            }
         }
     }
     out

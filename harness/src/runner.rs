@@ -18,6 +18,9 @@ use crate::process::{Event, Subject, SubjectConfig, read_pid_file};
 use crate::report::{ScenarioReport, UpgradeRecord};
 use crate::scenario::{Action, Scenario, faults_text};
 
+/// How many of the subject's last stderr lines a failed scenario reports.
+const STDERR_LINES: usize = 12;
+
 /// How to run scenarios.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -88,6 +91,9 @@ fn start<'a>(scenario: &'a Scenario, options: &RunOptions) -> Result<Run<'a>, St
             "SUBJECT_LOG".into(),
             std::env::var("SUBJECT_LOG").unwrap_or_else(|_| "off".into()),
         )],
+        // A generation's stderr (a panic's message, a log line) belongs in
+        // the report of a scenario that fails, not across the table.
+        stderr: Some(dir.path().join("subject.stderr")),
         ..SubjectConfig::default()
     };
     let subject = Subject::start(&config).map_err(|e| format!("start subject: {e}"))?;
@@ -627,6 +633,15 @@ impl Run<'_> {
             .map(|e| e.generation)
             .max()
             .unwrap_or(0);
+        // What the subject said, for a scenario that failed.
+        let stderr_tail = if self.problems.is_empty() {
+            Vec::new()
+        } else {
+            let text =
+                std::fs::read_to_string(self.dir.path().join("subject.stderr")).unwrap_or_default();
+            let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            lines[lines.len().saturating_sub(STDERR_LINES)..].to_vec()
+        };
         let mut report = ScenarioReport::new(
             self.scenario,
             load,
@@ -639,6 +654,7 @@ impl Run<'_> {
             self.started.elapsed(),
         );
         report.with_crashed = with_crashed;
+        report.stderr_tail = stderr_tail;
         report
     }
 

@@ -59,3 +59,36 @@ fn a_scenario_with_an_unknown_field_is_refused() {
         "{problem}"
     );
 }
+
+/// A generation's stderr (here a panic's message) is not printed across the
+/// table: a scenario that fails carries its last lines in the report.
+#[test]
+fn a_failing_scenario_reports_the_subjects_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("panics-and-fails.toml");
+    std::fs::write(
+        &path,
+        "description = \"generation 1 panics in init; expecting it to serve fails the scenario\"\n\
+         [subject.faults]\n1 = \"panic\"\n[load]\nduration_ms = 600\n\
+         [[step]]\nat_ms = 100\naction = \"upgrade\"\nexpect = \"successor_exited\"\n\
+         [expect]\ngeneration = 1\n",
+    )
+    .unwrap();
+    let scenario = Scenario::load(&path).unwrap();
+    let options = RunOptions {
+        subject: PathBuf::from(env!("CARGO_BIN_EXE_handover-subject")),
+        subject_args: Vec::new(),
+        progress: false,
+    };
+    let report = run(&scenario, &options);
+    assert!(!report.passed);
+    assert!(
+        report
+            .stderr_tail
+            .iter()
+            .any(|line| line.contains("fault: panic during init")),
+        "{:?}",
+        report.stderr_tail
+    );
+    assert!(table(&[report]).contains("| "), "the table shows it");
+}
