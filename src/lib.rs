@@ -98,7 +98,7 @@ mod wire;
 
 pub use control::ControlSocket;
 pub use error::{Error, ExitStatus, Result};
-pub use registry::Kind;
+pub use registry::{Kind, NewSocket};
 pub use signal::{Signal, UnknownSignal};
 pub use upgrader::{ExitReason, Options, RolledBack, Upgraded, Upgrader, Verdict};
 pub use wire::WireError;

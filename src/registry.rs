@@ -390,7 +390,14 @@ impl Registry {
         Ok(copy)
     }
 
-    pub(crate) fn tcp_listener(&mut self, name: &str, addr: SocketAddr) -> Result<OwnedFd> {
+    /// The TCP listener `name`: inherited, or new (then `configure` runs
+    /// on it before it binds).
+    pub(crate) fn tcp_listener(
+        &mut self,
+        name: &str,
+        addr: SocketAddr,
+        configure: &mut dyn FnMut(&mut NewSocket<'_>) -> std::io::Result<()>,
+    ) -> Result<OwnedFd> {
         if let Some(fd) = self.claim(name, Kind::TcpListener, |e| same_inet_addr(e.inet, addr))? {
             return Ok(fd);
         }
@@ -402,13 +409,26 @@ impl Registry {
         let socket =
             Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(bind_err)?;
         socket.set_reuse_address(true).map_err(bind_err)?;
+        let mut new = NewSocket {
+            fd: std::os::fd::AsFd::as_fd(&socket),
+            backlog: LISTEN_BACKLOG,
+        };
+        configure(&mut new).map_err(bind_err)?;
+        let backlog = new.backlog;
         socket.bind(&addr.into()).map_err(bind_err)?;
-        socket.listen(LISTEN_BACKLOG).map_err(bind_err)?;
+        socket.listen(backlog).map_err(bind_err)?;
         socket.set_nonblocking(true).map_err(bind_err)?;
         self.insert(name, Kind::TcpListener, socket.into(), None)
     }
 
-    pub(crate) fn udp_socket(&mut self, name: &str, addr: SocketAddr) -> Result<OwnedFd> {
+    /// The UDP socket `name`: inherited, or new (then `configure` runs on
+    /// it before it binds).
+    pub(crate) fn udp_socket(
+        &mut self,
+        name: &str,
+        addr: SocketAddr,
+        configure: &mut dyn FnMut(&mut NewSocket<'_>) -> std::io::Result<()>,
+    ) -> Result<OwnedFd> {
         if let Some(fd) = self.claim(name, Kind::Udp, |e| same_inet_addr(e.inet, addr))? {
             return Ok(fd);
         }
@@ -418,6 +438,11 @@ impl Registry {
             source,
         };
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None).map_err(bind_err)?;
+        let mut new = NewSocket {
+            fd: std::os::fd::AsFd::as_fd(&socket),
+            backlog: 0,
+        };
+        configure(&mut new).map_err(bind_err)?;
         socket.bind(&addr.into()).map_err(bind_err)?;
         socket.set_nonblocking(true).map_err(bind_err)?;
         self.insert(name, Kind::Udp, socket.into(), None)
@@ -493,6 +518,35 @@ impl Registry {
 /// Backlog for listeners the library creates: the kernel caps it at
 /// `somaxconn`; a deep queue is what carries clients through a handover.
 const LISTEN_BACKLOG: i32 = 4096;
+
+/// A socket the library has just created for a listener, before it binds:
+/// see [`Upgrader::tcp_listener_with`](crate::Upgrader::tcp_listener_with).
+/// Set options on it through its descriptor (`socket2::SockRef::from(&socket)`,
+/// or `nix::sys::socket::setsockopt`).
+#[derive(Debug)]
+pub struct NewSocket<'a> {
+    fd: BorrowedFd<'a>,
+    backlog: i32,
+}
+
+impl NewSocket<'_> {
+    /// The `listen(2)` backlog a TCP listener will get (default 4096; the
+    /// kernel caps it at `net.core.somaxconn`). Meaningless for UDP.
+    pub fn set_backlog(&mut self, backlog: i32) {
+        self.backlog = backlog;
+    }
+
+    /// The backlog it will get.
+    pub fn backlog(&self) -> i32 {
+        self.backlog
+    }
+}
+
+impl AsFd for NewSocket<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd
+    }
+}
 
 fn duplicate(fd: &impl AsFd) -> Result<OwnedFd> {
     fd.as_fd()

@@ -22,7 +22,7 @@ use signal_hook::SigId;
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
-use crate::registry::{Kind, Registry};
+use crate::registry::{Kind, NewSocket, Registry};
 use crate::supervisor::{self, Channels, Command, Config, StateProvider, Supervisor, lock};
 use crate::{state, sys, systemd, wire};
 
@@ -448,13 +448,65 @@ impl Upgrader {
     /// Accept on it only after [`ready`](Self::ready), so that a successor
     /// that fails during init takes no connection with it.
     pub fn tcp_listener(&self, name: &str, addr: SocketAddr) -> Result<std::net::TcpListener> {
-        Ok(lock(&self.registry).tcp_listener(name, addr)?.into())
+        self.tcp_listener_with(name, addr, |_| Ok(()))
+    }
+
+    /// [`tcp_listener`](Self::tcp_listener), with `configure` run on a new
+    /// socket after `SO_REUSEADDR` and before `bind(2)` and `listen(2)`: set
+    /// `SO_REUSEPORT`, `IPV6_V6ONLY`, `TCP_DEFER_ACCEPT`, buffer sizes or
+    /// the backlog there. It is not run for a listener that is inherited
+    /// (from the parent, or systemd), which keeps the options its creator
+    /// gave it; a new generation cannot change what a socket it shares
+    /// with the old one was bound with.
+    ///
+    /// ```no_run
+    /// # fn f(upgrader: &handover::Upgrader) -> handover::Result<()> {
+    /// use std::os::fd::AsFd;
+    /// let listener = upgrader.tcp_listener_with("http", "[::]:8080".parse().unwrap(), |socket| {
+    ///     // With socket2: socket2::SockRef::from(&socket.as_fd()).set_only_v6(true)?;
+    ///     nix::sys::socket::setsockopt(&socket.as_fd(), nix::sys::socket::sockopt::Ipv6V6Only, &true)?;
+    ///     socket.set_backlog(16384);
+    ///     Ok(())
+    /// })?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`tcp_listener`](Self::tcp_listener); an error from `configure` is
+    /// an [`Error::Bind`] with that error as its source, and the socket is
+    /// closed.
+    pub fn tcp_listener_with(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+        mut configure: impl FnMut(&mut NewSocket<'_>) -> std::io::Result<()>,
+    ) -> Result<std::net::TcpListener> {
+        Ok(lock(&self.registry)
+            .tcp_listener(name, addr, &mut configure)?
+            .into())
     }
 
     /// The UDP socket named `name`, inherited or newly bound to `addr`;
     /// non-blocking, for [`tokio::net::UdpSocket::from_std`].
     pub fn udp_socket(&self, name: &str, addr: SocketAddr) -> Result<std::net::UdpSocket> {
-        Ok(lock(&self.registry).udp_socket(name, addr)?.into())
+        self.udp_socket_with(name, addr, |_| Ok(()))
+    }
+
+    /// [`udp_socket`](Self::udp_socket), with `configure` run on a new
+    /// socket before `bind(2)` (`SO_REUSEPORT`, buffer sizes, ...); not for
+    /// an inherited one. See [`tcp_listener_with`](Self::tcp_listener_with).
+    ///
+    /// # Errors
+    /// As [`tcp_listener_with`](Self::tcp_listener_with).
+    pub fn udp_socket_with(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+        mut configure: impl FnMut(&mut NewSocket<'_>) -> std::io::Result<()>,
+    ) -> Result<std::net::UdpSocket> {
+        Ok(lock(&self.registry)
+            .udp_socket(name, addr, &mut configure)?
+            .into())
     }
 
     /// The Unix stream listener named `name`, inherited or newly bound to

@@ -269,3 +269,71 @@ async fn a_successor_alive_when_heard_was_ready_even_if_it_dies_next() {
     // Reaped by the supervisor if it saw the exit before it ended.
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(upgraded.pid), None);
 }
+
+/// The socket-builder hook runs on a socket the library creates, before it
+/// binds (SO_REUSEPORT takes, the backlog is the one set), and not on one
+/// that already exists under that name: inherited sockets keep the options
+/// their creator gave them.
+#[test]
+fn the_socket_hook_configures_new_sockets_only() {
+    use nix::sys::socket::{getsockopt, sockopt::ReusePort};
+    let upgrader = upgrader("/bin/true");
+    let mut calls = 0;
+    let listener = upgrader
+        .tcp_listener_with("hooked", loopback(), |socket| {
+            calls += 1;
+            assert_eq!(socket.backlog(), 4096);
+            nix::sys::socket::setsockopt(socket, ReusePort, &true)?;
+            socket.set_backlog(64);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(calls, 1);
+    assert!(getsockopt(&listener, ReusePort).unwrap());
+    // It listens.
+    TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+
+    let again = upgrader
+        .tcp_listener_with("hooked", listener.local_addr().unwrap(), |_| {
+            panic!("not for a socket that exists")
+        })
+        .unwrap();
+    assert_eq!(again.local_addr().unwrap(), listener.local_addr().unwrap());
+
+    let udp = upgrader
+        .udp_socket_with("hooked-udp", loopback(), |socket| {
+            nix::sys::socket::setsockopt(socket, ReusePort, &true)?;
+            Ok(())
+        })
+        .unwrap();
+    assert!(getsockopt(&udp, ReusePort).unwrap());
+}
+
+/// A hook that fails fails the call with a bind error that names the
+/// listener, the address and the hook's error; nothing is registered.
+#[test]
+fn a_failing_socket_hook_is_a_bind_error() {
+    let upgrader = upgrader("/bin/true");
+    let error = upgrader
+        .tcp_listener_with("refused", loopback(), |_| {
+            Err(std::io::Error::other("no such option here"))
+        })
+        .unwrap_err();
+    assert!(matches!(error, Error::Bind { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(
+        message.contains("refused") && message.contains("127.0.0.1:0"),
+        "{message}"
+    );
+    assert!(
+        std::error::Error::source(&error)
+            .is_some_and(|source| source.to_string() == "no such option here"),
+        "{error:?}"
+    );
+    assert!(
+        !upgrader
+            .descriptors()
+            .iter()
+            .any(|(name, _)| name == "refused")
+    );
+}
