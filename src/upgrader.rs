@@ -461,10 +461,10 @@ impl Upgrader {
     ///
     /// ```no_run
     /// # fn f(upgrader: &handover::Upgrader) -> handover::Result<()> {
-    /// use std::os::fd::AsFd;
+    /// use nix::sys::socket::{setsockopt, sockopt::ReusePort};
     /// let listener = upgrader.tcp_listener_with("http", "[::]:8080".parse().unwrap(), |socket| {
-    ///     // With socket2: socket2::SockRef::from(&socket.as_fd()).set_only_v6(true)?;
-    ///     nix::sys::socket::setsockopt(&socket.as_fd(), nix::sys::socket::sockopt::Ipv6V6Only, &true)?;
+    ///     // Or with socket2: socket2::SockRef::from(&*socket).set_reuse_port(true)?;
+    ///     setsockopt(&*socket, ReusePort, &true)?;
     ///     socket.set_backlog(16384);
     ///     Ok(())
     /// })?;
