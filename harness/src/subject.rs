@@ -53,6 +53,19 @@ struct Args {
     /// Die of SIGPIPE, as a process with its default action does, instead
     /// of ignoring it as the Rust runtime arranges.
     sigpipe_default: bool,
+    /// How the HTTP port is served.
+    http_server: HttpServer,
+}
+
+/// How the subject serves its HTTP port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HttpServer {
+    /// HTTP/1.1 through the drain's HTTP/1.1 helper.
+    Http1,
+    /// axum's own `serve(..).with_graceful_shutdown(exit)`, no handover
+    /// drain: what most axum services do, and what loses requests at each
+    /// upgrade (idle keep-alive connections are closed under the clients).
+    Stock,
 }
 
 fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -73,6 +86,7 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
         max_open_files: None,
         inheritable_pipe: false,
         sigpipe_default: false,
+        http_server: HttpServer::Http1,
     };
     let mut words = words;
     while let Some(flag) = words.next() {
@@ -118,6 +132,15 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             "--sigpipe-default" => {
                 args.sigpipe_default = value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
+            }
+            "--http-server" => {
+                args.http_server = match value.as_str() {
+                    "http1" => HttpServer::Http1,
+                    "stock" => HttpServer::Stock,
+                    other => {
+                        return Err(format!("{flag} {other}: none of http1, stock"));
+                    }
+                };
             }
             other => return Err(format!("unknown flag {other}")),
         }
@@ -317,13 +340,20 @@ async fn serve(
     // accepted, so they must have ended before it is waited for.
     let mut accepting = tokio::task::JoinSet::new();
     let tasks = &mut accepting;
-    tasks.spawn(accept_http(
-        generation,
-        http,
-        drain.clone(),
-        identity,
-        upgrader.exit(),
-    ));
+    match args.http_server {
+        HttpServer::Http1 => {
+            tasks.spawn(accept_http(
+                generation,
+                http,
+                drain.clone(),
+                identity,
+                upgrader.exit(),
+            ));
+        }
+        HttpServer::Stock => {
+            tasks.spawn(serve_stock(http, identity, upgrader.exit()));
+        }
+    }
     tasks.spawn(accept_echo(generation, tcp, drain.clone(), upgrader.exit()));
     if let Some(unix) = unix {
         tasks.spawn(accept_echo(
@@ -434,6 +464,26 @@ async fn accept_http(
         tokio::spawn(drain.serve_http1(stream, service));
     })
     .await
+}
+
+/// axum's stock graceful shutdown: it stops accepting when `exit`
+/// resolves, lets requests in flight finish, and closes idle keep-alive
+/// connections at once, under clients that may be sending on them.
+async fn serve_stock(
+    listener: TcpListener,
+    identity: Bytes,
+    exit: impl std::future::Future<Output = ExitReason> + Send + 'static,
+) {
+    let app = axum::Router::new().fallback(move || {
+        let identity = identity.clone();
+        async move { identity }
+    });
+    let served = axum::serve(listener, app).with_graceful_shutdown(async move {
+        exit.await;
+    });
+    if let Err(error) = served.await {
+        event(format_args!("stock-serve-failed error={error:?}"));
+    }
 }
 
 /// Released by SIGUSR1 (see `release_on_sigusr1`).

@@ -32,8 +32,12 @@ fn every_scenario_passes() {
         .map(|r| r.name.as_str())
         .collect();
     assert!(failed.is_empty(), "failed: {failed:?}\n{}", table(&reports));
-    for report in &reports {
-        assert_eq!(report.dropped(), 0, "{}", report.name);
+    for (scenario, report) in scenarios.iter().zip(&reports) {
+        // The stock-shutdown scenario passes when it sees losses; every
+        // other one loses nothing.
+        if scenario.expect.min_dropped == 0 {
+            assert_eq!(report.dropped(), 0, "{}", report.name);
+        }
     }
 }
 
