@@ -23,6 +23,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
 
 mod protocols;
+pub use protocols::h2_get;
 
 /// Why a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -37,8 +38,11 @@ pub enum FailureClass {
     WrongResponse,
     /// The TLS handshake failed (the connection was accepted, never served).
     Tls,
-    /// An HTTP/2 stream ended by the server's GOAWAY or reset before its
-    /// answer: the drain should have let it finish.
+    /// An HTTP/2 request sent, then refused by the server's GOAWAY (its
+    /// stream above the last one the server took): never processed. A
+    /// graceful drain's first GOAWAY (last stream 2³¹−1) prevents it.
+    GoAwayRefused,
+    /// An HTTP/2 stream reset (RST_STREAM) before its answer.
     StreamReset,
     /// A gRPC call ended UNAVAILABLE.
     GrpcUnavailable,
@@ -62,6 +66,7 @@ impl fmt::Display for FailureClass {
             FailureClass::Timeout => "timeout",
             FailureClass::WrongResponse => "wrong",
             FailureClass::Tls => "tls",
+            FailureClass::GoAwayRefused => "h2_goaway",
             FailureClass::StreamReset => "h2_reset",
             FailureClass::GrpcUnavailable => "grpc_unavailable",
             FailureClass::GrpcCancelled => "grpc_cancelled",
@@ -450,6 +455,10 @@ pub struct HttpCheck {
     pub body_contains: Option<String>,
     /// Where the answer names the process or generation that gave it.
     pub identity: Identity,
+    /// TLS, when the server speaks it (for the HTTP/1.1 clients and probes).
+    pub tls: Option<TlsTarget>,
+    /// Probes speak HTTP/2: the server may speak nothing else on this port.
+    pub http2: bool,
 }
 
 impl Default for HttpCheck {
@@ -459,6 +468,8 @@ impl Default for HttpCheck {
             host: "localhost".into(),
             body_contains: None,
             identity: Identity::None,
+            tls: None,
+            http2: false,
         }
     }
 }
@@ -574,7 +585,10 @@ async fn run_plan(plan: LoadPlan, stopped: watch::Receiver<bool>, live: Arc<Live
     if let Some(addr) = plan.http {
         let http = |mode, pause| {
             Box::pin(client(
-                Target::plain(addr),
+                Target {
+                    addr,
+                    tls: plan.http_check.as_ref().and_then(|c| c.tls.clone()),
+                },
                 mode,
                 pause,
                 plan.http_check.clone(),

@@ -79,13 +79,23 @@ pub fn client_config(trust: &Trust, alpn: &[&[u8]]) -> Result<ClientConfig, Stri
         .map_err(|e| format!("TLS versions: {e}"))?;
     let mut config = match trust {
         Trust::CaFile(path) => {
+            let pinned = certificates(path)?;
             let mut roots = RootCertStore::empty();
-            for cert in certificates(path)? {
+            for cert in &pinned {
                 roots
-                    .add(cert)
+                    .add(cert.clone())
                     .map_err(|e| format!("{}: {e}", path.display()))?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedOrCa { pinned, webpki }))
+                .with_no_client_auth()
         }
         Trust::Insecure => builder
             .dangerous()
@@ -99,6 +109,58 @@ pub fn client_config(trust: &Trust, alpn: &[&[u8]]) -> Result<ClientConfig, Stri
 /// The name a client asks for: an IP address or a DNS name.
 pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_owned()).map_err(|e| format!("TLS server name {host:?}: {e}"))
+}
+
+/// Trusts a server whose certificate is one of the file's (a self-signed
+/// certificate made by `openssl req -x509` is a CA certificate, which
+/// WebPKI refuses as a server's own), or one the file's CAs signed.
+#[derive(Debug)]
+struct PinnedOrCa {
+    pinned: Vec<CertificateDer<'static>>,
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for PinnedOrCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self
+            .pinned
+            .iter()
+            .any(|pinned| pinned.as_ref() == end_entity.as_ref())
+        {
+            return Ok(ServerCertVerified::assertion());
+        }
+        self.webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }
 
 /// Accepts any certificate, but checks that the server holds its key.

@@ -94,10 +94,13 @@ pub(super) async fn client(clients: Clients, run: Run) -> LoadReport {
 fn h2_failure(error: &(dyn std::error::Error + 'static)) -> FailureClass {
     let mut source = Some(error);
     while let Some(error) = source {
-        if let Some(h2) = error.downcast_ref::<h2::Error>()
-            && (h2.is_go_away() || h2.is_reset())
-        {
-            return FailureClass::StreamReset;
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            if h2.is_go_away() {
+                return FailureClass::GoAwayRefused;
+            }
+            if h2.is_reset() {
+                return FailureClass::StreamReset;
+            }
         }
         source = error.source();
     }
@@ -110,13 +113,10 @@ async fn h2_client(target: Target, mode: Mode, streams: usize, run: Run) -> Load
     let mut report = LoadReport::default();
     let protocol = target.protocol(true);
     let recorder = run.recorder(protocol);
-    let authority = match &target.tls {
-        Some(_) => run
-            .check
-            .as_ref()
-            .map_or_else(|| target.addr.to_string(), |c| c.host.clone()),
-        None => target.addr.to_string(),
-    };
+    let authority = run
+        .check
+        .as_ref()
+        .map_or_else(|| target.addr.to_string(), |c| c.host.clone());
     let scheme = if target.tls.is_some() {
         "https"
     } else {
@@ -209,17 +209,13 @@ async fn h2_stream(
 ) -> (LoadReport, Option<u64>) {
     let mut report = LoadReport::default();
     let mut first = None;
-    let host = run.check.as_ref().map(|c| c.host.clone());
     while !run.stopped() {
         // GOAWAY (or a closed connection): nothing was sent, nothing lost.
         if sender.ready().await.is_err() {
             break;
         }
-        let mut request = http::Request::get(uri.clone());
-        if let Some(host) = &host {
-            request = request.header(http::header::HOST, host.as_str());
-        }
-        let Ok(request) = request.body(Empty::new()) else {
+        // The URI's authority is HTTP/2's Host (`:authority`).
+        let Ok(request) = http::Request::get(uri.clone()).body(Empty::new()) else {
             report.fail(FailureClass::WrongResponse, "request".into());
             break;
         };
@@ -291,6 +287,54 @@ async fn h2_stream(
         }
     }
     (report, first)
+}
+
+/// One `GET` over HTTP/2 on a new connection (prior knowledge, or ALPN h2
+/// over TLS): the status, the headers and the body. For probes.
+pub async fn h2_get(
+    target: &Target,
+    host: &str,
+    path: &str,
+) -> Result<(u16, Vec<(String, String)>, String), (FailureClass, String)> {
+    let opened = target.open(&[b"h2"]).await?;
+    if target.tls.is_some() && opened.alpn.as_deref() != Some(b"h2") {
+        return Err((
+            FailureClass::WrongResponse,
+            "ALPN: the server does not offer h2".into(),
+        ));
+    }
+    let (mut sender, connection) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(opened.io),
+    )
+    .await
+    .map_err(|e| (FailureClass::Reset, format!("h2 handshake: {e}")))?;
+    tokio::spawn(connection);
+    let scheme = if target.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let request = http::Request::get(format!("{scheme}://{host}{path}"))
+        .body(Empty::new())
+        .map_err(|e| (FailureClass::WrongResponse, format!("request: {e}")))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| (h2_failure(&e), format!("h2: {e}")))?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+        .collect();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| (h2_failure(&e), format!("h2 body: {e}")))?
+        .to_bytes();
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// A request the connection refused before sending it: the client knows
