@@ -404,7 +404,7 @@ impl Target {
 }
 
 /// A byte stream, plain or TLS.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 /// A connection just made.

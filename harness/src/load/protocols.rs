@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http_body_util::BodyExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
@@ -158,24 +156,17 @@ async fn h2_client(target: Target, mode: Mode, streams: usize, run: Run) -> Load
             return report;
         }
         let mut handshake = report.handshake_opened(opened.handshake, run.epoch);
-        let (sender, connection) =
-            match hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
-                TokioExecutor::new(),
-                TokioIo::new(opened.io),
-            )
-            .await
-            {
-                Ok(handshake) => handshake,
-                Err(e) => {
-                    run.connection_failed(
-                        &mut report,
-                        FailureClass::Reset,
-                        format!("h2 handshake: {e}"),
-                    );
-                    continue;
-                }
-            };
-        tokio::spawn(connection);
+        let sender = match h2_connect(opened.io).await {
+            Ok(sender) => sender,
+            Err(e) => {
+                run.connection_failed(
+                    &mut report,
+                    FailureClass::Reset,
+                    format!("h2 handshake: {e}"),
+                );
+                continue;
+            }
+        };
         let loops = (0..streams).map(|_| {
             h2_stream(
                 sender.clone(),
@@ -198,10 +189,43 @@ async fn h2_client(target: Target, mode: Mode, streams: usize, run: Run) -> Load
     report
 }
 
+/// An HTTP/2 connection on the h2 crate, driven by its own task. Not
+/// hyper's client: hyper queues a request and may drop it unsent when a
+/// GOAWAY arrives, reporting the GOAWAY as its error, so that a client
+/// could not tell a request never sent from one the server refused. h2's
+/// `send_request` says at once whether the stream was opened.
+async fn h2_connect(io: Box<dyn super::Io>) -> Result<h2::client::SendRequest<Bytes>, h2::Error> {
+    let (sender, connection) = h2::client::handshake(io).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// What an HTTP/2 answer is made of: status, headers, body.
+type H2Answer = (http::StatusCode, Vec<(String, String)>, Vec<u8>);
+
+/// The whole answer to a request on an open stream.
+async fn h2_answer(response: h2::client::ResponseFuture) -> Result<H2Answer, h2::Error> {
+    let (parts, mut body) = response.await?.into_parts();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    let headers = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+        .collect();
+    Ok((parts.status, headers, bytes))
+}
+
 /// Requests one after another on one stream slot of an HTTP/2 connection;
 /// returns what it saw and the generation of its first answer.
 async fn h2_stream(
-    mut sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    sender: h2::client::SendRequest<Bytes>,
     uri: http::Uri,
     once: bool,
     run: &Run,
@@ -211,50 +235,33 @@ async fn h2_stream(
     let mut first = None;
     while !run.stopped() {
         // GOAWAY (or a closed connection): nothing was sent, nothing lost.
-        if sender.ready().await.is_err() {
+        let Ok(mut ready) = sender.clone().ready().await else {
             break;
-        }
+        };
         // The URI's authority is HTTP/2's Host (`:authority`).
-        let Ok(request) = http::Request::get(uri.clone()).body(Empty::new()) else {
+        let Ok(request) = http::Request::get(uri.clone()).body(()) else {
             report.fail(FailureClass::WrongResponse, "request".into());
             break;
         };
         let sent = Instant::now();
-        let answer = tokio::time::timeout(REQUEST_TIMEOUT, async {
-            let response = match sender.try_send_request(request).await {
-                Ok(response) => response,
-                Err(mut e) => {
-                    // The connection was closing before the request left: none lost.
-                    if e.take_message().is_some() {
-                        return Ok(None);
-                    }
-                    return Err(e.into_error());
+        // Refused here, the stream was never opened: none lost.
+        let Ok((response, _)) = ready.send_request(request, true) else {
+            break;
+        };
+        let (status, headers, body) =
+            match tokio::time::timeout(REQUEST_TIMEOUT, h2_answer(response)).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(e)) => {
+                    recorder.record(&mut report, sent, false);
+                    report.fail(h2_failure(&e), format!("h2: {e}"));
+                    break;
+                }
+                Err(_) => {
+                    recorder.record(&mut report, sent, false);
+                    report.fail(FailureClass::Timeout, "h2: no answer".into());
+                    continue;
                 }
             };
-            let status = response.status();
-            let headers: Vec<(String, String)> = response
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
-                .collect();
-            let body = response.into_body().collect().await?.to_bytes();
-            Ok(Some((status, headers, body)))
-        })
-        .await;
-        let (status, headers, body) = match answer {
-            Ok(Ok(Some(answer))) => answer,
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => {
-                recorder.record(&mut report, sent, false);
-                report.fail(h2_failure(&e), format!("h2: {e} ({e:?})"));
-                break;
-            }
-            Err(_) => {
-                recorder.record(&mut report, sent, false);
-                report.fail(FailureClass::Timeout, "h2: no answer".into());
-                continue;
-            }
-        };
         let body = String::from_utf8_lossy(&body);
         let generation = match &run.check {
             None => parse_generation(&body),
@@ -303,38 +310,32 @@ pub async fn h2_get(
             "ALPN: the server does not offer h2".into(),
         ));
     }
-    let (mut sender, connection) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
-        TokioExecutor::new(),
-        TokioIo::new(opened.io),
-    )
-    .await
-    .map_err(|e| (FailureClass::Reset, format!("h2 handshake: {e}")))?;
-    tokio::spawn(connection);
+    let sender = h2_connect(opened.io)
+        .await
+        .map_err(|e| (FailureClass::Reset, format!("h2 handshake: {e}")))?;
+    let mut ready = sender
+        .ready()
+        .await
+        .map_err(|e| (FailureClass::Reset, format!("h2: {e}")))?;
     let scheme = if target.tls.is_some() {
         "https"
     } else {
         "http"
     };
     let request = http::Request::get(format!("{scheme}://{host}{path}"))
-        .body(Empty::new())
+        .body(())
         .map_err(|e| (FailureClass::WrongResponse, format!("request: {e}")))?;
-    let response = sender
-        .send_request(request)
+    let (response, _) = ready
+        .send_request(request, true)
+        .map_err(|e| (h2_failure(&e), format!("h2: {e}")))?;
+    let (status, headers, body) = h2_answer(response)
         .await
         .map_err(|e| (h2_failure(&e), format!("h2: {e}")))?;
-    let status = response.status().as_u16();
-    let headers = response
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
-        .collect();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| (h2_failure(&e), format!("h2 body: {e}")))?
-        .to_bytes();
-    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
+    Ok((
+        status.as_u16(),
+        headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
 }
 
 /// A request the connection refused before sending it: the client knows
@@ -350,15 +351,16 @@ impl std::fmt::Display for NotSent {
 
 impl std::error::Error for NotSent {}
 
-/// An HTTP/2 connection as the service a tonic client calls: one
-/// connection, no reconnection, no retry.
+/// An HTTP/2 connection (h2 crate) as the service a tonic client calls:
+/// one connection, no reconnection, no retry; a call whose stream could
+/// not be opened fails as [`NotSent`].
 #[derive(Clone)]
-struct H2Connection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+struct H2Connection(h2::client::SendRequest<Bytes>);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tonic::codegen::Service<http::Request<tonic::body::Body>> for H2Connection {
-    type Response = http::Response<Incoming>;
+    type Response = http::Response<H2Body>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -367,18 +369,54 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for H2Connection 
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let sent = self.0.try_send_request(request);
+        let mut sender = self.0.clone();
         Box::pin(async move {
-            match sent.await {
-                Ok(response) => Ok(response),
-                Err(mut e) => {
-                    if e.take_message().is_some() {
-                        return Err(NotSent.into());
-                    }
-                    Err(e.into_error().into())
-                }
-            }
+            let (parts, body) = request.into_parts();
+            // A unary or server-streaming call's request is one message.
+            let body = body.collect().await?.to_bytes();
+            let (response, mut stream) = sender
+                .send_request(http::Request::from_parts(parts, ()), false)
+                .map_err(|_| NotSent)?;
+            stream.send_data(body, true)?;
+            Ok(response.await?.map(|body| H2Body {
+                body,
+                data_done: false,
+            }))
         })
+    }
+}
+
+/// An h2 response body as an `http_body::Body`, trailers (gRPC's status)
+/// included.
+struct H2Body {
+    body: h2::RecvStream,
+    data_done: bool,
+}
+
+impl http_body::Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match std::task::ready!(this.body.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.body.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        match std::task::ready!(this.body.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
     }
 }
 
@@ -432,21 +470,17 @@ async fn grpc_client(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (sender, connection) =
-            match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-            {
-                Ok(handshake) => handshake,
-                Err(e) => {
-                    run.connection_failed(
-                        &mut report,
-                        FailureClass::Reset,
-                        format!("h2 handshake: {e}"),
-                    );
-                    continue;
-                }
-            };
-        tokio::spawn(connection);
+        let sender = match h2_connect(Box::new(tcp)).await {
+            Ok(sender) => sender,
+            Err(e) => {
+                run.connection_failed(
+                    &mut report,
+                    FailureClass::Reset,
+                    format!("h2 handshake: {e}"),
+                );
+                continue;
+            }
+        };
         let mut grpc = tonic::client::Grpc::with_origin(H2Connection(sender), origin.clone());
         while !run.stopped() {
             if grpc.ready().await.is_err() {
