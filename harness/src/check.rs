@@ -603,6 +603,18 @@ impl<'a> Session<'a> {
         self.load_started.elapsed().as_millis() as u32
     }
 
+    /// Requests in flight at once at most: what a SIGKILL may cut. Over
+    /// HTTP/2 each kept connection carries several streams.
+    fn in_flight_at_most(&self) -> u64 {
+        let connections = self.options.connections as u64;
+        if self.options.http2 {
+            let kept = connections.div_ceil(2);
+            kept * H2_STREAMS as u64 + (connections - kept)
+        } else {
+            connections
+        }
+    }
+
     /// Upgrades every interval until `end`, each waited for (ready and old
     /// gone); with `slow`, slow requests are in flight at each trigger.
     fn every_interval(&mut self, end: Instant, slow: bool) {
@@ -903,7 +915,7 @@ impl<'a> Session<'a> {
                     killed.push(pid);
                 }
             }
-            self.allowed_resets += self.options.connections as u64;
+            self.allowed_resets += self.in_flight_at_most();
             let ms = |at: Duration| at.saturating_sub(since).as_secs_f64() * 1000.0;
             let new_process_ms = appeared.map(ms);
             let recovered = self.settle(deadline) && self.probe().is_ok();
@@ -1113,11 +1125,17 @@ impl<'a> Session<'a> {
             load.examples.insert(0, format!("slow {class}: {detail}"));
         }
         load.examples.truncate(5);
-        let resets = load
-            .failures
-            .get(&FailureClass::Reset)
-            .copied()
-            .unwrap_or(0);
+        // What a SIGKILLed generation cuts: a request on a connection, a
+        // handshake under way, an HTTP/2 stream.
+        let resets: u64 = [
+            FailureClass::Reset,
+            FailureClass::Tls,
+            FailureClass::StreamReset,
+            FailureClass::GoAwayRefused,
+        ]
+        .iter()
+        .filter_map(|class| load.failures.get(class))
+        .sum();
         let unexplained =
             load.failed() + slow_failures.len() as u64 - resets.min(self.allowed_resets);
         if unexplained > 0 {

@@ -499,3 +499,94 @@ fn tls_without_a_trust_is_refused() {
         "{text}"
     );
 }
+
+/// `examples/axum.rs` (built in debug, with the features it needs; a
+/// no-op when up to date), copied like the example server.
+fn axum_example(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // The variables cargo set for this test would make ring's build script
+    // run again, and everything above it be rebuilt, each time.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name == "OUT_DIR"
+            || (name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR")
+        {
+            cargo.env_remove(&*name);
+        }
+    }
+    let status = cargo
+        .args(["build", "-q", "-p", "handover", "--example", "axum"])
+        .args(["--features", "axum,websocket,tls"])
+        .current_dir(&root)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "the axum example builds");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let copy = dir.join("axum");
+    std::fs::copy(target.join("debug/examples/axum"), &copy).expect("a copy of the example");
+    copy
+}
+
+/// `check` on the axum example over HTTP/2 (h2c), over TLS (HTTP/1.1) and
+/// over TLS with HTTP/2: no request lost across upgrades, new connections
+/// and a storm; the SIGKILLed generation's cuts alone allowed.
+#[cfg(feature = "chaos")]
+#[test]
+fn the_axum_example_passes_over_http2_and_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = axum_example(dir.path());
+    let (cert, key) =
+        handover_harness::tls::write_test_certificate(dir.path()).expect("a test certificate");
+    let ca = cert.display().to_string();
+    let plain = format!(
+        "{} --listen {{addr}} --pid-file {{pidfile}}",
+        server.display()
+    );
+    let tls = format!(
+        "{plain} --tls-cert {} --tls-key {}",
+        cert.display(),
+        key.display()
+    );
+    for (name, server, extra) in [
+        ("h2c", &plain, vec!["--http2"]),
+        ("tls", &tls, vec!["--tls", "--ca-file", &ca]),
+        ("tls-h2", &tls, vec!["--tls", "--ca-file", &ca, "--http2"]),
+    ] {
+        let mut args = vec![
+            "--server",
+            server,
+            "--ready-body",
+            "pid=",
+            "--scenario",
+            "keep-alive,new-connections,upgrade-storm,sigkill-old-during-start",
+            "--duration",
+            "1s",
+            "--interval",
+            "250ms",
+            "--connections",
+            "4",
+        ];
+        args.extend(extra);
+        let (output, report) = check(&args, &dir.path().join(name));
+        let text = stdout(&output);
+        assert_eq!(output.status.code(), Some(0), "{name}: {text}");
+        let protocol = match name {
+            "h2c" => "h2c",
+            "tls" => "tls-http1",
+            _ => "tls-h2",
+        };
+        let keep_alive = scenario(&report, "keep-alive");
+        assert!(
+            keep_alive["protocols"][protocol]["ok"].as_u64().unwrap() > 0,
+            "{name}: {text}"
+        );
+        assert_eq!(
+            keep_alive["requests"],
+            keep_alive["protocols"][protocol]["ok"]
+        );
+        println!("{name}:\n{text}");
+    }
+}
