@@ -18,7 +18,7 @@ shift
 bin=target/release/examples/axum
 [ -x "$bin" ] || cargo build --release -q -p handover --features axum,websocket,tls --example axum
 dir=$(mktemp -d)
-trap 'kill -TERM "$(cat "$dir/pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$dir"' EXIT
+trap 'kill -TERM "$(cat "$dir/pid" 2>/dev/null)" 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp -r "$dir" "$KEEP"; rm -rf "$dir"' EXIT
 
 flags=()
 scheme=http
@@ -38,19 +38,36 @@ for _ in $(seq 200); do grep -q 'addr=' "$dir/log" 2>/dev/null && break; sleep 0
 port=$(grep -o 'addr=127.0.0.1:[0-9]*' "$dir/log" | head -1 | cut -d: -f2)
 echo "h2load-upgrades: $mode ${STOCK:+stock }on port $port"
 
-h2load -D 10 -c 32 -m 4 -t 2 "${h2flags[@]}" --log-file="$dir/requests.log" \
-  "$scheme://127.0.0.1:$port/" >"$dir/h2load.out" 2>&1 &
+if [ "${LOAD:-h2load}" = curl ]; then
+  # curl's HTTP/2 (nghttp2 inside) follows GOAWAY: new requests go to a new
+  # connection, and one the server refused (above the last stream id) is
+  # sent again, as RFC 9113 allows. h2load does neither (see README).
+  for _ in $(seq "${REQUESTS:-40000}"); do echo "url = \"$scheme://127.0.0.1:$port/\""; echo 'output = "/dev/null"'; done >"$dir/curl.conf"
+  curlflags=(--http2-prior-knowledge)
+  case $mode in h1*) curlflags=(--http1.1) ;; *-tls) curlflags=(--http2) ;; esac
+  curl -s -k -Z --parallel-max 32 "${curlflags[@]}" -K "$dir/curl.conf" \
+    -w '%{time_starttransfer} %{http_code} %{num_connects} %{errormsg}\n' >"$dir/curl.out" 2>"$dir/curl.err" &
+else
+  h2load -D 10 -c 32 -m 4 -t 2 "${h2flags[@]}" --log-file="$dir/requests.log" \
+    "$scheme://127.0.0.1:$port/" >"$dir/h2load.out" 2>&1 &
+fi
 load=$!
 : >"$dir/signals"
 upgrades=0
 end=$((SECONDS + 10))
 while [ $SECONDS -lt $end ] && kill -0 $load 2>/dev/null; do
-  python3 -c 'import time; print(time.time())' >>"$dir/signals"
+  date +%s.%N >>"$dir/signals"
   kill -HUP "$(cat "$dir/pid")" 2>/dev/null || true
   upgrades=$((upgrades + 1))
   sleep 0.1
 done
 wait $load || true
+if [ "${LOAD:-h2load}" = curl ]; then
+  echo "curl: $(wc -l <"$dir/curl.out") transfers, status counts: $(awk '{ print $2 }' "$dir/curl.out" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
+  echo "curl: connections opened: $(awk '{ n += $3 } END { print n }' "$dir/curl.out"); first errors: $(awk '$2 != 200' "$dir/curl.out" | head -3)"
+  echo "signals sent: $upgrades; generations that served: $(grep -c 'axum: serving' "$dir/log" || true); upgrades failed: $(grep -c 'upgrade failed' "$dir/log" || true)"
+  exit 0
+fi
 grep -E '^(finished|requests|status codes|traffic|time for request|  *[0-9]+ *[0-9]|req/s)' "$dir/h2load.out" | head -12
 echo "signals sent: $upgrades; generations that served: $(grep -c 'axum: serving' "$dir/log" || true); upgrades failed: $(grep -c 'upgrade failed' "$dir/log" || true)"
 python3 - "$dir/requests.log" "$dir/signals" <<'EOF'
