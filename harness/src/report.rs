@@ -212,7 +212,7 @@ impl ScenarioReport {
             protocols,
             grpc_replies: load.grpc_replies,
             ws_going_away: load.ws_going_away,
-            tls_handshakes: handshake_rates(&load.handshakes),
+            tls_handshakes: handshake_rates(&load.handshakes, &upgrade_times),
         }
     }
 
@@ -322,11 +322,22 @@ fn protocol_summaries(samples: &[Sample], upgrades: &[u32]) -> BTreeMap<String, 
         .collect()
 }
 
-/// Handshakes per second of each generation, over the span in which it
-/// served them; handshakes no answer followed are left out.
-fn handshake_rates(handshakes: &[Handshake]) -> Vec<HandshakeRate> {
+/// Handshakes per second of each generation in steady state, over the
+/// span in which it served them: handshakes within 500 ms of an upgrade
+/// (when two generations share the machine) and in the load's first 200 ms
+/// (clients still connecting) are left out, and so are those no answer
+/// followed.
+fn handshake_rates(handshakes: &[Handshake], upgrades: &[u32]) -> Vec<HandshakeRate> {
+    const WINDOW_MS: u32 = 500;
+    const WARM_UP_MS: u32 = 200;
+    let near = |at: u32| {
+        at < WARM_UP_MS
+            || upgrades
+                .iter()
+                .any(|&u| at + WINDOW_MS >= u && at <= u + WINDOW_MS)
+    };
     let mut by_generation: BTreeMap<u64, Vec<&Handshake>> = BTreeMap::new();
-    for handshake in handshakes {
+    for handshake in handshakes.iter().filter(|h| !near(h.at_ms)) {
         if let Some(generation) = handshake.generation {
             by_generation.entry(generation).or_default().push(handshake);
         }
@@ -668,6 +679,32 @@ mod tests {
         assert_eq!(percentile(&values, 99), Some(99));
         assert_eq!(percentile(&[7u32], 99), Some(7));
         assert_eq!(percentile::<u32>(&[], 50), None);
+    }
+
+    #[test]
+    fn handshake_rates_count_each_generation_in_steady_state() {
+        let handshake = |at_ms, generation| Handshake {
+            at_ms,
+            us: 1000,
+            generation: Some(generation),
+        };
+        // Generation 0 from 0 to 1000 ms, an upgrade at 1500, generation 1
+        // from 1100 to 3000: the first 200 ms and 1000..=2000 are left out.
+        let mut handshakes: Vec<Handshake> = (0..=100).map(|i| handshake(i * 10, 0)).collect();
+        handshakes.extend((110..=300).map(|i| handshake(i * 10, 1)));
+        handshakes.push(Handshake {
+            at_ms: 2500,
+            us: 1000,
+            generation: None,
+        });
+        let rates = handshake_rates(&handshakes, &[1500]);
+        assert_eq!(rates.len(), 2);
+        // 200..=990: 80 handshakes over 790 ms.
+        assert_eq!((rates[0].generation, rates[0].count), (0, 80));
+        assert!((rates[0].per_second - 80.0 / 0.79).abs() < 0.01);
+        // 2010..=3000: 100 over 990 ms; the one no answer followed is left out.
+        assert_eq!((rates[1].generation, rates[1].count), (1, 100));
+        assert_eq!(rates[1].p50_us, 1000);
     }
 
     #[test]
