@@ -10,6 +10,13 @@
 //! has been quiet for [`DrainOptions::quiet_period`]. A hard deadline bounds
 //! it all.
 //!
+//! HTTP/2 (feature `http2`) drains with GOAWAY instead, on the same
+//! connection entry point as HTTP/1.1 ([`Drain::serve_http`]), and
+//! [`Drain::serve`] is a whole accept loop for any tower service: an axum
+//! `Router`, tonic's `Routes`. Feature `tls` adds rustls in front
+//! (`Drain::serve_tls`, `tls_acceptor`), feature `websocket` sockets that
+//! say 1001 "going away" (`WebSocketUpgrade`).
+//!
 //! For raw TCP, [`Drain::track`] counts connections; [`Drain::wait`]
 //! resolves when they are all gone or the deadline passes, and
 //! [`Drain::deadline_passed`] tells connection tasks to give up.
@@ -21,6 +28,22 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
+
+#[cfg(feature = "http2")]
+mod serve;
+#[cfg(feature = "tls")]
+mod tls;
+#[cfg(feature = "websocket")]
+mod websocket;
+
+#[cfg(feature = "http2")]
+pub use serve::ConnectionError;
+#[cfg(feature = "tls")]
+pub use tls::{TlsError, tls_acceptor};
+#[cfg(feature = "tls")]
+pub use tokio_rustls::TlsAcceptor;
+#[cfg(feature = "websocket")]
+pub use websocket::{WebSocket, WebSocketRejection, WebSocketUpgrade};
 
 /// How long a drain may take. Build it from the default:
 /// `DrainOptions::default().quiet_period(Duration::from_millis(500))`.

@@ -35,7 +35,13 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 
 use crate::blackbox::{State, Watch, descriptors};
-use crate::load::{FailureClass, HttpCheck, Identity, Load, LoadPlan, LoadReport};
+use crate::load::{
+    Clients, FailureClass, HttpCheck, Identity, Load, LoadPlan, LoadReport, Mode, Target,
+    TlsTarget, h2_get,
+};
+
+/// Concurrent streams on each kept HTTP/2 connection of `--http2`.
+const H2_STREAMS: usize = 4;
 use crate::report::{ScenarioReport, UpgradeRecord, around_upgrades_within};
 use crate::scenario::Scenario;
 
@@ -96,6 +102,9 @@ pub struct CheckOptions {
     pub only: Vec<String>,
     /// Print a progress line.
     pub progress: bool,
+    /// Load over HTTP/2 (prior knowledge, or ALPN h2 with TLS) instead of
+    /// HTTP/1.1, where a scenario's clients can be either.
+    pub http2: bool,
 }
 
 impl Default for CheckOptions {
@@ -120,6 +129,7 @@ impl Default for CheckOptions {
             start_timeout: Duration::from_secs(10),
             only: Vec::new(),
             progress: false,
+            http2: false,
         }
     }
 }
@@ -452,7 +462,12 @@ impl<'a> Session<'a> {
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "the server did not answer 200 on http://{}{}{} within {:?} (`{command}`; last answer: {})",
+                    "the server did not answer 200 on {}://{}{}{} within {:?} (`{command}`; last answer: {})",
+                    if options.http.tls.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    },
                     places.addr,
                     options.http.path,
                     if pid_ok {
@@ -535,6 +550,31 @@ impl<'a> Session<'a> {
                 plan.new_connection = options.connections - half;
             }
         }
+        if options.http2 {
+            // The same connections, over HTTP/2: a few streams on each
+            // kept one, one stream on each new one. Idle clients and slow
+            // requests stay HTTP/1.1.
+            let target = Target {
+                addr: self.places.addr,
+                tls: options.http.tls.clone(),
+            };
+            for (count, mode) in [
+                (std::mem::take(&mut plan.keep_alive), Mode::KeepAlive),
+                (
+                    std::mem::take(&mut plan.new_connection),
+                    Mode::NewConnection,
+                ),
+            ] {
+                if count > 0 {
+                    plan.clients.push(Clients::Http2 {
+                        target: target.clone(),
+                        mode,
+                        streams: H2_STREAMS,
+                        count,
+                    });
+                }
+            }
+        }
         self.load_started = Instant::now();
         let load = Load::run(plan);
         let progress = options
@@ -561,6 +601,18 @@ impl<'a> Session<'a> {
 
     fn elapsed_ms(&self) -> u32 {
         self.load_started.elapsed().as_millis() as u32
+    }
+
+    /// Requests in flight at once at most: what a SIGKILL may cut. Over
+    /// HTTP/2 each kept connection carries several streams.
+    fn in_flight_at_most(&self) -> u64 {
+        let connections = self.options.connections as u64;
+        if self.options.http2 {
+            let kept = connections.div_ceil(2);
+            kept * H2_STREAMS as u64 + (connections - kept)
+        } else {
+            connections
+        }
     }
 
     /// Upgrades every interval until `end`, each waited for (ready and old
@@ -863,7 +915,7 @@ impl<'a> Session<'a> {
                     killed.push(pid);
                 }
             }
-            self.allowed_resets += self.options.connections as u64;
+            self.allowed_resets += self.in_flight_at_most();
             let ms = |at: Duration| at.saturating_sub(since).as_secs_f64() * 1000.0;
             let new_process_ms = appeared.map(ms);
             let recovered = self.settle(deadline) && self.probe().is_ok();
@@ -1028,9 +1080,10 @@ impl<'a> Session<'a> {
             let addr = self.places.addr;
             let path = path.clone();
             let host = self.options.http.host.clone();
+            let tls = self.options.http.tls.clone();
             let timeout = self.options.slow_timeout;
             self.slow.push(std::thread::spawn(move || {
-                slow_request(addr, &path, &host, timeout, sent)
+                slow_request(addr, tls.as_ref(), &path, &host, timeout, sent)
             }));
         }
         drop(sent);
@@ -1072,11 +1125,17 @@ impl<'a> Session<'a> {
             load.examples.insert(0, format!("slow {class}: {detail}"));
         }
         load.examples.truncate(5);
-        let resets = load
-            .failures
-            .get(&FailureClass::Reset)
-            .copied()
-            .unwrap_or(0);
+        // What a SIGKILLed generation cuts: a request on a connection, a
+        // handshake under way, an HTTP/2 stream.
+        let resets: u64 = [
+            FailureClass::Reset,
+            FailureClass::Tls,
+            FailureClass::StreamReset,
+            FailureClass::GoAwayRefused,
+        ]
+        .iter()
+        .filter_map(|class| load.failures.get(class))
+        .sum();
         let unexplained =
             load.failed() + slow_failures.len() as u64 - resets.min(self.allowed_resets);
         if unexplained > 0 {
@@ -1357,8 +1416,13 @@ pub fn probe(
     http: &HttpCheck,
     identity: &Identity,
 ) -> Result<Option<String>, String> {
-    let (status, headers, body) =
-        get(addr, &http.path, &http.host, Duration::from_secs(5)).map_err(|(_, e)| e)?;
+    let timeout = Duration::from_secs(5);
+    let (status, headers, body) = if http.http2 {
+        get_h2(addr, http, timeout)
+    } else {
+        get(addr, http.tls.as_ref(), &http.path, &http.host, timeout)
+    }
+    .map_err(|(_, e)| e)?;
     if status != 200 {
         return Err(format!("status {status}"));
     }
@@ -1376,16 +1440,92 @@ type Answer = (u16, Vec<(String, String)>, String);
 /// (or to its `Content-Length`).
 fn get(
     addr: SocketAddr,
+    tls: Option<&TlsTarget>,
     path: &str,
     host: &str,
     timeout: Duration,
 ) -> Result<Answer, (FailureClass, String)> {
-    let mut stream = connect(addr, timeout)?;
+    let mut stream = connect(addr, tls, timeout)?;
     send_get(&mut stream, path, host)?;
     read_answer(stream)
 }
 
-fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, (FailureClass, String)> {
+/// A `GET` over HTTP/2 on a new connection, from this thread.
+fn get_h2(
+    addr: SocketAddr,
+    http: &HttpCheck,
+    timeout: Duration,
+) -> Result<Answer, (FailureClass, String)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| (FailureClass::Reset, format!("a runtime for the probe: {e}")))?;
+    let target = Target {
+        addr,
+        tls: http.tls.clone(),
+    };
+    runtime.block_on(async {
+        tokio::time::timeout(timeout, h2_get(&target, &http.host, &http.path))
+            .await
+            .unwrap_or_else(|_| Err((FailureClass::Timeout, "h2: no answer".into())))
+    })
+}
+
+/// A blocking connection, plain or TLS, for probes and slow requests.
+enum Connection {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Connection {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Connection::Plain(stream) => stream.read(buffer),
+            Connection::Tls(stream) => stream.read(buffer),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        match self {
+            Connection::Plain(stream) => stream.write(buffer),
+            Connection::Tls(stream) => stream.write(buffer),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Connection::Plain(stream) => stream.flush(),
+            Connection::Tls(stream) => stream.flush(),
+        }
+    }
+}
+
+fn connect(
+    addr: SocketAddr,
+    tls: Option<&TlsTarget>,
+    timeout: Duration,
+) -> Result<Connection, (FailureClass, String)> {
+    let stream = connect_tcp(addr, timeout)?;
+    let Some(tls) = tls else {
+        return Ok(Connection::Plain(stream));
+    };
+    let client =
+        rustls::ClientConnection::new(std::sync::Arc::clone(&tls.config), tls.name.clone())
+            .map_err(|e| (FailureClass::Tls, format!("TLS: {e}")))?;
+    let mut stream = rustls::StreamOwned::new(client, stream);
+    // The handshake now, so that its failure is told apart from the request's.
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .map_err(|e| (FailureClass::Tls, format!("TLS handshake: {e}")))?;
+    }
+    Ok(Connection::Tls(Box::new(stream)))
+}
+
+fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, (FailureClass, String)> {
     let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| {
         let class = match e.kind() {
             io::ErrorKind::ConnectionRefused => FailureClass::Refused,
@@ -1400,15 +1540,16 @@ fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, (FailureCla
     Ok(stream)
 }
 
-fn send_get(stream: &mut TcpStream, path: &str, host: &str) -> Result<(), (FailureClass, String)> {
+fn send_get(stream: &mut Connection, path: &str, host: &str) -> Result<(), (FailureClass, String)> {
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )
+    .and_then(|()| stream.flush())
     .map_err(|e| (FailureClass::Reset, format!("send: {e}")))
 }
 
-fn read_answer(mut stream: TcpStream) -> Result<Answer, (FailureClass, String)> {
+fn read_answer(mut stream: Connection) -> Result<Answer, (FailureClass, String)> {
     let mut raw = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     // Read to the end, or to the body's length: a server may keep the
@@ -1471,12 +1612,13 @@ fn read_answer(mut stream: TcpStream) -> Result<Answer, (FailureClass, String)> 
 /// when the whole answer is a 200.
 fn slow_request(
     addr: SocketAddr,
+    tls: Option<&TlsTarget>,
     path: &str,
     host: &str,
     timeout: Duration,
     written: std::sync::mpsc::Sender<()>,
 ) -> Result<(), (FailureClass, String)> {
-    let mut stream = connect(addr, timeout);
+    let mut stream = connect(addr, tls, timeout);
     if let Ok(stream) = &mut stream {
         let sent = send_get(stream, path, host);
         let _ = written.send(());
@@ -1681,7 +1823,7 @@ mod tests {
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
                 .unwrap();
         });
-        let failure = get(addr, "/", "x", Duration::from_secs(5)).unwrap_err();
+        let failure = get(addr, None, "/", "x", Duration::from_secs(5)).unwrap_err();
         server.join().unwrap();
         assert_eq!(failure.0, FailureClass::Reset, "{failure:?}");
     }

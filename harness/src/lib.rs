@@ -5,12 +5,14 @@
 pub mod blackbox;
 pub mod check;
 pub mod fault;
+pub mod grpc;
 pub mod load;
 pub mod process;
 pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod subject;
+pub mod tls;
 
 /// How many descriptors this process has open, counted portably from
 /// `/dev/fd` (the listing's own descriptor excluded).

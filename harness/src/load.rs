@@ -22,6 +22,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
 
+mod protocols;
+pub use protocols::h2_get;
+
 /// Why a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FailureClass {
@@ -33,6 +36,26 @@ pub enum FailureClass {
     Timeout,
     /// An answer, but not a 200 with the subject's body.
     WrongResponse,
+    /// The TLS handshake failed (the connection was accepted, never served).
+    Tls,
+    /// An HTTP/2 request sent, then refused by the server's GOAWAY (its
+    /// stream above the last one the server took): never processed. A
+    /// graceful drain's first GOAWAY (last stream 2³¹−1) prevents it.
+    GoAwayRefused,
+    /// An HTTP/2 stream reset (RST_STREAM) before its answer.
+    StreamReset,
+    /// A gRPC call ended UNAVAILABLE.
+    GrpcUnavailable,
+    /// A gRPC call ended CANCELLED.
+    GrpcCancelled,
+    /// A gRPC call ended with another non-OK status, or a stream with
+    /// replies missing.
+    GrpcOther,
+    /// A WebSocket message sent and never echoed (the server closed first).
+    WsLost,
+    /// A WebSocket connection closed without a close frame, or with a code
+    /// other than 1000 (normal) or 1001 (going away).
+    WsAbnormal,
 }
 
 impl fmt::Display for FailureClass {
@@ -42,6 +65,14 @@ impl fmt::Display for FailureClass {
             FailureClass::Reset => "reset",
             FailureClass::Timeout => "timeout",
             FailureClass::WrongResponse => "wrong",
+            FailureClass::Tls => "tls",
+            FailureClass::GoAwayRefused => "h2_goaway",
+            FailureClass::StreamReset => "h2_reset",
+            FailureClass::GrpcUnavailable => "grpc_unavailable",
+            FailureClass::GrpcCancelled => "grpc_cancelled",
+            FailureClass::GrpcOther => "grpc_other",
+            FailureClass::WsLost => "ws_lost",
+            FailureClass::WsAbnormal => "ws_abnormal",
         })
     }
 }
@@ -71,6 +102,58 @@ pub struct LoadReport {
     /// trip failed: a crashed server process can fail only the connections
     /// it held, and says which (the subject's `crashing` event).
     pub failed_ports: Vec<(FailureClass, u16)>,
+    /// Every TLS handshake: when, how long, and which generation then answered.
+    pub handshakes: Vec<Handshake>,
+    /// Replies of streaming RPCs received in order.
+    pub grpc_replies: u64,
+    /// WebSocket connections the server closed with 1001 (going away):
+    /// the drain's way to say "reconnect", not a failure.
+    pub ws_going_away: u64,
+}
+
+/// One TLS handshake, for the rate of each generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handshake {
+    /// Milliseconds from the start of the load to the handshake's start.
+    pub at_ms: u32,
+    /// How long it took, in microseconds.
+    pub us: u32,
+    /// The generation that answered the connection's first request, if any did.
+    pub generation: Option<u64>,
+}
+
+/// What a sample or a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// HTTP/1.1 in the clear.
+    Http1,
+    /// HTTP/2 in the clear, with prior knowledge.
+    H2c,
+    /// HTTP/1.1 over TLS.
+    TlsHttp1,
+    /// HTTP/2 over TLS (ALPN h2).
+    TlsH2,
+    /// Unary gRPC calls.
+    GrpcUnary,
+    /// Server-streaming gRPC calls (a sample is a whole stream).
+    GrpcStream,
+    /// WebSocket echo round trips.
+    WebSocket,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2c => "h2c",
+            Protocol::TlsHttp1 => "tls-http1",
+            Protocol::TlsH2 => "tls-h2",
+            Protocol::GrpcUnary => "grpc-unary",
+            Protocol::GrpcStream => "grpc-stream",
+            Protocol::WebSocket => "websocket",
+        })
+    }
 }
 
 /// One HTTP request, for the timeline.
@@ -82,6 +165,8 @@ pub struct Sample {
     pub latency_us: u32,
     /// Whether it was answered correctly.
     pub ok: bool,
+    /// What it was.
+    pub protocol: Protocol,
 }
 
 /// Counters readable while the load runs, for a progress line.
@@ -113,12 +198,38 @@ impl LoadReport {
         }
     }
 
+    /// Records a connection's TLS handshake, if it had one; returns its
+    /// place, for [`LoadReport::handshake_answered`].
+    fn handshake_opened(
+        &mut self,
+        handshake: Option<PendingHandshake>,
+        epoch: Instant,
+    ) -> Option<usize> {
+        let handshake = handshake?;
+        self.handshakes.push(Handshake {
+            at_ms: handshake.started.duration_since(epoch).as_millis() as u32,
+            us: handshake.us,
+            generation: None,
+        });
+        Some(self.handshakes.len() - 1)
+    }
+
+    /// The first answer on a connection names the generation that shook hands.
+    fn handshake_answered(&mut self, handshake: &mut Option<usize>, generation: u64) {
+        if let Some(index) = handshake.take() {
+            self.handshakes[index].generation = Some(generation);
+        }
+    }
+
     fn merge(&mut self, other: LoadReport) {
         self.ok += other.ok;
         self.echoes += other.echoes;
         self.udp_sent += other.udp_sent;
         self.udp_lost += other.udp_lost;
         self.samples.extend(other.samples);
+        self.handshakes.extend(other.handshakes);
+        self.grpc_replies += other.grpc_replies;
+        self.ws_going_away += other.ws_going_away;
         self.reconnects += other.reconnects;
         self.failed_ports.extend(other.failed_ports);
         for (class, n) in other.failures {
@@ -164,6 +275,188 @@ pub struct LoadPlan {
     /// How to judge an answer of a server that is not the subject; `None`
     /// for the subject's own `pid=.. gen=..` body.
     pub http_check: Option<HttpCheck>,
+    /// Clients of the other protocols (HTTP/2, TLS, gRPC, WebSocket).
+    pub clients: Vec<Clients>,
+}
+
+/// Clients of one protocol, beyond the plain HTTP/1.1 ones of [`LoadPlan`].
+#[derive(Debug, Clone)]
+pub enum Clients {
+    /// HTTP/1.1 clients, over TLS when the target says so.
+    Http1 {
+        /// Where, and how.
+        target: Target,
+        /// Keep-alive or a connection per request.
+        mode: Mode,
+        /// How many clients.
+        count: usize,
+    },
+    /// HTTP/2 connections (prior knowledge, or ALPN `h2` over TLS), each
+    /// with `streams` streams one request after another; with
+    /// [`Mode::NewConnection`], one request per connection.
+    Http2 {
+        /// Where, and how.
+        target: Target,
+        /// Keep-alive or a connection per request.
+        mode: Mode,
+        /// Concurrent streams per connection.
+        streams: usize,
+        /// How many connections (clients).
+        count: usize,
+    },
+    /// Unary gRPC calls over h2c, one after another on each connection.
+    GrpcUnary {
+        /// The gRPC port.
+        addr: SocketAddr,
+        /// How many clients.
+        count: usize,
+    },
+    /// Server-streaming gRPC calls, each asking for `replies` replies
+    /// `interval` apart: streams in flight at every upgrade.
+    GrpcStream {
+        /// The gRPC port.
+        addr: SocketAddr,
+        /// How many clients.
+        count: usize,
+        /// Replies per stream.
+        replies: u32,
+        /// Between two replies.
+        interval: Duration,
+    },
+    /// WebSocket echo clients.
+    WebSocket {
+        /// The WebSocket port.
+        addr: SocketAddr,
+        /// How many clients.
+        count: usize,
+    },
+}
+
+impl Clients {
+    fn count(&self) -> usize {
+        match self {
+            Clients::Http1 { count, .. }
+            | Clients::Http2 { count, .. }
+            | Clients::GrpcUnary { count, .. }
+            | Clients::GrpcStream { count, .. }
+            | Clients::WebSocket { count, .. } => *count,
+        }
+    }
+}
+
+/// Where a client connects, and whether over TLS.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The address.
+    pub addr: SocketAddr,
+    /// TLS, if the port speaks it.
+    pub tls: Option<TlsTarget>,
+}
+
+/// A TLS client's configuration and the name it asks for.
+#[derive(Debug, Clone)]
+pub struct TlsTarget {
+    /// Whom it trusts (ALPN is set per protocol).
+    pub config: Arc<rustls::ClientConfig>,
+    /// The server name it asks for (SNI and the certificate's name).
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
+impl Target {
+    /// A plain TCP target.
+    pub fn plain(addr: SocketAddr) -> Target {
+        Target { addr, tls: None }
+    }
+
+    fn protocol(&self, http2: bool) -> Protocol {
+        match (self.tls.is_some(), http2) {
+            (false, false) => Protocol::Http1,
+            (false, true) => Protocol::H2c,
+            (true, false) => Protocol::TlsHttp1,
+            (true, true) => Protocol::TlsH2,
+        }
+    }
+
+    /// Connects, and shakes hands over TLS offering `alpn` if this target
+    /// is TLS (the default configuration's ALPN when `alpn` is empty).
+    async fn open(&self, alpn: &[&[u8]]) -> Result<Opened, (FailureClass, String)> {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| (connect_failure(&e), format!("connect: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let port = tcp.local_addr().map(|addr| addr.port()).ok();
+        let Some(tls) = &self.tls else {
+            return Ok(Opened {
+                port,
+                io: Box::new(tcp),
+                handshake: None,
+                alpn: None,
+            });
+        };
+        let config = if alpn.is_empty() {
+            Arc::clone(&tls.config)
+        } else {
+            let mut config = (*tls.config).clone();
+            config.alpn_protocols = alpn.iter().map(|id| id.to_vec()).collect();
+            Arc::new(config)
+        };
+        let started = Instant::now();
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(tls.name.clone(), tcp)
+            .await
+            .map_err(|e| (FailureClass::Tls, format!("TLS handshake: {e}")))?;
+        let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        Ok(Opened {
+            port,
+            io: Box::new(stream),
+            handshake: Some(PendingHandshake {
+                started,
+                us: started.elapsed().as_micros().min(u32::MAX as u128) as u32,
+            }),
+            alpn,
+        })
+    }
+}
+
+/// A byte stream, plain or TLS.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// A connection just made.
+struct Opened {
+    io: Box<dyn Io>,
+    /// The local port, for [`LoadReport::failed_ports`].
+    port: Option<u16>,
+    handshake: Option<PendingHandshake>,
+    alpn: Option<Vec<u8>>,
+}
+
+/// A TLS handshake whose generation the first answer will tell.
+#[derive(Clone, Copy)]
+struct PendingHandshake {
+    started: Instant,
+    us: u32,
+}
+
+/// Puts each answer on the timeline and the live counters.
+#[derive(Clone)]
+struct Recorder {
+    epoch: Instant,
+    live: Arc<Live>,
+    protocol: Protocol,
+}
+
+impl Recorder {
+    fn record(&self, report: &mut LoadReport, sent: Instant, ok: bool) {
+        report.samples.push(Sample {
+            at_ms: sent.duration_since(self.epoch).as_millis() as u32,
+            latency_us: sent.elapsed().as_micros().min(u32::MAX as u128) as u32,
+            ok,
+            protocol: self.protocol,
+        });
+        let counter = if ok { &self.live.ok } else { &self.live.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// How the HTTP clients judge a black-box server's answers: a 200 on
@@ -179,6 +472,10 @@ pub struct HttpCheck {
     pub body_contains: Option<String>,
     /// Where the answer names the process or generation that gave it.
     pub identity: Identity,
+    /// TLS, when the server speaks it (for the HTTP/1.1 clients and probes).
+    pub tls: Option<TlsTarget>,
+    /// Probes speak HTTP/2: the server may speak nothing else on this port.
+    pub http2: bool,
 }
 
 impl Default for HttpCheck {
@@ -188,6 +485,8 @@ impl Default for HttpCheck {
             host: "localhost".into(),
             body_contains: None,
             identity: Identity::None,
+            tls: None,
+            http2: false,
         }
     }
 }
@@ -303,7 +602,10 @@ async fn run_plan(plan: LoadPlan, stopped: watch::Receiver<bool>, live: Arc<Live
     if let Some(addr) = plan.http {
         let http = |mode, pause| {
             Box::pin(client(
-                addr,
+                Target {
+                    addr,
+                    tls: plan.http_check.as_ref().and_then(|c| c.tls.clone()),
+                },
                 mode,
                 pause,
                 plan.http_check.clone(),
@@ -354,6 +656,17 @@ async fn run_plan(plan: LoadPlan, stopped: watch::Receiver<bool>, live: Arc<Live
             )));
         }
     }
+    for clients in &plan.clients {
+        for _ in 0..clients.count() {
+            let run = protocols::Run {
+                check: plan.http_check.clone(),
+                stopped: stopped.clone(),
+                live: Arc::clone(&live),
+                epoch: started,
+            };
+            spawn(Box::pin(protocols::client(clients.clone(), run)));
+        }
+    }
     while tasks.join_next().await.is_some() {}
     let mut report = total.lock().expect("no panic while held").clone();
     report.samples.sort_by_key(|s| s.at_ms);
@@ -361,7 +674,7 @@ async fn run_plan(plan: LoadPlan, stopped: watch::Receiver<bool>, live: Arc<Live
 }
 
 async fn client(
-    addr: SocketAddr,
+    target: Target,
     mode: Mode,
     pause: Option<Duration>,
     check: Option<HttpCheck>,
@@ -370,28 +683,26 @@ async fn client(
     epoch: Instant,
 ) -> LoadReport {
     let mut report = LoadReport::default();
-    let record = |report: &mut LoadReport, sent: Instant, ok: bool| {
-        report.samples.push(Sample {
-            at_ms: sent.duration_since(epoch).as_millis() as u32,
-            latency_us: sent.elapsed().as_micros().min(u32::MAX as u128) as u32,
-            ok,
-        });
-        let counter = if ok { &live.ok } else { &live.failed };
-        counter.fetch_add(1, Ordering::Relaxed);
+    let recorder = Recorder {
+        epoch,
+        live: Arc::clone(&live),
+        protocol: target.protocol(false),
     };
+    let record =
+        |report: &mut LoadReport, sent: Instant, ok: bool| recorder.record(report, sent, ok);
     'connections: while !*stopped.borrow() {
-        let stream = match TcpStream::connect(addr).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                report.fail(connect_failure(&e), format!("connect: {e}"));
+        let opened = match target.open(&[]).await {
+            Ok(opened) => opened,
+            Err((class, detail)) => {
+                report.fail(class, detail);
                 live.failed.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let port = stream.local_addr().map(|addr| addr.port()).ok();
+        let port = opened.port;
+        let mut handshake = report.handshake_opened(opened.handshake, epoch);
         let Ok((mut sender, connection)) =
-            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(opened.io)).await
         else {
             report.fail(FailureClass::Reset, "handshake".into());
             report.failed_on(FailureClass::Reset, port);
@@ -481,6 +792,7 @@ async fn client(
                     record(&mut report, sent, true);
                     report.ok += 1;
                     report.generations.insert(generation);
+                    report.handshake_answered(&mut handshake, generation);
                 }
                 _ => {
                     record(&mut report, sent, false);

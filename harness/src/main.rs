@@ -22,17 +22,18 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use handover_harness::check::{self, CheckOptions, ReadySource};
-use handover_harness::load::{HttpCheck, Identity};
+use handover_harness::load::{HttpCheck, Identity, TlsTarget};
 use handover_harness::report::{ScenarioReport, html, table};
 use handover_harness::runner::{RunOptions, run};
 use handover_harness::scenario::Scenario;
+use handover_harness::tls::Trust;
 use nix::sys::signal::Signal;
 
 #[derive(Parser)]
 #[command(
     name = "handover-harness",
     version,
-    about = "Chaos scenarios for the handover library's subject, and upgrade checks of anyone's HTTP/1.1 server."
+    about = "Chaos scenarios for the handover library's subject, and upgrade checks of anyone's HTTP server."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -62,12 +63,12 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         scenarios: Option<PathBuf>,
     },
-    /// Checks that anyone's HTTP/1.1 server survives upgrades, seen from outside.
+    /// Checks that anyone's HTTP server (HTTP/1.1 or HTTP/2, plain or TLS) survives upgrades, seen from outside.
     #[command(long_about = CHECK_ABOUT)]
     Check(Box<CheckArgs>),
 }
 
-const CHECK_ABOUT: &str = "Checks that an HTTP/1.1 server, in any language, survives its own upgrades (or reloads) without losing a request.
+const CHECK_ABOUT: &str = "Checks that an HTTP server (HTTP/1.1 or HTTP/2, plain or TLS), in any language, survives its own upgrades (or reloads) without losing a request.
 
 Each scenario starts the server afresh with --server, puts it under strict load (clients that never retry: every request that got no complete 200 is a failure, by class: refused, reset, timeout, wrong), asks for upgrades, and watches from outside: the processes under the started one (and those re-parented to the harness), the PID file, the answers, the upgrade command's exit. It reports failed requests by class, processes left, zombies, the serving generation's descriptors before and after (Linux), the time from each trigger to a ready new generation and to the old one gone, and p99 latency near upgrades against steady state: a table, report.json and report.html (same as `run`). Exit status 0 only if every scenario passed.
 
@@ -77,7 +78,7 @@ Scenarios: keep-alive, new-connections, idle-keep-alive, long-in-flight (needs -
 
 Ready and old gone: ready is the first available of an answer naming a new pid or generation (--ready-header, --ready-body), the upgrade command's exit, a new pid in the PID file (this library writes it when the old generation exits), a new process. Old gone: every process present at the trigger that leaves has left and the server is back to its starting number of processes (a master, as nginx's or HAProxy's, stays).
 
-Not covered yet: TLS and HTTP/2 (the HTTP/2 load waits for its issue); the load is plain HTTP/1.1.
+TLS (--tls, trusting --ca-file or --insecure): every request, probe and slow request over TLS; the report adds each generation's TLS handshakes per second. HTTP/2 (--http2): the keep-alive and new-connection clients speak HTTP/2 (prior knowledge in the clear, ALPN h2 over TLS), several streams on each kept connection; idle clients and slow requests stay HTTP/1.1. A request refused because the server's GOAWAY came first is no failure (nothing was sent); a stream cut by GOAWAY or a reset is (h2_reset).
 
 Examples:
   handover-harness check --server 'target/release/examples/http_server --listen {addr} --pid-file {pidfile}' --ready-body pid=
@@ -156,6 +157,26 @@ struct CheckArgs {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
+    /// The server speaks TLS: every request, probe and handshake over TLS (trust: --ca-file or --insecure).
+    #[arg(long)]
+    tls: bool,
+    /// Trust the certificates (a CA, or the server's self-signed one) in this PEM file.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "tls",
+        conflicts_with = "insecure"
+    )]
+    ca_file: Option<PathBuf>,
+    /// Trust any certificate (a self-signed one the harness was not given); the server must still hold its key.
+    #[arg(long, requires = "tls")]
+    insecure: bool,
+    /// The TLS server name (SNI, and the name the certificate must carry); --host by default.
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    tls_name: Option<String>,
+    /// Load and probes over HTTP/2 (prior knowledge in the clear, ALPN h2 with --tls); idle clients and slow requests stay HTTP/1.1.
+    #[arg(long)]
+    http2: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -320,7 +341,44 @@ fn write_report(out: &Path, json: &str, page: &str) {
     }
 }
 
+/// The TLS clients' configuration from `--tls`, `--ca-file`, `--insecure`.
+fn tls_target(args: &CheckArgs) -> Result<Option<TlsTarget>, String> {
+    if !args.tls {
+        return Ok(None);
+    }
+    let trust = match (&args.ca_file, args.insecure) {
+        (Some(path), _) => Trust::CaFile(path.clone()),
+        (None, true) => Trust::Insecure,
+        (None, false) => {
+            return Err(
+                "--tls needs --ca-file PATH (the CA or the server's certificate) or --insecure"
+                    .into(),
+            );
+        }
+    };
+    let config = handover_harness::tls::client_config(&trust, &[b"http/1.1"])?;
+    let name = args.tls_name.as_deref().unwrap_or(&args.host);
+    let name = if let Some(bracketed) = name.strip_prefix('[') {
+        // `[::1]:8443`: an IPv6 address.
+        bracketed.split(']').next().unwrap_or(bracketed)
+    } else {
+        // A Host header may carry a port; a TLS name does not.
+        match name.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => host,
+            _ => name,
+        }
+    };
+    Ok(Some(TlsTarget {
+        config: std::sync::Arc::new(config),
+        name: handover_harness::tls::server_name(name)?,
+    }))
+}
+
 fn check_command(args: CheckArgs) -> ExitCode {
+    let tls = match tls_target(&args) {
+        Ok(tls) => tls,
+        Err(problem) => return usage(&problem),
+    };
     let identity = match (&args.ready_header, &args.ready_body) {
         (Some(name), _) => Identity::Header(name.clone()),
         (None, Some(prefix)) => Identity::BodyPrefix(prefix.clone()),
@@ -345,6 +403,8 @@ fn check_command(args: CheckArgs) -> ExitCode {
             host: args.host,
             body_contains: args.expect_body,
             identity: Identity::None,
+            tls,
+            http2: args.http2,
         },
         slow_path: args.slow_path,
         slow_timeout: args.slow_timeout,
@@ -357,6 +417,7 @@ fn check_command(args: CheckArgs) -> ExitCode {
         start_timeout: args.start_timeout,
         only: args.scenarios,
         progress: !args.quiet && std::io::stderr().is_terminal(),
+        http2: args.http2,
     };
     let options = CheckOptions {
         http: HttpCheck {

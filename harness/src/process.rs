@@ -93,6 +93,12 @@ pub struct Addresses {
     pub udp: SocketAddr,
     /// The control port.
     pub control: SocketAddr,
+    /// HTTP/1.1 and HTTP/2 over TLS, when the subject serves it.
+    pub tls: Option<SocketAddr>,
+    /// gRPC (h2c), when the subject serves it.
+    pub grpc: Option<SocketAddr>,
+    /// WebSocket echo, when the subject serves it.
+    pub websocket: Option<SocketAddr>,
 }
 
 /// A running subject and every generation it has had.
@@ -169,6 +175,9 @@ impl Subject {
                 tcp: ([127, 0, 0, 1], 0).into(),
                 udp: ([127, 0, 0, 1], 0).into(),
                 control: ([127, 0, 0, 1], 0).into(),
+                tls: None,
+                grpc: None,
+                websocket: None,
             },
         };
         subject.pids.insert(subject.first.id() as i32);
@@ -178,6 +187,9 @@ impl Subject {
             tcp: ready.addr("tcp")?,
             udp: ready.addr("udp")?,
             control: ready.addr("control")?,
+            tls: ready.addr("tls").ok(),
+            grpc: ready.addr("grpc").ok(),
+            websocket: ready.addr("ws").ok(),
         };
         Ok(subject)
     }

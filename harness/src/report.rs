@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::load::{LoadReport, Sample};
+use crate::load::{Handshake, LoadReport, Protocol, Sample};
 use crate::scenario::Scenario;
 
 /// One upgrade asked for by a step.
@@ -106,6 +106,48 @@ pub struct ScenarioReport {
     pub around_upgrades: AroundUpgrades,
     /// The run in 100 ms buckets.
     pub timeline: Vec<Bucket>,
+    /// Each protocol's answers and latency near upgrades (empty for a run
+    /// of plain HTTP/1.1 alone).
+    pub protocols: BTreeMap<String, ProtocolSummary>,
+    /// Replies of streaming RPCs received in order.
+    pub grpc_replies: u64,
+    /// WebSocket connections the server closed with 1001, going away.
+    pub ws_going_away: u64,
+    /// TLS handshakes by the generation that served them.
+    pub tls_handshakes: Vec<HandshakeRate>,
+}
+
+/// One protocol's part of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProtocolSummary {
+    /// Answered correctly.
+    pub ok: u64,
+    /// Failed.
+    pub failed: u64,
+    /// Latency near upgrades against steady state.
+    pub around_upgrades: AroundUpgrades,
+}
+
+impl ProtocolSummary {
+    /// p99 latency within 500 ms of an upgrade over the steady p99.
+    pub fn p99_ratio(&self) -> Option<f64> {
+        let around = &self.around_upgrades;
+        (around.steady_p99_us > 0 && around.around_p99_us > 0)
+            .then(|| f64::from(around.around_p99_us) / f64::from(around.steady_p99_us))
+    }
+}
+
+/// The TLS handshakes one generation served.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandshakeRate {
+    /// The generation.
+    pub generation: u64,
+    /// How many.
+    pub count: u64,
+    /// Per second over the time it served them (first to last).
+    pub per_second: f64,
+    /// Median handshake time.
+    pub p50_us: u32,
 }
 
 impl ScenarioReport {
@@ -144,6 +186,17 @@ impl ScenarioReport {
             .filter(|u| u.outcome == "ok")
             .map(|u| u.at_ms)
             .collect();
+        // A stream's latency is its length: it would read as a slow request.
+        let requests: Vec<Sample> = load
+            .samples
+            .iter()
+            .filter(|s| s.protocol != Protocol::GrpcStream)
+            .copied()
+            .collect();
+        let mut protocols = protocol_summaries(&load.samples, &upgrade_times);
+        if protocols.keys().all(|p| p == "http1") {
+            protocols.clear();
+        }
         ScenarioReport {
             name: scenario.name.clone(),
             description: scenario.description.trim().to_owned(),
@@ -163,8 +216,12 @@ impl ScenarioReport {
             serving_generation,
             generations,
             descriptors,
-            around_upgrades: around_upgrades(&load.samples, &upgrade_times),
+            around_upgrades: around_upgrades(&requests, &upgrade_times),
             timeline: timeline(&load.samples),
+            protocols,
+            grpc_replies: load.grpc_replies,
+            ws_going_away: load.ws_going_away,
+            tls_handshakes: handshake_rates(&load.handshakes, &upgrade_times),
         }
     }
 
@@ -186,6 +243,19 @@ impl ScenarioReport {
     /// Failed requests, round trips and datagrams.
     pub fn dropped(&self) -> u64 {
         self.failures.values().sum()
+    }
+
+    /// The new generation's TLS handshakes per second against the first
+    /// generation's, as a ratio (1.0 = the same), when both served enough
+    /// (50 each) to say.
+    pub fn handshake_rate_ratio(&self) -> Option<f64> {
+        let first = self.tls_handshakes.first()?;
+        let last = self.tls_handshakes.last()?;
+        (first.generation != last.generation
+            && first.count >= 50
+            && last.count >= 50
+            && first.per_second > 0.0)
+            .then(|| last.per_second / first.per_second)
     }
 
     /// Upgrades that succeeded and that failed.
@@ -233,6 +303,71 @@ fn timeline(samples: &[Sample]) -> Vec<Bucket> {
                 p50_us: percentile(&latencies, 50).unwrap_or(0),
                 p99_us: percentile(&latencies, 99).unwrap_or(0),
                 max_us: latencies.last().copied().unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+/// Each protocol's counts and latency near upgrades.
+fn protocol_summaries(samples: &[Sample], upgrades: &[u32]) -> BTreeMap<String, ProtocolSummary> {
+    let mut by_protocol: BTreeMap<Protocol, Vec<Sample>> = BTreeMap::new();
+    for sample in samples {
+        by_protocol
+            .entry(sample.protocol)
+            .or_default()
+            .push(*sample);
+    }
+    by_protocol
+        .into_iter()
+        .map(|(protocol, samples)| {
+            let ok = samples.iter().filter(|s| s.ok).count() as u64;
+            let summary = ProtocolSummary {
+                ok,
+                failed: samples.len() as u64 - ok,
+                around_upgrades: around_upgrades(&samples, upgrades),
+            };
+            (protocol.to_string(), summary)
+        })
+        .collect()
+}
+
+/// Handshakes per second of each generation in steady state, over the
+/// span in which it served them: handshakes within 500 ms of an upgrade
+/// (when two generations share the machine) and in the load's first 200 ms
+/// (clients still connecting) are left out, and so are those no answer
+/// followed.
+fn handshake_rates(handshakes: &[Handshake], upgrades: &[u32]) -> Vec<HandshakeRate> {
+    const WINDOW_MS: u32 = 500;
+    const WARM_UP_MS: u32 = 200;
+    let near = |at: u32| {
+        at < WARM_UP_MS
+            || upgrades
+                .iter()
+                .any(|&u| at + WINDOW_MS >= u && at <= u + WINDOW_MS)
+    };
+    let mut by_generation: BTreeMap<u64, Vec<&Handshake>> = BTreeMap::new();
+    for handshake in handshakes.iter().filter(|h| !near(h.at_ms)) {
+        if let Some(generation) = handshake.generation {
+            by_generation.entry(generation).or_default().push(handshake);
+        }
+    }
+    by_generation
+        .into_iter()
+        .map(|(generation, handshakes)| {
+            let first = handshakes.iter().map(|h| h.at_ms).min().unwrap_or(0);
+            let last = handshakes.iter().map(|h| h.at_ms).max().unwrap_or(0);
+            let mut times: Vec<u32> = handshakes.iter().map(|h| h.us).collect();
+            times.sort_unstable();
+            let span_s = f64::from(last - first) / 1000.0;
+            HandshakeRate {
+                generation,
+                count: handshakes.len() as u64,
+                per_second: if span_s > 0.0 {
+                    handshakes.len() as f64 / span_s
+                } else {
+                    0.0
+                },
+                p50_us: percentile(&times, 50).unwrap_or(0),
             }
         })
         .collect()
@@ -349,6 +484,51 @@ pub fn table(reports: &[ScenarioReport]) -> String {
             },
             if r.passed { "PASS" } else { "FAIL" }
         );
+        for (protocol, summary) in &r.protocols {
+            let around = &summary.around_upgrades;
+            let _ = writeln!(
+                out,
+                "    {protocol:<12} ok {:>8}  failed {:>5}  p99 near upgrades/steady {}",
+                summary.ok,
+                summary.failed,
+                match summary.p99_ratio() {
+                    Some(ratio) => format!(
+                        "{:.2}/{:.2} ms ({ratio:.2}x)",
+                        f64::from(around.around_p99_us) / 1000.0,
+                        f64::from(around.steady_p99_us) / 1000.0
+                    ),
+                    None => "-".to_owned(),
+                }
+            );
+        }
+        if r.grpc_replies > 0 || r.ws_going_away > 0 {
+            let _ = writeln!(
+                out,
+                "    stream replies {}, WebSocket closes 1001 {}",
+                r.grpc_replies, r.ws_going_away
+            );
+        }
+        if let (Some(first), Some(last)) = (r.tls_handshakes.first(), r.tls_handshakes.last())
+            && first.generation != last.generation
+        {
+            let _ = writeln!(
+                out,
+                "    TLS handshakes/s: generation {} {:.0} ({}, p50 {:.2} ms), generation {} {:.0} ({}, p50 {:.2} ms){}",
+                first.generation,
+                first.per_second,
+                first.count,
+                f64::from(first.p50_us) / 1000.0,
+                last.generation,
+                last.per_second,
+                last.count,
+                f64::from(last.p50_us) / 1000.0,
+                r.handshake_rate_ratio()
+                    .map_or(String::new(), |ratio| format!(
+                        ": {:+.1}%",
+                        (ratio - 1.0) * 100.0
+                    ))
+            );
+        }
         for problem in &r.problems {
             let _ = writeln!(out, "    - {problem}");
         }
@@ -521,11 +701,38 @@ mod tests {
     }
 
     #[test]
+    fn handshake_rates_count_each_generation_in_steady_state() {
+        let handshake = |at_ms, generation| Handshake {
+            at_ms,
+            us: 1000,
+            generation: Some(generation),
+        };
+        // Generation 0 from 0 to 1000 ms, an upgrade at 1500, generation 1
+        // from 1100 to 3000: the first 200 ms and 1000..=2000 are left out.
+        let mut handshakes: Vec<Handshake> = (0..=100).map(|i| handshake(i * 10, 0)).collect();
+        handshakes.extend((110..=300).map(|i| handshake(i * 10, 1)));
+        handshakes.push(Handshake {
+            at_ms: 2500,
+            us: 1000,
+            generation: None,
+        });
+        let rates = handshake_rates(&handshakes, &[1500]);
+        assert_eq!(rates.len(), 2);
+        // 200..=990: 80 handshakes over 790 ms.
+        assert_eq!((rates[0].generation, rates[0].count), (0, 80));
+        assert!((rates[0].per_second - 80.0 / 0.79).abs() < 0.01);
+        // 2010..=3000: 100 over 990 ms; the one no answer followed is left out.
+        assert_eq!((rates[1].generation, rates[1].count), (1, 100));
+        assert_eq!(rates[1].p50_us, 1000);
+    }
+
+    #[test]
     fn timeline_buckets_by_100_ms() {
         let sample = |at_ms, latency_us, ok| Sample {
             at_ms,
             latency_us,
             ok,
+            protocol: Protocol::Http1,
         };
         let samples = [
             sample(10, 100, true),

@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use crate::load::{Load, LoadPlan, LoadReport};
+use crate::load::{Clients, Load, LoadPlan, LoadReport, Mode, Target, TlsTarget};
 use crate::process::{Event, Subject, SubjectConfig, read_pid_file};
 use crate::report::{ScenarioReport, UpgradeRecord};
 use crate::scenario::{Action, Scenario, faults_text};
+use crate::tls::Trust;
 
 /// How many of the subject's last stderr lines a failed scenario reports.
 const STDERR_LINES: usize = 12;
@@ -77,7 +78,24 @@ fn start<'a>(scenario: &'a Scenario, options: &RunOptions) -> Result<Run<'a>, St
         settings.rollback_window_ms.to_string(),
         "--executable".into(),
         executable.display().to_string(),
+        "--http-server".into(),
+        settings.http.clone(),
     ]);
+    if settings.tls {
+        let (cert, key) = crate::tls::write_test_certificate(dir.path())?;
+        args.extend([
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ]);
+    }
+    if settings.grpc {
+        args.extend(["--grpc".into(), "true".into()]);
+    }
+    if settings.websocket {
+        args.extend(["--websocket".into(), "true".into()]);
+    }
     let config = SubjectConfig {
         binary: executable.clone(),
         args,
@@ -130,6 +148,13 @@ impl Run<'_> {
             connection_life: Duration::from_millis(settings.connection_ms),
             udp: (settings.udp > 0).then_some((addresses.udp, settings.udp)),
             http_check: None,
+            clients: match self.protocol_clients() {
+                Ok(clients) => clients,
+                Err(problem) => {
+                    let problem = format!("clients: {problem}");
+                    return ScenarioReport::failed_to_start(self.scenario, problem);
+                }
+            },
         };
         self.started = Instant::now();
         let load = Load::run(plan);
@@ -162,6 +187,79 @@ impl Run<'_> {
                 .push("a start-upgrade step was never awaited".into());
         }
         self.finish(load_report, slow_failures, first_descriptors)
+    }
+
+    /// The HTTP/2, TLS, gRPC and WebSocket clients the scenario asks for.
+    fn protocol_clients(&self) -> Result<Vec<Clients>, String> {
+        let load = &self.scenario.load;
+        let addresses = self.subject.addresses;
+        let mut clients = Vec::new();
+        let http = Target::plain(addresses.http);
+        let streams = load.h2_streams;
+        let mut add = |count: usize, make: &dyn Fn(usize) -> Clients| {
+            if count > 0 {
+                clients.push(make(count));
+            }
+        };
+        add(load.h2c, &|count| Clients::Http2 {
+            target: http.clone(),
+            mode: Mode::KeepAlive,
+            streams,
+            count,
+        });
+        add(load.h2c_new_connection, &|count| Clients::Http2 {
+            target: http.clone(),
+            mode: Mode::NewConnection,
+            streams,
+            count,
+        });
+        if let Some(addr) = addresses.tls {
+            let trust = Trust::CaFile(self.dir.path().join("cert.pem"));
+            let target = Target {
+                addr,
+                tls: Some(TlsTarget {
+                    config: Arc::new(crate::tls::client_config(&trust, &[b"http/1.1"])?),
+                    name: crate::tls::server_name("localhost")?,
+                }),
+            };
+            for (count, http2, mode) in [
+                (load.tls_http1, false, Mode::KeepAlive),
+                (load.tls_http1_new_connection, false, Mode::NewConnection),
+                (load.tls_h2, true, Mode::KeepAlive),
+                (load.tls_h2_new_connection, true, Mode::NewConnection),
+            ] {
+                add(count, &|count| {
+                    let target = target.clone();
+                    if http2 {
+                        Clients::Http2 {
+                            target,
+                            mode,
+                            streams,
+                            count,
+                        }
+                    } else {
+                        Clients::Http1 {
+                            target,
+                            mode,
+                            count,
+                        }
+                    }
+                });
+            }
+        }
+        if let Some(addr) = addresses.grpc {
+            add(load.grpc_unary, &|count| Clients::GrpcUnary { addr, count });
+            add(load.grpc_streaming, &|count| Clients::GrpcStream {
+                addr,
+                count,
+                replies: load.grpc_stream_replies,
+                interval: Duration::from_millis(load.grpc_stream_interval_ms),
+            });
+        }
+        if let Some(addr) = addresses.websocket {
+            add(load.websocket, &|count| Clients::WebSocket { addr, count });
+        }
+        Ok(clients)
     }
 
     fn step(&mut self, action: &Action) -> Result<(), String> {
@@ -655,6 +753,31 @@ impl Run<'_> {
         );
         report.with_crashed = with_crashed;
         report.stderr_tail = stderr_tail;
+        let mut late = Vec::new();
+        if let Some(most) = expect.p99_ratio_max {
+            for protocol in ["h2c", "tls-http1", "tls-h2"] {
+                let ratio = report.protocols.get(protocol).and_then(|p| p.p99_ratio());
+                if let Some(ratio) = ratio.filter(|ratio| *ratio > most) {
+                    late.push(format!(
+                        "{protocol}: p99 near upgrades {ratio:.2}x steady (at most {most}x)"
+                    ));
+                }
+            }
+        }
+        if let Some(within) = expect.tls_rate_within_pct {
+            match report.handshake_rate_ratio() {
+                Some(ratio) if (ratio - 1.0).abs() * 100.0 <= within => {}
+                Some(ratio) => late.push(format!(
+                    "TLS handshakes/s of the last generation {:+.1}% of the first's (within {within}%)",
+                    (ratio - 1.0) * 100.0
+                )),
+                None => late.push("too few TLS handshakes to compare generations".into()),
+            }
+        }
+        if !late.is_empty() {
+            report.problems.extend(late);
+            report.passed = false;
+        }
         report
     }
 

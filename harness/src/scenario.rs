@@ -48,6 +48,18 @@ pub struct SubjectSettings {
     pub unix: bool,
     /// The subject's `Options::rollback_window`; 0 for none.
     pub rollback_window_ms: u64,
+    /// How the HTTP port is served: `http1` (the drain's HTTP/1.1 helper),
+    /// `auto` (HTTP/1.1 and h2c on one port, drained), or `stock` (axum's
+    /// own `with_graceful_shutdown`, no handover drain: it loses requests,
+    /// and a scenario shows the harness sees it).
+    pub http: String,
+    /// Serve HTTP/1.1 and HTTP/2 over TLS on a port of its own, with a test
+    /// certificate the harness makes and the clients trust.
+    pub tls: bool,
+    /// Serve the gRPC echo service (h2c) on a port of its own.
+    pub grpc: bool,
+    /// Serve WebSocket echo on a port of its own.
+    pub websocket: bool,
 }
 
 impl Default for SubjectSettings {
@@ -58,6 +70,10 @@ impl Default for SubjectSettings {
             faults: BTreeMap::new(),
             unix: false,
             rollback_window_ms: 0,
+            http: "http1".into(),
+            tls: false,
+            grpc: false,
+            websocket: false,
         }
     }
 }
@@ -85,6 +101,30 @@ pub struct LoadSettings {
     /// The whole scenario's load lasts at least this long (and until the
     /// last step has finished).
     pub duration_ms: u64,
+    /// HTTP/2 prior-knowledge connections on the HTTP port (`subject.http = "auto"`).
+    pub h2c: usize,
+    /// HTTP/2 clients opening a new connection per request.
+    pub h2c_new_connection: usize,
+    /// Concurrent streams on each HTTP/2 connection (plain and TLS).
+    pub h2_streams: usize,
+    /// Keep-alive HTTP/1.1 clients over TLS (`subject.tls`).
+    pub tls_http1: usize,
+    /// HTTP/1.1 clients over TLS with a new connection (a handshake) per request.
+    pub tls_http1_new_connection: usize,
+    /// HTTP/2 connections over TLS (ALPN h2).
+    pub tls_h2: usize,
+    /// HTTP/2 clients over TLS with a new connection per request.
+    pub tls_h2_new_connection: usize,
+    /// Unary gRPC clients (`subject.grpc`).
+    pub grpc_unary: usize,
+    /// Server-streaming gRPC clients.
+    pub grpc_streaming: usize,
+    /// Replies per stream.
+    pub grpc_stream_replies: u32,
+    /// Between two replies of a stream.
+    pub grpc_stream_interval_ms: u64,
+    /// WebSocket echo clients (`subject.websocket`).
+    pub websocket: usize,
 }
 
 impl Default for LoadSettings {
@@ -99,6 +139,18 @@ impl Default for LoadSettings {
             connection_ms: 500,
             udp: 1,
             duration_ms: 1000,
+            h2c: 0,
+            h2c_new_connection: 0,
+            h2_streams: 4,
+            tls_http1: 0,
+            tls_http1_new_connection: 0,
+            tls_h2: 0,
+            tls_h2_new_connection: 0,
+            grpc_unary: 0,
+            grpc_streaming: 0,
+            grpc_stream_replies: 10,
+            grpc_stream_interval_ms: 20,
+            websocket: 0,
         }
     }
 }
@@ -230,6 +282,13 @@ pub struct Expectations {
     /// At least this many failures: a scenario that proves the harness sees
     /// a loss passes only if it sees it.
     pub min_dropped: u64,
+    /// p99 latency within 500 ms of an upgrade at most this many times the
+    /// steady p99, for each of HTTP/2 and TLS (h2c, tls-http1, tls-h2)
+    /// that ran.
+    pub p99_ratio_max: Option<f64>,
+    /// The last generation's TLS handshakes per second within this many
+    /// percent of the first generation's.
+    pub tls_rate_within_pct: Option<f64>,
 }
 
 impl Default for Expectations {
@@ -242,6 +301,8 @@ impl Default for Expectations {
             rolled_back: None,
             serves_at_end: true,
             min_dropped: 0,
+            p99_ratio_max: None,
+            tls_rate_within_pct: None,
         }
     }
 }
@@ -257,6 +318,40 @@ impl Scenario {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
+        }
+        if !["http1", "auto", "stock"].contains(&scenario.subject.http.as_str()) {
+            return Err(format!(
+                "{}: subject.http: {:?} is none of http1, auto, stock",
+                path.display(),
+                scenario.subject.http
+            ));
+        }
+        let load = &scenario.load;
+        let needs = [
+            (
+                load.h2c + load.h2c_new_connection > 0 && scenario.subject.http != "auto",
+                "load.h2c needs subject.http = \"auto\"",
+            ),
+            (
+                load.tls_http1
+                    + load.tls_http1_new_connection
+                    + load.tls_h2
+                    + load.tls_h2_new_connection
+                    > 0
+                    && !scenario.subject.tls,
+                "the TLS load needs subject.tls = true",
+            ),
+            (
+                load.grpc_unary + load.grpc_streaming > 0 && !scenario.subject.grpc,
+                "the gRPC load needs subject.grpc = true",
+            ),
+            (
+                load.websocket > 0 && !scenario.subject.websocket,
+                "load.websocket needs subject.websocket = true",
+            ),
+        ];
+        if let Some((_, problem)) = needs.iter().find(|(missing, _)| *missing) {
+            return Err(format!("{}: {problem}", path.display()));
         }
         for (generation, fault) in &scenario.subject.faults {
             format!("{generation}={fault}")

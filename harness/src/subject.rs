@@ -55,6 +55,33 @@ struct Args {
     /// Die of SIGPIPE, as a process with its default action does, instead
     /// of ignoring it as the Rust runtime arranges.
     sigpipe_default: bool,
+    /// How the HTTP port is served.
+    http_server: HttpServer,
+    /// Serve HTTP/1.1 and HTTP/2 over TLS with this certificate and key.
+    tls: Option<(PathBuf, PathBuf)>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_addr: SocketAddr,
+    /// Serve the gRPC echo service (h2c).
+    grpc: bool,
+    grpc_addr: SocketAddr,
+    /// Serve WebSocket echo.
+    websocket: bool,
+    ws_addr: SocketAddr,
+}
+
+/// How the subject serves its HTTP port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HttpServer {
+    /// HTTP/1.1 through the drain's HTTP/1.1 helper.
+    Http1,
+    /// HTTP/1.1 and h2c (prior knowledge) on one port, through the drain's
+    /// `serve_http`.
+    Auto,
+    /// axum's own `serve(..).with_graceful_shutdown(exit)`, no handover
+    /// drain: what most axum services do, and what loses requests at each
+    /// upgrade (idle keep-alive connections are closed under the clients).
+    Stock,
 }
 
 fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -76,6 +103,15 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
         max_open_files: None,
         inheritable_pipe: false,
         sigpipe_default: false,
+        http_server: HttpServer::Http1,
+        tls: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_addr: loopback,
+        grpc: false,
+        grpc_addr: loopback,
+        websocket: false,
+        ws_addr: loopback,
     };
     let mut words = words;
     while let Some(flag) = words.next() {
@@ -123,9 +159,35 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
             "--sigpipe-default" => {
                 args.sigpipe_default = value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
             }
+            "--http-server" => {
+                args.http_server = match value.as_str() {
+                    "http1" => HttpServer::Http1,
+                    "auto" => HttpServer::Auto,
+                    "stock" => HttpServer::Stock,
+                    other => {
+                        return Err(format!("{flag} {other}: none of http1, auto, stock"));
+                    }
+                };
+            }
+            "--tls-cert" => args.tls_cert = Some(value.into()),
+            "--tls-key" => args.tls_key = Some(value.into()),
+            "--tls" => args.tls_addr = addr()?,
+            "--grpc" => {
+                args.grpc = value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
+            }
+            "--grpc-addr" => args.grpc_addr = addr()?,
+            "--websocket" => {
+                args.websocket = value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
+            }
+            "--websocket-addr" => args.ws_addr = addr()?,
             other => return Err(format!("unknown flag {other}")),
         }
     }
+    args.tls = match (args.tls_cert.take(), args.tls_key.take()) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
     Ok(args)
 }
 
@@ -265,6 +327,27 @@ async fn serve(
     let tcp = TcpListener::from_std(upgrader.tcp_listener("tcp", args.tcp)?)?;
     let control = TcpListener::from_std(upgrader.tcp_listener("control", args.control)?)?;
     let udp = UdpSocket::from_std(upgrader.udp_socket("udp", args.udp)?)?;
+    let tls = match &args.tls {
+        Some((cert, key)) => Some((
+            TcpListener::from_std(upgrader.tcp_listener("tls", args.tls_addr)?)?,
+            // Before ready(): a certificate that does not load fails the
+            // upgrade, and the old generation serves on with its own.
+            handover::drain::tls_acceptor(cert, key)?,
+        )),
+        None => None,
+    };
+    let grpc = match args.grpc {
+        true => Some(TcpListener::from_std(
+            upgrader.tcp_listener("grpc", args.grpc_addr)?,
+        )?),
+        false => None,
+    };
+    let websocket = match args.websocket {
+        true => Some(TcpListener::from_std(
+            upgrader.tcp_listener("websocket", args.ws_addr)?,
+        )?),
+        false => None,
+    };
     let unix = match &args.unix {
         Some(path) => Some(UnixListener::from_std(
             upgrader.unix_listener("unix", path)?,
@@ -305,8 +388,18 @@ async fn serve(
     upgrader.ready()?;
     // Awaited before exiting, so that every accepted request is answered.
     let control_socket = control_socket.map(|control| tokio::spawn(control.serve()));
+    let mut optional = String::new();
+    for (name, listener) in [
+        ("tls", tls.as_ref().map(|(listener, _)| listener)),
+        ("grpc", grpc.as_ref()),
+        ("ws", websocket.as_ref()),
+    ] {
+        if let Some(listener) = listener {
+            optional.push_str(&format!(" {name}={}", listener.local_addr()?));
+        }
+    }
     event(format_args!(
-        "ready gen={generation} http={} tcp={} udp={} control={}",
+        "ready gen={generation} http={} tcp={} udp={} control={}{optional}",
         http.local_addr()?,
         tcp.local_addr()?,
         udp.local_addr()?,
@@ -336,6 +429,9 @@ async fn serve(
         Arc::new(udp),
         Arc::new(control),
     );
+    let tls = tls.map(|(listener, acceptor)| (Arc::new(listener), acceptor));
+    let grpc = grpc.map(Arc::new);
+    let websocket = websocket.map(Arc::new);
     let mut draining = tokio::task::JoinSet::new();
     loop {
         let drain = Drain::new(
@@ -347,13 +443,110 @@ async fn serve(
         // they accepted, so they must have ended before it is waited for.
         let mut accepting = tokio::task::JoinSet::new();
         let tasks = &mut accepting;
-        tasks.spawn(accept_http(
-            generation,
-            Arc::clone(&http),
-            drain.clone(),
-            identity.clone(),
-            upgrader.exit(),
-        ));
+        match args.http_server {
+            HttpServer::Http1 => {
+                tasks.spawn(accept_http(
+                    generation,
+                    Arc::clone(&http),
+                    drain.clone(),
+                    identity.clone(),
+                    upgrader.exit(),
+                ));
+            }
+            HttpServer::Auto => {
+                let drain = drain.clone();
+                let identity = identity.clone();
+                tasks.spawn(accept_until_exit(
+                    generation,
+                    Arc::clone(&http),
+                    upgrader.exit(),
+                    move |stream| {
+                        let _ = stream.set_nodelay(true);
+                        let held = hold(stream.peer_addr().ok());
+                        let identity = identity.clone();
+                        let service = service_fn(move |request| {
+                            respond(request, identity.clone(), generation)
+                        });
+                        let serving = drain.serve_http(stream, service);
+                        tokio::spawn(async move {
+                            let _held = held;
+                            serving.await
+                        });
+                    },
+                ));
+            }
+            HttpServer::Stock => {
+                tasks.spawn(serve_stock(
+                    Arc::clone(&http),
+                    identity.clone(),
+                    upgrader.exit(),
+                ));
+            }
+        }
+        if let Some((listener, acceptor)) = &tls {
+            let drain = drain.clone();
+            let identity = identity.clone();
+            let acceptor = acceptor.clone();
+            tasks.spawn(accept_until_exit(
+                generation,
+                Arc::clone(listener),
+                upgrader.exit(),
+                move |stream| {
+                    let _ = stream.set_nodelay(true);
+                    let held = hold(stream.peer_addr().ok());
+                    let identity = identity.clone();
+                    let service =
+                        service_fn(move |request| respond(request, identity.clone(), generation));
+                    let serving = drain.serve_https(stream, acceptor.clone(), service);
+                    tokio::spawn(async move {
+                        let _held = held;
+                        serving.await
+                    });
+                },
+            ));
+        }
+        if let Some(listener) = &grpc {
+            let drain = drain.clone();
+            tasks.spawn(accept_until_exit(
+                generation,
+                Arc::clone(listener),
+                upgrader.exit(),
+                move |stream| {
+                    let _ = stream.set_nodelay(true);
+                    let held = hold(stream.peer_addr().ok());
+                    let service =
+                        service_fn(move |request| crate::grpc::serve(request, generation));
+                    let serving = drain.serve_http(stream, service);
+                    tokio::spawn(async move {
+                        let _held = held;
+                        serving.await
+                    });
+                },
+            ));
+        }
+        if let Some(listener) = &websocket {
+            let drain = drain.clone();
+            let greeting = String::from_utf8_lossy(&identity).trim().to_owned();
+            let app = axum::Router::new().route(
+                "/",
+                axum::routing::get(move |upgrade| echo_websocket(upgrade, greeting.clone())),
+            );
+            tasks.spawn(accept_until_exit(
+                generation,
+                Arc::clone(listener),
+                upgrader.exit(),
+                move |stream| {
+                    let _ = stream.set_nodelay(true);
+                    let held = hold(stream.peer_addr().ok());
+                    let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                    let serving = drain.serve_http(stream, service);
+                    tokio::spawn(async move {
+                        let _held = held;
+                        serving.await
+                    });
+                },
+            ));
+        }
         tasks.spawn(accept_echo(
             generation,
             Arc::clone(&tcp),
@@ -647,6 +840,64 @@ async fn accept_http(
         });
     })
     .await
+}
+
+/// WebSocket echo through the drain's socket: a greeting that names the
+/// generation, then every text message back; close 1001 when the drain
+/// starts.
+async fn echo_websocket(
+    upgrade: handover::drain::WebSocketUpgrade,
+    greeting: String,
+) -> axum::response::Response {
+    use axum::extract::ws::Message;
+    upgrade.on_upgrade(move |mut socket| async move {
+        if socket.send(Message::Text(greeting.into())).await.is_err() {
+            return;
+        }
+        while let Some(Ok(message)) = socket.recv().await {
+            match message {
+                Message::Text(_) | Message::Binary(_) => {
+                    if socket.send(message).await.is_err() {
+                        return;
+                    }
+                }
+                Message::Close(_) => return,
+                Message::Ping(_) | Message::Pong(_) => {}
+            }
+        }
+    })
+}
+
+/// axum's stock graceful shutdown: it stops accepting when `exit`
+/// resolves, lets requests in flight finish, and closes idle keep-alive
+/// connections at once, under clients that may be sending on them.
+async fn serve_stock(
+    listener: Arc<TcpListener>,
+    identity: Bytes,
+    exit: impl std::future::Future<Output = ExitReason> + Send + 'static,
+) {
+    let app = axum::Router::new().fallback(move || {
+        let identity = identity.clone();
+        async move { identity }
+    });
+    // axum owns what it serves on: a duplicate of the shared socket.
+    let listener = match std::os::fd::AsFd::as_fd(&*listener)
+        .try_clone_to_owned()
+        .map(std::net::TcpListener::from)
+        .and_then(TcpListener::from_std)
+    {
+        Ok(listener) => listener,
+        Err(error) => {
+            event(format_args!("stock-serve-failed gen=0 error={error:?}"));
+            return;
+        }
+    };
+    let served = axum::serve(listener, app).with_graceful_shutdown(async move {
+        exit.await;
+    });
+    if let Err(error) = served.await {
+        event(format_args!("stock-serve-failed gen=0 error={error:?}"));
+    }
 }
 
 /// Released by SIGUSR1 (see `release_on_sigusr1`).

@@ -351,3 +351,242 @@ fn haproxy_reloads_lose_no_new_connection() {
     assert_eq!(new_connections["blackbox"]["steady_processes"], 2, "{text}");
     println!("{text}");
 }
+
+/// A self-signed certificate for localhost and 127.0.0.1 as people make
+/// one, `openssl req -x509` (a CA certificate, which WebPKI alone refuses
+/// as a server's own), or rcgen's where openssl is missing.
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=localhost", "-addext"])
+        .arg("subjectAltName=DNS:localhost,IP:127.0.0.1")
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if made {
+        (cert, key)
+    } else {
+        handover_harness::tls::write_test_certificate(dir).expect("a test certificate")
+    }
+}
+
+/// nginx from Debian over TLS (h1 and h2 by ALPN) and h2c, reloaded: the
+/// TLS and HTTP/2 clients of `check` speak to it, count each TLS
+/// handshake by the process that answered, and class what a reload
+/// loses. New TLS connections over HTTP/1.1 lose nothing (as in the clear);
+/// over HTTP/2 the only losses are streams refused by nginx's single
+/// GOAWAY (`h2_goaway`), never refused connections or resets.
+#[cfg(feature = "chaos")]
+#[test]
+fn nginx_over_tls_and_http2_is_checked() {
+    if !installed("nginx") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let (tls_port, h2c_port) = (free_port(), free_port());
+    let (cert, key) = self_signed(dir.path());
+    std::fs::write(
+        dir.path().join("nginx.conf"),
+        format!(
+            "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log notice;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+             server {{\n  listen 127.0.0.1:{tls_port} ssl http2;\n  listen 127.0.0.1:{h2c_port} http2;\n\
+             ssl_certificate {};\n  ssl_certificate_key {};\n\
+             location / {{ add_header X-Pid $pid always; return 200 \"pid=$pid\\n\"; }}\n }}\n}}\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let nginx = format!("nginx -c {d}/nginx.conf -p {d}");
+    let reload = format!("{nginx} -s reload");
+    let pid_file = format!("{d}/nginx.pid");
+    let run = |port: u16, extra: &[&str], out: &str| {
+        let addr = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "--server",
+            &nginx,
+            "--addr",
+            &addr,
+            "--pid-file",
+            &pid_file,
+            "--upgrade-cmd",
+            &reload,
+            "--ready-header",
+            "X-Pid",
+            "--scenario",
+            "new-connections,keep-alive",
+            "--duration",
+            "1500ms",
+            "--interval",
+            "500ms",
+            "--connections",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        let (output, report) = check(&args, &dir.path().join(out));
+        (stdout(&output), report)
+    };
+    let ca = cert.display().to_string();
+    let only_goaway = |scenario: &Value| {
+        scenario["failures"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|class| class == "h2_goaway")
+    };
+
+    let (text, report) = run(tls_port, &["--tls", "--ca-file", &ca], "tls");
+    let new_connections = scenario(&report, "new-connections");
+    assert_eq!(new_connections["passed"], true, "{text}");
+    assert!(new_connections["requests"].as_u64().unwrap() > 0, "{text}");
+    let handshakes: u64 = new_connections["tls_handshakes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|rate| rate["count"].as_u64().unwrap())
+        .sum();
+    assert!(
+        handshakes > 0,
+        "every new connection is a handshake: {text}"
+    );
+    println!("{text}");
+
+    let (text, report) = run(tls_port, &["--tls", "--insecure", "--http2"], "tls-h2");
+    for name in ["new-connections", "keep-alive"] {
+        let scenario = scenario(&report, name);
+        assert!(
+            scenario["protocols"]["tls-h2"]["ok"].as_u64().unwrap() > 0,
+            "{text}"
+        );
+        assert!(only_goaway(scenario), "{text}");
+    }
+    println!("{text}");
+
+    let (text, report) = run(h2c_port, &["--http2"], "h2c");
+    for name in ["new-connections", "keep-alive"] {
+        let scenario = scenario(&report, name);
+        assert!(
+            scenario["protocols"]["h2c"]["ok"].as_u64().unwrap() > 0,
+            "{text}"
+        );
+        assert!(only_goaway(scenario), "{text}");
+    }
+    println!("{text}");
+}
+
+/// `--tls` with nothing to trust is refused before any server starts.
+#[test]
+fn tls_without_a_trust_is_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new(HARNESS)
+        .args(["check", "--server", "true", "--tls", "--out"])
+        .arg(out.path())
+        .output()
+        .expect("the harness runs");
+    assert_eq!(output.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains("--ca-file") && text.contains("--insecure"),
+        "{text}"
+    );
+}
+
+/// `examples/axum.rs` (built in debug, with the features it needs; a
+/// no-op when up to date), copied like the example server.
+fn axum_example(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // The variables cargo set for this test would make ring's build script
+    // run again, and everything above it be rebuilt, each time.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name == "OUT_DIR"
+            || (name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR")
+        {
+            cargo.env_remove(&*name);
+        }
+    }
+    let status = cargo
+        .args(["build", "-q", "-p", "handover", "--example", "axum"])
+        .args(["--features", "axum,websocket,tls"])
+        .current_dir(&root)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "the axum example builds");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let copy = dir.join("axum");
+    std::fs::copy(target.join("debug/examples/axum"), &copy).expect("a copy of the example");
+    copy
+}
+
+/// `check` on the axum example over HTTP/2 (h2c), over TLS (HTTP/1.1) and
+/// over TLS with HTTP/2: no request lost across upgrades, new connections
+/// and a storm; the SIGKILLed generation's cuts alone allowed.
+#[cfg(feature = "chaos")]
+#[test]
+fn the_axum_example_passes_over_http2_and_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = axum_example(dir.path());
+    let (cert, key) =
+        handover_harness::tls::write_test_certificate(dir.path()).expect("a test certificate");
+    let ca = cert.display().to_string();
+    let plain = format!(
+        "{} --listen {{addr}} --pid-file {{pidfile}}",
+        server.display()
+    );
+    let tls = format!(
+        "{plain} --tls-cert {} --tls-key {}",
+        cert.display(),
+        key.display()
+    );
+    for (name, server, extra) in [
+        ("h2c", &plain, vec!["--http2"]),
+        ("tls", &tls, vec!["--tls", "--ca-file", &ca]),
+        ("tls-h2", &tls, vec!["--tls", "--ca-file", &ca, "--http2"]),
+    ] {
+        let mut args = vec![
+            "--server",
+            server,
+            "--ready-body",
+            "pid=",
+            "--scenario",
+            "keep-alive,new-connections,upgrade-storm,sigkill-old-during-start",
+            "--duration",
+            "1s",
+            "--interval",
+            "250ms",
+            "--connections",
+            "4",
+        ];
+        args.extend(extra);
+        let (output, report) = check(&args, &dir.path().join(name));
+        let text = stdout(&output);
+        assert_eq!(output.status.code(), Some(0), "{name}: {text}");
+        let protocol = match name {
+            "h2c" => "h2c",
+            "tls" => "tls-http1",
+            _ => "tls-h2",
+        };
+        let keep_alive = scenario(&report, "keep-alive");
+        assert!(
+            keep_alive["protocols"][protocol]["ok"].as_u64().unwrap() > 0,
+            "{name}: {text}"
+        );
+        assert_eq!(
+            keep_alive["requests"],
+            keep_alive["protocols"][protocol]["ok"]
+        );
+        println!("{name}:\n{text}");
+    }
+}
