@@ -27,9 +27,26 @@ fi
 export PATH=/usr/bin:$PATH
 export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/macos-check}
+# ring (rustls's provider, features tls and the TLS tests) compiles C that
+# includes the Apple SDK's <TargetConditionals.h>, which no Linux machine
+# has: this stand-in defines what ring reads (macOS, not iOS); and
+# RING_CORE_NOSTDLIBINC (ring's own switch, for targets without a libc)
+# keeps it from <string.h> and <assert.h>, which would be the host's glibc.
+# The objects are only compiled here, never linked into anything that runs.
+stub=$CARGO_TARGET_DIR/apple-sdk-stub
+mkdir -p "$stub"
+cat >"$stub/TargetConditionals.h" <<'HEADER'
+#define TARGET_OS_MAC 1
+#define TARGET_OS_OSX 1
+#define TARGET_OS_IPHONE 0
+#define TARGET_OS_IOS 0
+#define TARGET_OS_TV 0
+#define TARGET_OS_WATCH 0
+#define TARGET_OS_SIMULATOR 0
+HEADER
 for target in "${targets[@]}"; do
   t=${target//-/_}
-  export "CC_$t=clang" "AR_$t=llvm-ar" "CFLAGS_$t=-ffreestanding"
+  export "CC_$t=clang" "AR_$t=llvm-ar" "CFLAGS_$t=-ffreestanding -I$stub -DRING_CORE_NOSTDLIBINC=1"
   echo "macos-check: $target"
   /usr/bin/cargo clippy -Zbuild-std=std,panic_abort,test --target "$target" \
     --workspace --all-targets --all-features -- -D warnings
