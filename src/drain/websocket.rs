@@ -136,6 +136,14 @@ pub struct WebSocket {
 #[derive(Debug, Clone, Copy)]
 enum Going {
     Open,
+    /// Draining: the next message is delivered and close 1001 follows the
+    /// app's next send (the answer and the close leave together), or the
+    /// socket is closed once quiet until `quiet`.
+    Closing {
+        deadline: Instant,
+        quiet: Instant,
+        after_send: bool,
+    },
     /// Draining, with the drain's deadline; `queued` once close 1001 is in
     /// the socket's buffer.
     Away {
@@ -159,6 +167,32 @@ impl WebSocket {
                         biased;
                         message = self.socket.recv() => return message,
                         deadline = draining => {
+                            // Saturating: a quiet period of `Duration::MAX` means never.
+                            let quiet = super::after(Instant::now(), self.drain.quiet_period());
+                            self.going = Going::Closing { deadline, quiet: quiet.min(deadline), after_send: false };
+                        }
+                    }
+                }
+                Going::Closing {
+                    deadline,
+                    quiet,
+                    after_send,
+                } => {
+                    if after_send {
+                        // The app read a message and did not answer: close now.
+                        self.going = Going::Away {
+                            deadline,
+                            queued: false,
+                        };
+                        continue;
+                    }
+                    tokio::select! {
+                        biased;
+                        message = self.socket.recv() => {
+                            self.going = Going::Closing { deadline, quiet, after_send: true };
+                            return message;
+                        }
+                        () = tokio::time::sleep_until(quiet) => {
                             self.going = Going::Away { deadline, queued: false };
                         }
                     }
@@ -202,13 +236,31 @@ impl WebSocket {
 
     /// Sends a message. After close 1001 it fails, as after any close.
     pub async fn send(&mut self, message: Message) -> Result<(), axum::Error> {
+        if let Going::Closing {
+            deadline,
+            after_send: true,
+            ..
+        } = self.going
+        {
+            self.socket.feed(message).await?;
+            let away = Message::Close(Some(CloseFrame {
+                code: close_code::AWAY,
+                reason: "going away".into(),
+            }));
+            self.socket.feed(away).await?;
+            self.going = Going::Away {
+                deadline,
+                queued: true,
+            };
+            return self.socket.flush().await;
+        }
         self.socket.send(message).await
     }
 
     /// Whether the drain has started for this socket (close 1001 is sent
     /// or about to be).
     pub fn is_going_away(&self) -> bool {
-        matches!(self.going, Going::Away { .. })
+        matches!(self.going, Going::Away { .. } | Going::Closing { .. })
     }
 
     /// The subprotocol chosen, if any.
