@@ -614,8 +614,11 @@ async fn serve(
 
 /// The client ports of the TCP connections this process holds (HTTP and
 /// echo), for the `crashing` event: what a crash may fail, and nothing else.
-fn held_connections() -> &'static std::sync::Mutex<std::collections::BTreeSet<u16>> {
-    static HELD: std::sync::OnceLock<std::sync::Mutex<std::collections::BTreeSet<u16>>> =
+/// Counted: one client port may be in two connections at once, to two of
+/// the subject's ports (the kernel reuses a local port for another
+/// destination), and the end of one must not unname the other.
+fn held_connections() -> &'static std::sync::Mutex<std::collections::BTreeMap<u16, usize>> {
+    static HELD: std::sync::OnceLock<std::sync::Mutex<std::collections::BTreeMap<u16, usize>>> =
         std::sync::OnceLock::new();
     HELD.get_or_init(Default::default)
 }
@@ -632,10 +635,13 @@ fn hold(peer: Option<SocketAddr>) -> impl Drop + Send {
         fn drop(&mut self) {
             match self.0 {
                 Some(port) => {
-                    held_connections()
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&port);
+                    let mut held = held_connections().lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(count) = held.get_mut(&port) {
+                        *count -= 1;
+                        if *count == 0 {
+                            held.remove(&port);
+                        }
+                    }
                 }
                 None => {
                     HELD_UNIX.fetch_sub(1, Ordering::SeqCst);
@@ -646,10 +652,11 @@ fn hold(peer: Option<SocketAddr>) -> impl Drop + Send {
     let port = peer.map(|peer| peer.port());
     match port {
         Some(port) => {
-            held_connections()
+            *held_connections()
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(port);
+                .entry(port)
+                .or_default() += 1;
         }
         None => {
             HELD_UNIX.fetch_add(1, Ordering::SeqCst);
@@ -723,11 +730,12 @@ async fn crash_after(generation: u64, after: Duration) {
     let mut stopped = stopped.subscribe();
     stop.send_replace(true);
     let _ = tokio::time::timeout(Duration::from_secs(1), stopped.wait_for(|s| *s)).await;
+    // A port held twice is named twice.
     let held: Vec<String> = held_connections()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(u16::to_string)
+        .flat_map(|(port, count)| std::iter::repeat_n(port.to_string(), *count))
         .collect();
     event(format_args!(
         "crashing gen={generation} held={} held_unix={}",
