@@ -462,16 +462,12 @@ async fn serve(
                     upgrader.exit(),
                     move |stream| {
                         let _ = stream.set_nodelay(true);
-                        let held = hold(stream.peer_addr().ok());
+                        let peer = stream.peer_addr().ok();
                         let identity = identity.clone();
                         let service = service_fn(move |request| {
                             respond(request, identity.clone(), generation)
                         });
-                        let serving = drain.serve_http(stream, service);
-                        tokio::spawn(async move {
-                            let _held = held;
-                            serving.await
-                        });
+                        spawn_held(peer, drain.serve_http(stream, service));
                     },
                 ));
             }
@@ -493,15 +489,11 @@ async fn serve(
                 upgrader.exit(),
                 move |stream| {
                     let _ = stream.set_nodelay(true);
-                    let held = hold(stream.peer_addr().ok());
+                    let peer = stream.peer_addr().ok();
                     let identity = identity.clone();
                     let service =
                         service_fn(move |request| respond(request, identity.clone(), generation));
-                    let serving = drain.serve_https(stream, acceptor.clone(), service);
-                    tokio::spawn(async move {
-                        let _held = held;
-                        serving.await
-                    });
+                    spawn_held(peer, drain.serve_https(stream, acceptor.clone(), service));
                 },
             ));
         }
@@ -513,14 +505,10 @@ async fn serve(
                 upgrader.exit(),
                 move |stream| {
                     let _ = stream.set_nodelay(true);
-                    let held = hold(stream.peer_addr().ok());
+                    let peer = stream.peer_addr().ok();
                     let service =
                         service_fn(move |request| crate::grpc::serve(request, generation));
-                    let serving = drain.serve_http(stream, service);
-                    tokio::spawn(async move {
-                        let _held = held;
-                        serving.await
-                    });
+                    spawn_held(peer, drain.serve_http(stream, service));
                 },
             ));
         }
@@ -537,13 +525,9 @@ async fn serve(
                 upgrader.exit(),
                 move |stream| {
                     let _ = stream.set_nodelay(true);
-                    let held = hold(stream.peer_addr().ok());
+                    let peer = stream.peer_addr().ok();
                     let service = hyper_util::service::TowerToHyperService::new(app.clone());
-                    let serving = drain.serve_http(stream, service);
-                    tokio::spawn(async move {
-                        let _held = held;
-                        serving.await
-                    });
+                    spawn_held(peer, drain.serve_http(stream, service));
                 },
             ));
         }
@@ -621,6 +605,20 @@ fn held_connections() -> &'static std::sync::Mutex<std::collections::BTreeMap<u1
     static HELD: std::sync::OnceLock<std::sync::Mutex<std::collections::BTreeMap<u16, usize>>> =
         std::sync::OnceLock::new();
     HELD.get_or_init(Default::default)
+}
+
+/// Spawns a connection's task, counted as held (see [`hold`]) from now
+/// until it ends.
+fn spawn_held<F>(peer: Option<SocketAddr>, serving: F)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let held = hold(peer);
+    tokio::spawn(async move {
+        let _held = held;
+        serving.await
+    });
 }
 
 /// Unix connections this process holds: they have no port to name.
@@ -838,14 +836,10 @@ async fn accept_http(
 ) {
     accept_until_exit(generation, listener, exit, |stream| {
         let _ = stream.set_nodelay(true);
-        let held = hold(stream.peer_addr().ok());
+        let peer = stream.peer_addr().ok();
         let identity = identity.clone();
         let service = service_fn(move |request| respond(request, identity.clone(), generation));
-        let serving = drain.serve_http1(stream, service);
-        tokio::spawn(async move {
-            let _held = held;
-            serving.await
-        });
+        spawn_held(peer, drain.serve_http1(stream, service));
     })
     .await
 }
