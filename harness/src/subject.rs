@@ -663,55 +663,39 @@ fn hold(peer: Option<SocketAddr>) -> impl Drop + Send {
     Held(port)
 }
 
-/// Set by `crash_after`: the accept loops stop (the second value counts
-/// the loops still running).
-fn crash_gate() -> &'static (
-    tokio::sync::watch::Sender<bool>,
-    tokio::sync::watch::Sender<usize>,
-) {
-    static GATE: std::sync::OnceLock<(
-        tokio::sync::watch::Sender<bool>,
-        tokio::sync::watch::Sender<usize>,
-    )> = std::sync::OnceLock::new();
-    GATE.get_or_init(|| {
-        (
-            tokio::sync::watch::channel(false).0,
-            tokio::sync::watch::channel(0).0,
-        )
+/// What `crash_after` tells the serving loops, and hears back.
+struct CrashSignals {
+    /// The crash is due: the accept loops and the UDP loop stop.
+    due: tokio::sync::watch::Sender<bool>,
+    /// Accept loops still running.
+    accept_loops: tokio::sync::watch::Sender<usize>,
+    /// The UDP loop has stopped.
+    udp_stopped: tokio::sync::watch::Sender<bool>,
+}
+
+fn crash_signals() -> &'static CrashSignals {
+    static SIGNALS: std::sync::OnceLock<CrashSignals> = std::sync::OnceLock::new();
+    SIGNALS.get_or_init(|| CrashSignals {
+        due: tokio::sync::watch::channel(false).0,
+        accept_loops: tokio::sync::watch::channel(0).0,
+        udp_stopped: tokio::sync::watch::channel(false).0,
     })
 }
 
-/// A running accept loop, counted in [`crash_gate`].
+/// A running accept loop, counted in [`CrashSignals::accept_loops`].
 struct AcceptLoop;
 
 impl AcceptLoop {
     fn enter() -> AcceptLoop {
-        crash_gate().1.send_modify(|n| *n += 1);
+        crash_signals().accept_loops.send_modify(|n| *n += 1);
         AcceptLoop
     }
 }
 
 impl Drop for AcceptLoop {
     fn drop(&mut self) {
-        crash_gate().1.send_modify(|n| *n -= 1);
+        crash_signals().accept_loops.send_modify(|n| *n -= 1);
     }
-}
-
-/// Told to the UDP loop by `crash_after`; answered once it has stopped.
-fn udp_stop() -> &'static (
-    tokio::sync::watch::Sender<bool>,
-    tokio::sync::watch::Sender<bool>,
-) {
-    static STOP: std::sync::OnceLock<(
-        tokio::sync::watch::Sender<bool>,
-        tokio::sync::watch::Sender<bool>,
-    )> = std::sync::OnceLock::new();
-    STOP.get_or_init(|| {
-        (
-            tokio::sync::watch::channel(false).0,
-            tokio::sync::watch::channel(false).0,
-        )
-    })
 }
 
 /// The `crash-after-ready:MS` fault: serve for `after`, then die with what
@@ -720,14 +704,16 @@ async fn crash_after(generation: u64, after: Duration) {
     tokio::time::sleep(after).await;
     // Every connection accepted from here on would die unnamed: stop the
     // accept loops first (each names what it accepted as it accepts it).
-    let (crashing, loops) = crash_gate();
-    let mut loops = loops.subscribe();
-    crashing.send_replace(true);
-    let _ = tokio::time::timeout(Duration::from_secs(1), loops.wait_for(|n| *n == 0)).await;
-    let (stop, stopped) = udp_stop();
-    let mut stopped = stopped.subscribe();
-    stop.send_replace(true);
-    let _ = tokio::time::timeout(Duration::from_secs(1), stopped.wait_for(|s| *s)).await;
+    // The UDP loop stops too: no datagram is read and left unanswered.
+    let signals = crash_signals();
+    let mut loops = signals.accept_loops.subscribe();
+    let mut udp_stopped = signals.udp_stopped.subscribe();
+    signals.due.send_replace(true);
+    let stopped = async {
+        let _ = loops.wait_for(|n| *n == 0).await;
+        let _ = udp_stopped.wait_for(|stopped| *stopped).await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), stopped).await;
     // A port held twice is named twice.
     let held: Vec<String> = held_connections()
         .lock()
@@ -798,8 +784,7 @@ async fn accept_until_exit<L: Accept>(
     tokio::pin!(exit);
     let mut failing = false;
     let _accepting = AcceptLoop::enter();
-    let (crashing, _) = crash_gate();
-    let mut crashing = crashing.subscribe();
+    let mut crashing = crash_signals().due.subscribe();
     loop {
         tokio::select! {
             // Exit first: `tokio::select!` picks a ready branch at random,
@@ -996,15 +981,14 @@ async fn accept_echo<L: Accept>(
 async fn echo_udp(socket: Arc<UdpSocket>, exit: impl std::future::Future<Output = ExitReason>) {
     tokio::pin!(exit);
     let mut buffer = vec![0u8; 64 * 1024];
-    let (stop, stopped) = udp_stop();
-    let mut stop = stop.subscribe();
+    let mut stop = crash_signals().due.subscribe();
     loop {
         tokio::select! {
             biased;
             _ = &mut exit => return,
             // A crash to come: no datagram is read and left unanswered.
             _ = async { let _ = stop.wait_for(|stop| *stop).await; } => {
-                stopped.send_replace(true);
+                crash_signals().udp_stopped.send_replace(true);
                 exit.await;
                 return;
             }
