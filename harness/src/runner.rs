@@ -476,8 +476,9 @@ impl Run<'_> {
                     self.check_upgrade(at, &answer, "ok")?;
                     return self.settle(&answer);
                 }
-                // Another generation is starting or draining: wait for its next step.
-                "in_progress" | "parent_alive" | "exiting" => {
+                // Another generation is starting, draining or holding its
+                // rollback window: wait for its next step.
+                "in_progress" | "parent_alive" | "exiting" | "window_open" => {
                     self.subject
                         .wait_new(|e| matches!(e.kind.as_str(), "ready" | "parent-gone" | "exited"))
                         .map_err(|e| e.to_string())?;
