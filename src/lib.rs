@@ -84,8 +84,11 @@ compile_error!(
 pub mod control;
 pub mod drain;
 mod error;
+mod exit_status;
+mod kind;
 mod machine;
 mod pidfile;
+mod problem;
 mod registry;
 mod signal;
 mod state;
@@ -97,8 +100,11 @@ mod upgrader;
 mod wire;
 
 pub use control::ControlSocket;
-pub use error::{Error, ExitStatus, Result};
-pub use registry::{Kind, NewSocket};
+pub use error::{Error, Result};
+pub use exit_status::ExitStatus;
+pub use kind::Kind;
+pub use problem::{DescriptorProblem, FoundObject, ReceiveError};
+pub use registry::NewSocket;
 pub use signal::{Signal, UnknownSignal};
 pub use upgrader::{ExitReason, Options, RolledBack, Upgraded, Upgrader, Verdict};
 pub use wire::WireError;

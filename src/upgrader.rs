@@ -22,7 +22,8 @@ use signal_hook::SigId;
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
-use crate::registry::{Kind, NewSocket, Registry};
+use crate::kind::Kind;
+use crate::registry::{NewSocket, Registry};
 use crate::supervisor::{self, Channels, Command, Config, StateProvider, Supervisor, lock};
 use crate::{state, sys, systemd, wire};
 
