@@ -90,8 +90,10 @@ impl Upgrader {
     /// await that task before returning from `main`.
     ///
     /// # Errors
-    /// [`Error::Bind`] if the socket cannot be created, [`Error::WrongKind`]
-    /// if the name is taken by another kind of descriptor.
+    /// [`Error::Bind`] if the socket cannot be created or its mode set;
+    /// [`Error::WrongKind`] if its name (`handover.control`) is taken by
+    /// another kind of descriptor; [`Error::Io`] if the descriptor cannot be
+    /// duplicated.
     pub fn control_socket(&self, path: impl AsRef<Path>) -> Result<ControlSocket> {
         let path = path.as_ref();
         let listener = self.unix_listener(CONTROL_NAME, path)?;
@@ -126,7 +128,11 @@ impl ControlSocket {
     /// exit, or after the verdict with a rollback window; after a rollback
     /// it answers again): spawn it after [`ready`](Upgrader::ready), and
     /// await its task before returning from `main`, so that no client is
-    /// left without an answer. Needs a tokio runtime.
+    /// left without an answer.
+    ///
+    /// # Panics
+    /// If polled outside a tokio runtime with I/O and time enabled, as
+    /// tokio's own sockets and timers do.
     pub async fn serve(self) {
         let listener = match UnixListener::from_std(self.listener) {
             Ok(listener) => listener,

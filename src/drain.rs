@@ -41,6 +41,7 @@ pub use serve::ConnectionError;
 #[cfg(feature = "tls")]
 pub use tls::{TlsError, tls_acceptor};
 #[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use tokio_rustls::TlsAcceptor;
 #[cfg(feature = "websocket")]
 pub use websocket::{WebSocket, WebSocketRejection, WebSocketUpgrade};
@@ -330,8 +331,14 @@ mod http {
         /// # }
         /// ```
         ///
-        /// The future resolves to the connection's error, if any (a
-        /// malformed request, an I/O error).
+        /// # Errors
+        /// The future resolves to hyper's error on the connection, if any
+        /// (a malformed request, an I/O error).
+        ///
+        /// # Panics
+        /// The future panics if polled outside a tokio runtime with time
+        /// enabled (it waits for the drain's deadline with tokio's timers).
+        #[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
         pub fn serve_http1<I, S, B>(
             &self,
             io: I,

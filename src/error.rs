@@ -4,39 +4,17 @@
 //! exit status), so that a single log line tells an operator what happened,
 //! and has a stable [`Error::reason`] string for metrics labels.
 
-use std::fmt;
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::registry::Kind;
+use crate::exit_status::ExitStatus;
+use crate::kind::Kind;
+use crate::problem::DescriptorProblem;
 use crate::wire::WireError;
 
 /// A specialised `Result` for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// How a successor ended (before it became ready, or within its parent's
-/// rollback window).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ExitStatus {
-    /// It exited on its own with this code.
-    Exited(i32),
-    /// It was ended by this signal number.
-    Signaled(i32),
-}
-
-impl fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            ExitStatus::Exited(code) => write!(f, "exited with code {code}"),
-            ExitStatus::Signaled(signal) => match nix::sys::signal::Signal::try_from(signal) {
-                Ok(name) => write!(f, "killed by {name}"),
-                Err(_) => write!(f, "killed by signal {signal}"),
-            },
-        }
-    }
-}
 
 /// Everything that can go wrong in a handover.
 ///
@@ -56,16 +34,20 @@ pub enum Error {
         source: WireError,
     },
 
-    /// A descriptor named in the inheritance environment is not usable: it
-    /// is not open, or it is not the kind of object it claims to be.
+    /// A descriptor this generation inherited is not usable: it is not
+    /// open, it is not the kind of object its parent named it as, or the
+    /// named descriptors did not arrive as named on the handshake link
+    /// (then `name` is `"(handshake link)"` and `fd` the link's number).
     #[error("inherited descriptor {name:?} (fd {fd}) is unusable: {problem}")]
     InheritedDescriptor {
-        /// The name the parent gave it.
+        /// The name the parent (or systemd) gave it.
         name: String,
         /// Its descriptor number in this process.
         fd: i32,
-        /// What is wrong with it.
-        problem: String,
+        /// What is wrong with it; also the error's
+        /// [`source`](std::error::Error::source).
+        #[source]
+        problem: DescriptorProblem,
     },
 
     /// A name was asked for as one kind of descriptor but is registered as
@@ -285,7 +267,7 @@ mod tests {
             Error::InheritedDescriptor {
                 name: "http".into(),
                 fd: 9,
-                problem: "not open".into(),
+                problem: DescriptorProblem::NotOpen,
             },
             Error::WrongKind {
                 name: "dns".into(),

@@ -67,6 +67,28 @@
 //!
 //! Only the upgrade is the library's; which signal stops the service, and
 //! how, is the service's (see `examples/http_server.rs`).
+//!
+//! # Features
+//!
+//! The upgrade itself ([`Upgrader`], [`ControlSocket`], [`drain::Drain`]'s
+//! counting of connections) needs no feature. The features add draining
+//! for HTTP servers; each one enables the ones it builds on, and a user of
+//! the bare library compiles none of hyper, axum or rustls.
+//!
+//! | feature | default | enables | pulls in |
+//! | --- | --- | --- | --- |
+//! | `hyper` | on | `Drain::serve_http1`: one HTTP/1.1 connection, drained without losing a request | `hyper` 1 (server, http1), `hyper-util` |
+//! | `http2` | off | `Drain::serve_http` (HTTP/1.1 and h2c on one entry point, HTTP/2 drained with GOAWAY), `Drain::serve` (an accept loop for any tower service: axum's `Router`, tonic's `Routes`), `drain::ConnectionError`; implies `hyper` | hyper's `http2` (`h2`), `tower-service` |
+//! | `tls` | off | `Drain::serve_https`, `Drain::serve_tls`, `drain::tls_acceptor`, `drain::TlsAcceptor`, `drain::TlsError` (rustls with the ring provider; ALPN `h2`, `http/1.1`); implies `http2` | `rustls`, `tokio-rustls` (ring, TLS 1.2 and 1.3) |
+//! | `axum` | off | `ConnectInfo<SocketAddr>` in the extensions of requests served by `Drain::serve`, as axum's extractor expects; implies `http2` | `axum` 0.8 without default features |
+//! | `websocket` | off | `drain::WebSocketUpgrade`, `drain::WebSocket`, `drain::WebSocketRejection`: axum WebSockets that say 1001 "going away" when the drain starts; implies `axum` | axum's `ws` (`tokio-tungstenite`), `futures-util` |
+//!
+//! The feature `chaos` is the project's own: it turns on `axum`,
+//! `websocket` and `tls` for its long tests on real processes, and adds
+//! nothing to the library.
+// docs.rs builds with `--cfg docsrs` on nightly: badges name the feature
+// each gated item needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(
     missing_docs,
     missing_debug_implementations,
@@ -84,8 +106,11 @@ compile_error!(
 pub mod control;
 pub mod drain;
 mod error;
+mod exit_status;
+mod kind;
 mod machine;
 mod pidfile;
+mod problem;
 mod registry;
 mod signal;
 mod state;
@@ -97,8 +122,11 @@ mod upgrader;
 mod wire;
 
 pub use control::ControlSocket;
-pub use error::{Error, ExitStatus, Result};
-pub use registry::{Kind, NewSocket};
+pub use error::{Error, Result};
+pub use exit_status::ExitStatus;
+pub use kind::Kind;
+pub use problem::{DescriptorProblem, FoundObject, ReceiveError};
+pub use registry::NewSocket;
 pub use signal::{Signal, UnknownSignal};
 pub use upgrader::{ExitReason, Options, RolledBack, Upgraded, Upgrader, Verdict};
 pub use wire::WireError;

@@ -21,7 +21,8 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::sync::{oneshot, watch};
 
-use crate::error::{Error, ExitStatus, Result};
+use crate::error::{Error, Result};
+use crate::exit_status::ExitStatus;
 use crate::machine::{Decision, Machine, Origin, Phase, Refusal};
 use crate::registry::Registry;
 use crate::state::{self, Inbox, Outbox};

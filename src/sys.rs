@@ -32,12 +32,12 @@ use nix::libc;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, pthread_sigmask};
 use nix::sys::socket::{ControlMessage, MsgFlags, SockType, getsockopt, send, sendmsg, sockopt};
-use nix::sys::stat::SFlag;
 use nix::unistd::Pid;
 use socket2::{Domain, SockAddr, SockRef};
 
-use crate::error::ExitStatus;
-use crate::registry::Kind;
+use crate::exit_status::ExitStatus;
+use crate::kind::Kind;
+use crate::problem::{DescriptorProblem, FoundObject, ReceiveError};
 
 /// Checks that a received descriptor is the kind of object `kind` names;
 /// returns a socket's local address for the registry to keep. The error
@@ -46,25 +46,29 @@ use crate::registry::Kind;
 /// Runs for every inherited descriptor at startup, so it asks the kernel as
 /// little as it can: one `getsockname(2)` tells socket and family, and one
 /// `getsockopt(2)` listening or (for one that does not listen) the type.
-pub(crate) fn check_kind(fd: BorrowedFd<'_>, kind: Kind) -> Result<Option<SockAddr>, String> {
+pub(crate) fn check_kind(
+    fd: BorrowedFd<'_>,
+    kind: Kind,
+) -> Result<Option<SockAddr>, DescriptorProblem> {
     if kind == Kind::Fd {
         return Ok(None);
     }
-    match inspect(fd.as_raw_fd())? {
-        None => Err(format!(
-            "expected a {kind}, found {}",
-            describe(fd.as_raw_fd())
-        )),
-        Some((Some(found), addr)) if found == kind => Ok(Some(addr)),
-        Some((Some(found), _)) => Err(format!("expected a {kind}, found a {found}")),
-        Some((None, _)) => Err(format!("expected a {kind}, found another kind of socket")),
-    }
+    let found = match inspect(fd.as_raw_fd())? {
+        Some((Some(found), addr)) if found == kind => return Ok(Some(addr)),
+        Some((Some(found), _)) => FoundObject::Socket(found),
+        Some((None, _)) => FoundObject::OtherSocket,
+        None => describe(fd.as_raw_fd()),
+    };
+    Err(DescriptorProblem::KindMismatch {
+        expected: kind,
+        found,
+    })
 }
 
 /// What an open descriptor is: `None` if it is not a socket, else the
 /// socket's kind (`None` for one this library does not hand over by kind,
 /// such as a connected stream) and its local address. Errs if it is not open.
-pub(crate) fn inspect(fd: RawFd) -> Result<Option<(Option<Kind>, SockAddr)>, String> {
+pub(crate) fn inspect(fd: RawFd) -> Result<Option<(Option<Kind>, SockAddr)>, DescriptorProblem> {
     // SAFETY: `try_init` hands a zeroed storage and its length; getsockname
     // writes at most that many bytes and the actual length, and `try_init`
     // reads only what the call reported. On a number that is not open or
@@ -80,54 +84,60 @@ pub(crate) fn inspect(fd: RawFd) -> Result<Option<(Option<Kind>, SockAddr)>, Str
     };
     let addr = match named {
         Ok(((), addr)) => addr,
-        Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
-            return Err(format!("it is not open ({e})"));
+        Err(e) => {
+            return match errno(&e) {
+                libc::EBADF => Err(DescriptorProblem::NotOpen),
+                libc::ENOTSOCK => Ok(None),
+                errno => Err(DescriptorProblem::Uninspectable {
+                    call: "getsockname(2)",
+                    errno,
+                }),
+            };
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => return Ok(None),
-        Err(e) => return Err(format!("cannot inspect it: {e}")),
     };
     // SAFETY: getsockname just succeeded on `fd`, so it is open, and it stays
     // open while borrowed here: nothing in this function closes it and the
     // library has not adopted it yet.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let kind =
-        socket_kind(borrowed, &addr).map_err(|e| format!("cannot inspect the socket: {e}"))?;
+    let kind = socket_kind(borrowed, &addr)?;
     Ok(Some((kind, addr)))
 }
 
-/// What a descriptor that is not a socket is, for an error message.
-fn describe(fd: RawFd) -> &'static str {
+/// The error number of an error that came from a system call. Every error
+/// this layer builds from one has it; `EIO` stands in should one ever not.
+fn errno(error: &io::Error) -> i32 {
+    error.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// What a descriptor that is not a socket is, for an error.
+fn describe(fd: RawFd) -> FoundObject {
     let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: fstat writes a `stat` into the buffer it is given, which is
     // large enough, and fails without writing on a bad descriptor.
     if unsafe { libc::fstat(fd, stat.as_mut_ptr()) } == -1 {
-        return "something that cannot be inspected";
+        return FoundObject::Unknown;
     }
     // SAFETY: fstat succeeded, so it initialised the buffer.
     let mode = unsafe { stat.assume_init() }.st_mode;
-    describe_file_type(SFlag::from_bits_truncate(mode) & SFlag::S_IFMT)
-}
-
-fn describe_file_type(file_type: SFlag) -> &'static str {
-    match file_type {
-        SFlag::S_IFREG => "a regular file",
-        SFlag::S_IFDIR => "a directory",
-        SFlag::S_IFIFO => "a pipe",
-        SFlag::S_IFCHR => "a character device",
-        SFlag::S_IFBLK => "a block device",
-        SFlag::S_IFLNK => "a symbolic link",
-        _ => "an unknown kind of file",
-    }
+    FoundObject::from_file_type(mode)
 }
 
 /// The kind of a socket and its local address, from its family, listening
 /// state and (for one that does not listen) its type.
-fn socket_kind(fd: BorrowedFd<'_>, addr: &SockAddr) -> io::Result<Option<Kind>> {
+fn socket_kind(fd: BorrowedFd<'_>, addr: &SockAddr) -> Result<Option<Kind>, DescriptorProblem> {
+    let failed = |call| {
+        move |errno: Errno| DescriptorProblem::Uninspectable {
+            call,
+            errno: errno as i32,
+        }
+    };
     let domain = addr.domain();
     let inet = domain == Domain::IPV4 || domain == Domain::IPV6;
     let unix = domain == Domain::UNIX;
     // Only stream sockets listen, so a listener needs no SO_TYPE.
-    let kind = if getsockopt(&fd, sockopt::AcceptConn)? {
+    let listening =
+        getsockopt(&fd, sockopt::AcceptConn).map_err(failed("getsockopt(SO_ACCEPTCONN)"))?;
+    let kind = if listening {
         if inet {
             Some(Kind::TcpListener)
         } else if unix {
@@ -136,7 +146,7 @@ fn socket_kind(fd: BorrowedFd<'_>, addr: &SockAddr) -> io::Result<Option<Kind>> 
             None
         }
     } else {
-        match getsockopt(&fd, sockopt::SockType)? {
+        match getsockopt(&fd, sockopt::SockType).map_err(failed("getsockopt(SO_TYPE)"))? {
             SockType::Datagram if inet => Some(Kind::Udp),
             SockType::Datagram if unix => Some(Kind::UnixDatagram),
             _ => None,
@@ -311,9 +321,11 @@ const LINK_BUFFER_PER_MESSAGE: usize = 4 * 1024;
 /// waiting: this never blocks, and anything else (fewer, more, another byte,
 /// not a socket) is an error that says so. Whatever was received is closed
 /// on error; the link itself is only borrowed.
-pub(crate) fn receive_fds(link: RawFd, count: usize) -> Result<Vec<OwnedFd>, String> {
+pub(crate) fn receive_fds(link: RawFd, count: usize) -> Result<Vec<OwnedFd>, DescriptorProblem> {
     if inspect(link)?.is_none() {
-        return Err(format!("expected a socket, found {}", describe(link)));
+        return Err(DescriptorProblem::NotASocket {
+            found: describe(link),
+        });
     }
     // SAFETY: `link` is an open socket (just checked), and it is only
     // borrowed for this call: nothing here closes it.
@@ -321,34 +333,37 @@ pub(crate) fn receive_fds(link: RawFd, count: usize) -> Result<Vec<OwnedFd>, Str
     let mut received: Vec<OwnedFd> = Vec::with_capacity(count);
     while received.len() < count {
         let before = received.len();
-        let byte = receive_some(link, &mut received).map_err(|e| match e.raw_os_error() {
-            Some(libc::EAGAIN) => {
-                format!("only {before} of {count} descriptors were waiting on it")
-            }
-            _ => format!("receiving descriptors on it failed: {e}"),
+        let byte = receive_some(link, &mut received).map_err(|e| match e {
+            ReceiveError::Io {
+                errno: libc::EAGAIN,
+                ..
+            } => ReceiveError::TooFew {
+                expected: count,
+                received: before,
+            },
+            other => other,
         })?;
         match byte {
             None => {
-                return Err(format!(
-                    "it was closed after {before} of {count} descriptors"
-                ));
+                return Err(ReceiveError::Closed {
+                    expected: count,
+                    received: before,
+                }
+                .into());
             }
             Some(FDS_MARK) => {}
-            Some(other) => {
-                return Err(format!(
-                    "it carried byte 0x{other:02x} instead of descriptors"
-                ));
-            }
+            Some(other) => return Err(ReceiveError::UnexpectedByte { byte: other }.into()),
         }
         if received.len() == before {
-            return Err(format!("a message after {before} descriptors carried none"));
+            return Err(ReceiveError::Empty { received: before }.into());
         }
     }
     if received.len() > count {
-        return Err(format!(
-            "it carried {} descriptors, the inheritance names {count}",
-            received.len()
-        ));
+        return Err(ReceiveError::TooMany {
+            expected: count,
+            received: received.len(),
+        }
+        .into());
     }
     Ok(received)
 }
@@ -356,7 +371,7 @@ pub(crate) fn receive_fds(link: RawFd, count: usize) -> Result<Vec<OwnedFd>, Str
 /// One `recvmsg(2)` of one byte and at most [`FDS_PER_MESSAGE`] descriptors,
 /// appended to `into` as owned, close-on-exec descriptors. `None` at end of
 /// stream.
-fn receive_some(link: BorrowedFd<'_>, into: &mut Vec<OwnedFd>) -> io::Result<Option<u8>> {
+fn receive_some(link: BorrowedFd<'_>, into: &mut Vec<OwnedFd>) -> Result<Option<u8>, ReceiveError> {
     const FD_BYTES: usize = FDS_PER_MESSAGE * std::mem::size_of::<libc::c_int>();
     // SAFETY: CMSG_SPACE only computes a size from its argument.
     let space = unsafe { libc::CMSG_SPACE(FD_BYTES as libc::c_uint) } as usize;
@@ -394,7 +409,10 @@ fn receive_some(link: BorrowedFd<'_>, into: &mut Vec<OwnedFd>) -> io::Result<Opt
         break n;
     };
     if n == -1 {
-        return Err(io::Error::last_os_error());
+        return Err(ReceiveError::Io {
+            call: "recvmsg(2)",
+            errno: errno(&io::Error::last_os_error()),
+        });
     }
     // Take ownership of every descriptor that arrived before looking at
     // anything else, so that none leaks whatever the verdict.
@@ -438,13 +456,15 @@ fn receive_some(link: BorrowedFd<'_>, into: &mut Vec<OwnedFd>) -> io::Result<Opt
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     for fd in &into[first_new..] {
-        set_cloexec(fd)?;
+        set_cloexec(fd).map_err(|e| ReceiveError::Io {
+            call: "fcntl(F_SETFD, FD_CLOEXEC)",
+            errno: errno(&e),
+        })?;
     }
     if header.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("a message carried more than {FDS_PER_MESSAGE} descriptors"),
-        ));
+        return Err(ReceiveError::Truncated {
+            limit: FDS_PER_MESSAGE,
+        });
     }
     Ok((n == 1).then_some(byte))
 }
@@ -1082,7 +1102,17 @@ mod tests {
         send_fds(ours.as_fd(), theirs.as_fd(), &[sent.as_fd()]).unwrap();
         drop(sent);
         let err = receive_fds(theirs.as_raw_fd(), 2).unwrap_err();
-        assert_eq!(err, "only 1 of 2 descriptors were waiting on it");
+        assert_eq!(
+            err,
+            DescriptorProblem::Receive(ReceiveError::TooFew {
+                expected: 2,
+                received: 1
+            })
+        );
+        assert_eq!(
+            err.to_string(),
+            "only 1 of 2 descriptors were waiting on it"
+        );
         drop((ours, theirs));
         assert_closed_everywhere(port);
     }
@@ -1098,7 +1128,10 @@ mod tests {
         send_fds(ours.as_fd(), theirs.as_fd(), &borrowed(&sent)).unwrap();
         drop(sent);
         let err = receive_fds(theirs.as_raw_fd(), 1).unwrap_err();
-        assert_eq!(err, "it carried 2 descriptors, the inheritance names 1");
+        assert_eq!(
+            err.to_string(),
+            "it carried 2 descriptors, the inheritance names 1"
+        );
         drop((ours, theirs));
         for port in ports {
             assert_closed_everywhere(port);
@@ -1110,19 +1143,32 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().unwrap();
         drop(ours);
         let err = receive_fds(theirs.as_raw_fd(), 1).unwrap_err();
-        assert_eq!(err, "it was closed after 0 of 1 descriptors");
+        assert_eq!(err.to_string(), "it was closed after 0 of 1 descriptors");
 
         let (mut ours, theirs) = UnixStream::pair().unwrap();
         io::Write::write_all(&mut ours, b"R").unwrap();
         let err = receive_fds(theirs.as_raw_fd(), 1).unwrap_err();
-        assert_eq!(err, "it carried byte 0x52 instead of descriptors");
+        assert_eq!(
+            err,
+            DescriptorProblem::Receive(ReceiveError::UnexpectedByte { byte: b'R' })
+        );
+        assert_eq!(
+            err.to_string(),
+            "it carried byte 0x52 instead of descriptors"
+        );
     }
 
     #[test]
     fn a_link_that_is_not_a_socket_is_an_error() {
         let file = tempfile::tempfile().unwrap();
         let err = receive_fds(file.as_raw_fd(), 1).unwrap_err();
-        assert_eq!(err, "expected a socket, found a regular file");
+        assert_eq!(
+            err,
+            DescriptorProblem::NotASocket {
+                found: FoundObject::RegularFile
+            }
+        );
+        assert_eq!(err.to_string(), "expected a socket, found a regular file");
     }
 
     #[test]

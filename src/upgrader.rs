@@ -22,7 +22,8 @@ use signal_hook::SigId;
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
-use crate::registry::{Kind, NewSocket, Registry};
+use crate::kind::Kind;
+use crate::registry::{NewSocket, Registry};
 use crate::supervisor::{self, Channels, Command, Config, StateProvider, Supervisor, lock};
 use crate::{state, sys, systemd, wire};
 
@@ -245,9 +246,15 @@ impl Upgrader {
     /// one owner.
     ///
     /// # Errors
-    /// [`Error::Inheritance`] for a malformed inheritance environment and
-    /// [`Error::InheritedDescriptor`] for a descriptor in it that is not open
-    /// or not of the kind claimed. Nothing is closed on error.
+    /// [`Error::Inheritance`] for a malformed inheritance environment
+    /// (`HANDOVER`, or systemd's `LISTEN_FDS`/`LISTEN_FDNAMES`);
+    /// [`Error::InheritedDescriptor`] for a descriptor in it that is not
+    /// open, not of the kind claimed, or did not arrive on the handshake link
+    /// (its [`DescriptorProblem`](crate::DescriptorProblem) says which);
+    /// [`Error::Io`] when a system call fails (resolving the executable,
+    /// installing a signal handler, starting the supervisor thread). On
+    /// error the handshake link is left open, and the descriptors received
+    /// on it are closed.
     pub fn new(options: Options) -> Result<Upgrader> {
         // The inheritance is taken once per process: the environment may
         // still name it (see above), and its descriptors have one owner.
@@ -447,6 +454,12 @@ impl Upgrader {
     /// they share the socket): pass it to [`tokio::net::TcpListener::from_std`].
     /// Accept on it only after [`ready`](Self::ready), so that a successor
     /// that fails during init takes no connection with it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] for an empty or too long name;
+    /// [`Error::WrongKind`] if `name` is another kind of descriptor;
+    /// [`Error::Bind`] if a new socket cannot be created, bound or made to
+    /// listen; [`Error::Io`] if the descriptor cannot be duplicated.
     pub fn tcp_listener(&self, name: &str, addr: SocketAddr) -> Result<std::net::TcpListener> {
         self.tcp_listener_with(name, addr, |_| Ok(()))
     }
@@ -488,6 +501,9 @@ impl Upgrader {
 
     /// The UDP socket named `name`, inherited or newly bound to `addr`;
     /// non-blocking, for [`tokio::net::UdpSocket::from_std`].
+    ///
+    /// # Errors
+    /// As [`tcp_listener`](Self::tcp_listener).
     pub fn udp_socket(&self, name: &str, addr: SocketAddr) -> Result<std::net::UdpSocket> {
         self.udp_socket_with(name, addr, |_| Ok(()))
     }
@@ -513,6 +529,11 @@ impl Upgrader {
     /// `path` (a stale socket file nobody answers on is replaced). The path
     /// is left in place when a successor takes over and removed on a final
     /// [`stop`](Self::stop). Non-blocking.
+    ///
+    /// # Errors
+    /// As [`tcp_listener`](Self::tcp_listener); [`Error::Bind`] also when a
+    /// stale socket file cannot be removed, or `path` is taken by a file
+    /// that is not a stale socket.
     pub fn unix_listener(&self, name: &str, path: impl AsRef<Path>) -> Result<UnixListener> {
         Ok(lock(&self.registry)
             .unix_socket(name, Kind::UnixListener, path.as_ref())?
@@ -521,6 +542,9 @@ impl Upgrader {
 
     /// The Unix datagram socket named `name`, inherited or newly bound to
     /// `path`. Non-blocking.
+    ///
+    /// # Errors
+    /// As [`unix_listener`](Self::unix_listener).
     pub fn unix_datagram(&self, name: &str, path: impl AsRef<Path>) -> Result<UnixDatagram> {
         Ok(lock(&self.registry)
             .unix_socket(name, Kind::UnixDatagram, path.as_ref())?
@@ -529,12 +553,22 @@ impl Upgrader {
 
     /// Hands any other descriptor (a file, a pipe, a connection) to the next
     /// generations under `name`; the library keeps its own duplicate.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] for an empty or too long name;
+    /// [`Error::WrongKind`] if `name` is a socket; [`Error::Io`] if `fd`
+    /// cannot be duplicated.
     pub fn add_fd(&self, name: &str, fd: &impl AsFd) -> Result<()> {
         lock(&self.registry).add_fd(name, fd)
     }
 
     /// A duplicate of the descriptor added under `name` by this generation or
     /// an earlier one, if there is one.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] for an empty or too long name;
+    /// [`Error::WrongKind`] if `name` is a socket; [`Error::Io`] if the
+    /// descriptor cannot be duplicated.
     pub fn fd(&self, name: &str) -> Result<Option<OwnedFd>> {
         lock(&self.registry).fd(name)
     }
@@ -570,7 +604,9 @@ impl Upgrader {
     /// generation starts.
     ///
     /// # Errors
-    /// [`Error::StateLost`] if the parent went away before all of it came.
+    /// [`Error::StateLost`] if the parent went away (or broke the framing)
+    /// before all of it came; [`Error::Exiting`] if the supervisor has shut
+    /// down (the `Upgrader` is being dropped).
     pub fn inherited_state(
         &self,
     ) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send + 'static {
@@ -595,6 +631,9 @@ impl Upgrader {
     }
 
     /// [`inherited_state`](Self::inherited_state) for blocking code.
+    ///
+    /// # Errors
+    /// As [`inherited_state`](Self::inherited_state).
     pub fn inherited_state_blocking(&self) -> Result<Option<Vec<u8>>> {
         block_on(self.inherited_state())
     }
@@ -618,8 +657,9 @@ impl Upgrader {
     /// parent and the service manager. About 0.1 ms, once per process.
     ///
     /// # Errors
-    /// [`Error::AlreadyReady`] on a second call, [`Error::PidFile`] if the
-    /// PID file cannot be written (the parent is then not told),
+    /// [`Error::AlreadyReady`] on a second call; [`Error::Exiting`] if a
+    /// stop signal or [`stop`](Self::stop) came first; [`Error::PidFile`] if
+    /// the PID file cannot be written (the parent is then not told);
     /// [`Error::SupervisorFailed`] if the supervisor thread failed.
     pub fn ready(&self) -> Result<()> {
         let (reply, answer) = oneshot::channel();
@@ -641,6 +681,9 @@ impl Upgrader {
     /// [`Error::SuccessorExited`], [`Error::Timeout`] and
     /// [`Error::Handshake`] when the successor failed;
     /// [`Error::StateProviderPanicked`] when the state provider panicked;
+    /// [`Error::Io`] when the handover could not be prepared (the handshake
+    /// link, sending the descriptors on it: `ETOOMANYREFS` near
+    /// `RLIMIT_NOFILE`, state over 1 GiB);
     /// [`Error::SupervisorFailed`] when the supervisor thread failed (this
     /// generation serves on; see the error).
     pub fn upgrade(&self) -> impl Future<Output = Result<Upgraded>> + Send + 'static {
@@ -648,6 +691,9 @@ impl Upgrader {
     }
 
     /// [`upgrade`](Self::upgrade) for blocking code.
+    ///
+    /// # Errors
+    /// As [`upgrade`](Self::upgrade).
     pub fn upgrade_blocking(&self) -> Result<Upgraded> {
         block_on(self.upgrade())
     }

@@ -24,7 +24,7 @@ use std::os::fd::RawFd;
 
 use nix::sys::signal::Signal;
 
-use crate::registry::Kind;
+use crate::kind::Kind;
 
 /// The environment variable that carries the inheritance.
 pub const VAR: &str = "HANDOVER";

@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 use std::process::{Command, Output};
 
-use handover::{Kind, Options, Upgrader};
+use handover::{DescriptorProblem, Error, FoundObject, Kind, Options, Upgrader};
 
 const ROLE: &str = "HANDOVER_TEST_ROLE";
 
@@ -88,6 +88,61 @@ fn a_second_upgrader_inherits_nothing() {
         "twice",
         r#"exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=http exec "$0" "$@""#,
         Some(OwnedFd::from(listener)),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("checked"), "{stdout}");
+}
+
+/// A descriptor that is not what its parent named it as is a typed problem
+/// behind the public error: the caller can match on what was expected and
+/// what was found, and the message still says both.
+#[test]
+fn an_inherited_descriptor_of_another_kind_is_a_typed_problem() {
+    if role().as_deref() == Some("wrong-kind") {
+        let err = Upgrader::new(Options::default().upgrade_signal(None)).unwrap_err();
+        assert_eq!(err.reason(), "inherited_descriptor_unusable");
+        let expected = DescriptorProblem::KindMismatch {
+            expected: Kind::TcpListener,
+            found: FoundObject::Socket(Kind::Udp),
+        };
+        match &err {
+            Error::InheritedDescriptor { name, problem, .. } => {
+                assert_eq!(name, "http");
+                assert_eq!(problem, &expected);
+            }
+            other => panic!("another error: {other}"),
+        }
+        let source = std::error::Error::source(&err).expect("a source");
+        assert_eq!(source.downcast_ref::<DescriptorProblem>(), Some(&expected));
+        assert!(
+            err.to_string()
+                .ends_with("is unusable: expected a tcp listener, found a udp socket"),
+            "{err}"
+        );
+        println!("checked");
+        return;
+    }
+    // As a parent sends it: one byte 'F' with the descriptor attached, on
+    // the link that the inheritance names; a UDP socket where a TCP
+    // listener is claimed.
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let sent = sendmsg::<()>(
+        ours.as_raw_fd(),
+        &[std::io::IoSlice::new(b"F")],
+        &[ControlMessage::ScmRights(&[udp.as_raw_fd()])],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(sent, 1);
+    let output = run_child(
+        "an_inherited_descriptor_of_another_kind_is_a_typed_problem",
+        "wrong-kind",
+        r#"exec 8<&0 0</dev/null; HANDOVER="v1;gen=1;parent=1;link=8;fd=tcp,http" exec "$0" "$@""#,
+        Some(OwnedFd::from(theirs)),
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("checked"), "{stdout}");

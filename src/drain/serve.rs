@@ -35,6 +35,7 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// [`Drain::serve_https`](crate::drain::Drain::serve_https)) ended in error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+#[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
 pub enum ConnectionError {
     /// Reading the first bytes, which tell HTTP/2 from HTTP/1.1, failed.
     #[error("reading the first bytes of the connection: {0}")]
@@ -79,6 +80,16 @@ impl Drain {
     ///
     /// The connection counts as open from this call: call it in the accept
     /// loop and spawn the future. [`serve`](Self::serve) is that loop.
+    ///
+    /// # Errors
+    /// The future resolves to [`ConnectionError::Preface`] if reading the
+    /// first bytes failed, [`ConnectionError::Http`] for hyper's error on the
+    /// connection (a malformed request, an I/O error).
+    ///
+    /// # Panics
+    /// The future panics if polled outside a tokio runtime with time enabled
+    /// (HTTP/2 spawns its tasks on it; the deadline is a tokio timer).
+    #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
     pub fn serve_http<I, S, B>(
         &self,
         io: I,
@@ -106,7 +117,13 @@ impl Drain {
     /// Wait for the connections with [`wait`](Self::wait).
     ///
     /// `exit` is polled before each accept, so that once it has resolved no
-    /// connection is taken.
+    /// connection is taken. A failed accept (`EMFILE`, `ECONNABORTED`) is
+    /// logged at DEBUG and the loop accepts on; so is a connection's error,
+    /// with its peer's address.
+    ///
+    /// # Panics
+    /// If polled outside a tokio runtime with time enabled: each connection
+    /// is a `tokio::spawn`ed task.
     ///
     /// ```no_run
     /// # async fn example(upgrader: handover::Upgrader) -> Result<(), Box<dyn std::error::Error>> {
@@ -120,6 +137,7 @@ impl Drain {
     /// drain.wait().await;
     /// # Ok(()) }
     /// ```
+    #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
     pub async fn serve<S, B, F>(&self, listener: TcpListener, service: S, exit: F) -> F::Output
     where
         S: tower_service::Service<Request<Incoming>, Response = Response<B>>

@@ -26,6 +26,7 @@ use super::{ConnectionGuard, Drain};
 /// Why [`tls_acceptor`] could not make a TLS configuration; says which file.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub enum TlsError {
     /// The certificate chain file could not be read, or holds a bad PEM
     /// section.
@@ -71,6 +72,14 @@ pub enum TlsError {
 /// 1.3, with rustls's ring provider. Load it before
 /// [`Upgrader::ready`](crate::Upgrader::ready): an error then makes the
 /// upgrade fail and the old generation serve on.
+///
+/// # Errors
+/// [`TlsError::Certificate`] if the certificate file cannot be read or
+/// holds a bad PEM section, [`TlsError::NoCertificate`] if it holds no
+/// certificate, [`TlsError::Key`] if the key file cannot be read or holds no
+/// private key, [`TlsError::Config`] if rustls refuses the pair. Each names
+/// the file.
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub fn tls_acceptor(
     certificate: impl AsRef<Path>,
     key: impl AsRef<Path>,
@@ -116,6 +125,17 @@ impl Drain {
     /// The connection counts as open from this call; a handshake still
     /// under way when the drain starts is finished (up to the deadline) and
     /// the connection then served as draining.
+    ///
+    /// # Errors
+    /// The future resolves to [`ConnectionError::Handshake`] if the TLS
+    /// handshake failed, [`ConnectionError::Preface`] if reading the first
+    /// bytes failed (no ALPN), [`ConnectionError::Http`] for hyper's error on
+    /// the connection.
+    ///
+    /// # Panics
+    /// As [`serve_http`](Self::serve_http): the future needs a tokio runtime
+    /// with time enabled.
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn serve_https<I, S, B>(
         &self,
         io: I,
@@ -139,6 +159,10 @@ impl Drain {
     /// [`serve`](Self::serve) over TLS: accepts on `listener` until `exit`
     /// resolves, serving each connection with
     /// [`serve_https`](Self::serve_https).
+    ///
+    /// # Panics
+    /// As [`serve`](Self::serve): outside a tokio runtime with time enabled.
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub async fn serve_tls<S, B, F>(
         &self,
         listener: TcpListener,

@@ -36,6 +36,7 @@ use super::{ConnectionGuard, Drain};
 /// let app: Router = Router::new().route("/ws", get(echo));
 /// ```
 #[derive(Debug)]
+#[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]
 pub struct WebSocketUpgrade {
     inner: ws::WebSocketUpgrade,
     drain: Drain,
@@ -44,6 +45,7 @@ pub struct WebSocketUpgrade {
 /// Why a [`WebSocketUpgrade`] could not be extracted.
 #[derive(Debug)]
 #[non_exhaustive]
+#[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]
 pub enum WebSocketRejection {
     /// The request was not served through the drain, so no [`Drain`] is
     /// in its extensions: serve the router with
@@ -125,6 +127,7 @@ impl WebSocketUpgrade {
 /// beside its own work): that is where the drain, pings and the client's
 /// close are seen.
 #[derive(Debug)]
+#[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]
 pub struct WebSocket {
     socket: ws::WebSocket,
     drain: Drain,
@@ -157,6 +160,10 @@ impl WebSocket {
     /// after close 1001 when the deadline passes. Cancel-safe: a call
     /// dropped half-way through sending close 1001 leaves it queued, and the
     /// next call flushes it.
+    ///
+    /// # Errors
+    /// `Some(Err(_))` with axum's error when receiving fails, or sending
+    /// close 1001 does (the connection broke).
     pub async fn recv(&mut self) -> Option<Result<Message, axum::Error>> {
         loop {
             match self.going {
@@ -234,7 +241,11 @@ impl WebSocket {
         }
     }
 
-    /// Sends a message. After close 1001 it fails, as after any close.
+    /// Sends a message.
+    ///
+    /// # Errors
+    /// axum's error if the connection broke, or the socket is closed: after
+    /// close 1001 it fails, as after any close.
     pub async fn send(&mut self, message: Message) -> Result<(), axum::Error> {
         if let Going::Closing {
             deadline,
