@@ -11,8 +11,8 @@
 //! it all.
 //!
 //! HTTP/2 (feature `http2`) drains with GOAWAY instead, on the same
-//! connection entry point as HTTP/1.1 ([`Drain::serve_http`]), and
-//! [`Drain::serve`] is a whole accept loop for any tower service: an axum
+//! connection entry point as HTTP/1.1 (`Drain::serve_http`), and
+//! `Drain::serve` is a whole accept loop for any tower service: an axum
 //! `Router`, tonic's `Routes`. Feature `tls` adds rustls in front
 //! (`Drain::serve_tls`, `tls_acceptor`), feature `websocket` sockets that
 //! say 1001 "going away" (`WebSocketUpgrade`).
