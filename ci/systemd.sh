@@ -9,9 +9,10 @@
 # cannot run here (no privileges for a manager, no systemd >= 253 for
 # Type=notify-reload) is SKIPPED, loudly, never passed.
 #
-#   usage: ci/systemd.sh [PATH-TO-BINARY [PATH-TO-HANDOVER-CLI]]
-#     default target/release/examples/http_server and target/release/handover
-#     (built when missing)
+#   usage: ci/systemd.sh [PATH-TO-BINARY [PATH-TO-HANDOVER-CLI [PATH-TO-HARNESS]]]
+#     default target/release/examples/http_server, target/release/handover
+#     and target/release/handover-harness (built when missing); the
+#     harness's `load` subcommand is the load generator
 #   env:   SYSTEMD_SUITES="system backports"  which managers to run: the
 #            installed systemd, and Debian bookworm-backports' systemd (254),
 #            unpacked into target/systemd-backports/ (nothing is installed)
@@ -31,8 +32,8 @@
 # notify unit with `ExecReload=handover upgrade --socket`, and back-to-back
 # reloads (the second while the old generation drains) for notify and
 # notify-reload. Besides PASS/FAIL, every managed case prints its reloads
-# (old -> new pid, generation, time), the load (ci/systemd-load.py: requests
-# ok and failed, by class) and how the stop went. Variants of the example
+# (old -> new pid, generation, time), the load (`handover-harness load`:
+# requests ok and failed, by class) and how the stop went. Variants of the example
 # units (without PIDFile=, with KillMode=process) run as `finding:` lines
 # that do not decide the exit status: they record what this systemd does.
 # About 8 minutes for both managers.
@@ -67,8 +68,18 @@ if [ ! -x "$cli" ]; then
     say "systemd.sh: $cli is not an executable file"; exit 2
   fi
 fi
+harness=${3:-target/release/handover-harness}
+if [ ! -x "$harness" ]; then
+  if [ $# -lt 3 ]; then
+    say "systemd.sh: building the load generator: cargo build --release -p handover-harness --bin handover-harness"
+    cargo build --release -p handover-harness --bin handover-harness -q || { say "systemd.sh: the build failed"; exit 1; }
+  else
+    say "systemd.sh: $harness is not an executable file"; exit 2
+  fi
+fi
 bin=$(realpath "$bin")
 cli=$(realpath "$cli")
+harness=$(realpath "$harness")
 reloads=${SYSTEMD_RELOADS:-20}
 finding_reloads=${SYSTEMD_FINDING_RELOADS:-5}
 pause=${SYSTEMD_RELOAD_PAUSE:-0.2}
@@ -310,32 +321,39 @@ TimeoutStopSec=20
 EOF
 }
 
-# The load generator, in the background until stop_load. Returns once
-# every one of its clients has had an answer (the idle ones then hold
-# connections that a drain must wait for). Bounded: 30 s.
+# The load generator (`handover-harness load`: busy new-connection and
+# keep-alive clients, and keep-alive clients idle for 0.9 s and 2.5 s
+# between requests, so that each drain lasts the example's quiet period), in
+# the background until stop_load. Returns once every one of its clients has
+# had an answer (the idle ones then hold connections that a drain must wait
+# for). Bounded: 30 s.
 start_load() { # port name
-  rm -f "$B/$2.load-stop" "$B/$2.load.json" "$B/$2.load.json.started"
-  python3 "$repo/ci/systemd-load.py" "$1" "$B/$2.load-stop" 300 "$B/$2.load.json" &
+  rm -f "$B/$2.load.json" "$B/$2.load.out"
+  "$harness" load "127.0.0.1:$1" --json "$B/$2.load.json" >"$B/$2.load.out" 2>&1 &
   load_pid=$!
   disown "$load_pid"
   bg_pids+=("$load_pid")
+  load_out=$B/$2.load.out
   for _ in $(seq 600); do
-    [ -e "$B/$2.load.json.started" ] && return 0
+    grep -q '^load: every client answered' "$load_out" 2>/dev/null && return 0
     kill -0 "$load_pid" 2>/dev/null || break
     sleep 0.05
   done
-  say "systemd.sh: the load generator did not get going within 30 s"
+  say "systemd.sh: the load generator did not get going within 30 s: $(tail -n 1 "$load_out" 2>/dev/null)"
 }
 
-# Stops it and sets load_ok, load_failed and load_line.
+# Stops it (SIGTERM: it finishes the requests in flight and writes its
+# summary) and sets load_ok, load_failed and load_line.
 stop_load() { # name
-  touch "$B/$1.load-stop"
-  # Its requests time out after 5 s.
-  for _ in $(seq 200); do kill -0 "$load_pid" 2>/dev/null || break; sleep 0.05; done
+  kill -TERM "$load_pid" 2>/dev/null
+  # Its requests time out after 10 s.
+  for _ in $(seq 300); do kill -0 "$load_pid" 2>/dev/null || break; sleep 0.05; done
   if [ -s "$B/$1.load.json" ]; then
-    read -r load_ok load_failed load_line <"$B/$1.load.json"
+    load_ok=$(grep -o '"ok":[0-9]*' "$B/$1.load.json" | cut -d: -f2)
+    load_failed=$(grep -o '"failed":[0-9]*' "$B/$1.load.json" | cut -d: -f2)
+    load_line=$(sed -n 's/^load: \(.*\) (stopped by .*)$/\1/p' "$load_out" | tail -n 1)
   else
-    load_ok=0 load_failed=1 load_line="the load generator wrote no summary"
+    load_ok=0 load_failed=1 load_line="the load generator wrote no summary: $(tail -n 2 "$load_out" 2>/dev/null)"
   fi
 }
 

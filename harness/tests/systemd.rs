@@ -8,7 +8,8 @@
 //!
 //! The example and the `handover` client are the release builds (`cargo
 //! build --release --example http_server --bin handover`), or the binaries
-//! named by `HANDOVER_SYSTEMD_BINARY` and `HANDOVER_SYSTEMD_CLI`.
+//! named by `HANDOVER_SYSTEMD_BINARY` and `HANDOVER_SYSTEMD_CLI`; the load
+//! generator is this crate's `handover-harness load`.
 #![cfg(feature = "chaos")]
 
 use std::io::Write;
@@ -78,18 +79,39 @@ fn binaries() -> (PathBuf, PathBuf) {
     (executable("http_server"), executable("handover"))
 }
 
+/// Copies of the example, the client and this crate's `handover-harness`
+/// (the load generator), taken now: the script runs for minutes, and a
+/// build of another checkout into the same target directory may replace
+/// the originals meanwhile.
+fn snapshot((example, cli): &(PathBuf, PathBuf)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let harness = Path::new(env!("CARGO_BIN_EXE_handover-harness"));
+    for (from, name) in [
+        (example.as_path(), "http_server"),
+        (cli.as_path(), "handover"),
+        (harness, "handover-harness"),
+    ] {
+        std::fs::copy(from, dir.path().join(name))
+            .unwrap_or_else(|e| panic!("a copy of {}: {e}", from.display()));
+    }
+    dir
+}
+
 #[test]
 fn example_service_under_a_real_systemd() {
     if !cfg!(target_os = "linux") {
         shout("systemd: every case: SKIPPED (systemd runs on Linux only)");
         return;
     }
-    let (binary, cli) = binaries();
+    let snapshot = snapshot(&binaries());
+    let [binary, cli, load] =
+        ["http_server", "handover", "handover-harness"].map(|name| snapshot.path().join(name));
     let log = tempfile::NamedTempFile::new().expect("a temporary file");
     let mut child = Command::new("bash")
         .arg(repo().join("ci/systemd.sh"))
         .arg(&binary)
         .arg(&cli)
+        .arg(&load)
         .current_dir(repo())
         .stdin(Stdio::null())
         .stdout(log.reopen().expect("the log"))
@@ -125,7 +147,7 @@ fn example_service_under_a_real_systemd() {
         .collect();
     shout(&format!(
         "ci/systemd.sh with {} ({:.0?}):",
-        binary.display(),
+        binaries().0.display(),
         started.elapsed()
     ));
     for line in &lines {
