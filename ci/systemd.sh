@@ -9,12 +9,19 @@
 # cannot run here (no privileges for a manager, no systemd >= 253 for
 # Type=notify-reload) is SKIPPED, loudly, never passed.
 #
-#   usage: ci/systemd.sh [PATH-TO-BINARY [PATH-TO-HANDOVER-CLI]]
-#     default target/release/examples/http_server and target/release/handover
-#     (built when missing)
+#   usage: ci/systemd.sh [PATH-TO-BINARY [PATH-TO-HANDOVER-CLI [PATH-TO-HARNESS]]]
+#     default target/release/examples/http_server, target/release/handover
+#     and target/release/handover-harness (built when missing); the
+#     harness's `load` subcommand is the load generator
 #   env:   SYSTEMD_SUITES="system backports"  which managers to run: the
 #            installed systemd, and Debian bookworm-backports' systemd (254),
 #            unpacked into target/systemd-backports/ (nothing is installed)
+#          SYSTEMD_OTHER_SUITES="backports"  suites another run of this
+#            script does at the same time (harness/tests/systemd.rs runs
+#            one per suite, in parallel): a case they cover is not reported
+#            SKIPPED here. Runs at the same time share nothing but the
+#            unpacked 254 and apt (both under a lock), and take their ports
+#            from separate ranges below the kernel's ephemeral ports
 #          SYSTEMD_CASES="..."   run only these cases (names as printed)
 #          SYSTEMD_RELOADS=20    reloads per case (back-to-back: this many
 #                                  pairs' worth, in pairs)
@@ -31,11 +38,12 @@
 # notify unit with `ExecReload=handover upgrade --socket`, and back-to-back
 # reloads (the second while the old generation drains) for notify and
 # notify-reload. Besides PASS/FAIL, every managed case prints its reloads
-# (old -> new pid, generation, time), the load (ci/systemd-load.py: requests
-# ok and failed, by class) and how the stop went. Variants of the example
+# (old -> new pid, generation, time), the load (`handover-harness load`:
+# requests ok and failed, by class) and how the stop went. Variants of the example
 # units (without PIDFile=, with KillMode=process) run as `finding:` lines
 # that do not decide the exit status: they record what this systemd does.
-# About 8 minutes for both managers.
+# About 8 minutes for both managers one after the other, about half that
+# for each in a run of its own.
 #
 # Needs root (mount namespace, cgroups). Installs, where missing and
 # possible: systemd, util-linux, bsdutils (script), curl, python3.
@@ -67,12 +75,24 @@ if [ ! -x "$cli" ]; then
     say "systemd.sh: $cli is not an executable file"; exit 2
   fi
 fi
+harness=${3:-target/release/handover-harness}
+if [ ! -x "$harness" ]; then
+  if [ $# -lt 3 ]; then
+    say "systemd.sh: building the load generator: cargo build --release -p handover-harness --bin handover-harness"
+    cargo build --release -p handover-harness --bin handover-harness -q || { say "systemd.sh: the build failed"; exit 1; }
+  else
+    say "systemd.sh: $harness is not an executable file"; exit 2
+  fi
+fi
 bin=$(realpath "$bin")
 cli=$(realpath "$cli")
+harness=$(realpath "$harness")
 reloads=${SYSTEMD_RELOADS:-20}
 finding_reloads=${SYSTEMD_FINDING_RELOADS:-5}
 pause=${SYSTEMD_RELOAD_PAUSE:-0.2}
 suites=${SYSTEMD_SUITES:-system backports}
+backports_elsewhere=""
+[[ " ${SYSTEMD_OTHER_SUITES:-} " == *" backports "* ]] && backports_elsewhere=yes
 only=${SYSTEMD_CASES:-}
 
 work=$(mktemp -d /tmp/handover-systemd.XXXXXX)
@@ -136,8 +156,50 @@ trap 'exit 130' INT TERM
 
 track_pid() { [ -n "$1" ] && [ "$1" != 0 ] && echo "$1" >>"$work/pids"; }
 
+# A free port for a service, from this suite's range (port_lo..port_hi, set
+# per suite): below the kernel's ephemeral ports, so that no client
+# connection (this run's load, or a parallel run's) takes it between this
+# choice and the service's bind, and apart from a parallel run's range.
+# Without a range, any free port.
+port_lo=0 port_hi=0
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  python3 - "$port_lo" "$port_hi" <<'PY'
+import random, socket, sys
+lo, hi = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(1000):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", random.randrange(lo, hi) if hi > lo else 0))
+        print(s.getsockname()[1])
+        break
+    except OSError:
+        continue
+    finally:
+        s.close()
+PY
+}
+# Ephemeral ports start at $1 (32768 by default): ten thousand below it, a
+# half for each suite.
+ephemeral_lo=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null)
+ports_for() { # suite
+  [ "${ephemeral_lo:-0}" -gt 11000 ] 2>/dev/null || { port_lo=0 port_hi=0; return; }
+  case $1 in
+    system) port_lo=$((ephemeral_lo - 10000)) port_hi=$((ephemeral_lo - 5000)) ;;
+    *) port_lo=$((ephemeral_lo - 5000)) port_hi=$ephemeral_lo ;;
+  esac
+}
+
+# Runs "$@" holding the lock file $1 (flock, from util-linux), so that two
+# runs of this script at the same time do not install or unpack at once.
+# Bounded: 10 minutes of waiting.
+locked() { # lock-file command...
+  local lock=$1; shift
+  if command -v flock >/dev/null; then
+    mkdir -p "$(dirname "$lock")"
+    flock -w 600 "$lock" "$@"
+  else
+    "$@"
+  fi
 }
 
 # GET / once; prints the body, empty on any failure. Bounded: $2 s (5).
@@ -170,7 +232,8 @@ install_needs() {
     return 0
   fi
   say "systemd.sh: installing ${need[*]}"
-  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"; } >"$work/apt.log" 2>&1; then
+  # apt's own locks fail at once when busy: another run installs, wait.
+  if ! locked /tmp/handover-systemd-apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"' sh "${need[@]}" >"$work/apt.log" 2>&1; then
     skip_everything="could not install ${need[*]}: $(tail -n 1 "$work/apt.log")"
   fi
 }
@@ -183,6 +246,19 @@ install_needs() {
 backports_root=""
 backports_reason=""
 fetch_backports() {
+  local dir=$repo/target/systemd-backports lockfd
+  # One unpacking at a time (a parallel run of this script waits, then
+  # finds it done); the lock is released when this function returns.
+  mkdir -p "$repo/target"
+  if command -v flock >/dev/null && exec {lockfd}>"$repo/target/systemd-backports.lock"; then
+    flock -w 600 "$lockfd" || { exec {lockfd}>&-; backports_reason="waited 10 minutes for another run's unpacking of 254"; return 0; }
+    fetch_backports_locked
+    exec {lockfd}>&-
+  else
+    fetch_backports_locked
+  fi
+}
+fetch_backports_locked() {
   local dir=$repo/target/systemd-backports
   if [ -x "$dir/root/lib/systemd/systemd" ] || [ -x "$dir/root/usr/lib/systemd/systemd" ]; then
     backports_root=$dir/root; return 0
@@ -310,32 +386,40 @@ TimeoutStopSec=20
 EOF
 }
 
-# The load generator, in the background until stop_load. Returns once
-# every one of its clients has had an answer (the idle ones then hold
-# connections that a drain must wait for). Bounded: 30 s.
+# The load generator (`handover-harness load`: busy new-connection and
+# keep-alive clients, and keep-alive clients idle for 0.6 s and 2.5 s
+# between requests, so that a drain waits for their next request or its
+# quiet period), in
+# the background until stop_load. Returns once every one of its clients has
+# had an answer (the idle ones then hold connections that a drain must wait
+# for). Bounded: 30 s.
 start_load() { # port name
-  rm -f "$B/$2.load-stop" "$B/$2.load.json" "$B/$2.load.json.started"
-  python3 "$repo/ci/systemd-load.py" "$1" "$B/$2.load-stop" 300 "$B/$2.load.json" &
+  rm -f "$B/$2.load.json" "$B/$2.load.out"
+  "$harness" load "127.0.0.1:$1" --json "$B/$2.load.json" >"$B/$2.load.out" 2>&1 &
   load_pid=$!
   disown "$load_pid"
   bg_pids+=("$load_pid")
+  load_out=$B/$2.load.out
   for _ in $(seq 600); do
-    [ -e "$B/$2.load.json.started" ] && return 0
+    grep -q '^load: every client answered' "$load_out" 2>/dev/null && return 0
     kill -0 "$load_pid" 2>/dev/null || break
     sleep 0.05
   done
-  say "systemd.sh: the load generator did not get going within 30 s"
+  say "systemd.sh: the load generator did not get going within 30 s: $(tail -n 1 "$load_out" 2>/dev/null)"
 }
 
-# Stops it and sets load_ok, load_failed and load_line.
+# Stops it (SIGTERM: it finishes the requests in flight and writes its
+# summary) and sets load_ok, load_failed and load_line.
 stop_load() { # name
-  touch "$B/$1.load-stop"
-  # Its requests time out after 5 s.
-  for _ in $(seq 200); do kill -0 "$load_pid" 2>/dev/null || break; sleep 0.05; done
+  kill -TERM "$load_pid" 2>/dev/null
+  # Its requests time out after 10 s.
+  for _ in $(seq 300); do kill -0 "$load_pid" 2>/dev/null || break; sleep 0.05; done
   if [ -s "$B/$1.load.json" ]; then
-    read -r load_ok load_failed load_line <"$B/$1.load.json"
+    load_ok=$(grep -o '"ok":[0-9]*' "$B/$1.load.json" | cut -d: -f2)
+    load_failed=$(grep -o '"failed":[0-9]*' "$B/$1.load.json" | cut -d: -f2)
+    load_line=$(sed -n 's/^load: \(.*\) (stopped by .*)$/\1/p' "$load_out" | tail -n 1)
   else
-    load_ok=0 load_failed=1 load_line="the load generator wrote no summary"
+    load_ok=0 load_failed=1 load_line="the load generator wrote no summary: $(tail -n 2 "$load_out" 2>/dev/null)"
   fi
 }
 
@@ -550,12 +634,19 @@ get_generation() { # port generation
 # signal reaches the old generation (systemd's main process until it
 # exits), which passes it on; the pair must end two generations later with
 # MainPID, the PID file and GET / agreeing. Sets reload_fail and reload_log
-# like managed_case's own loop.
+# like managed_case's own loop. On a loaded machine the old generation may
+# be gone by the second reload (its drain ends with its last idle
+# connection): that pair is checked all the same but does not count, and
+# another is tried, up to twice as many pairs in all.
 back_to_back() { # unit port reloads pid-file
   # (Sets managed_case's gen: the generation serving at the end.)
-  local unit=$1 port=$2 pairs=$(($3 / 2)) pidf=$4 i old body t0 elapsed
+  local unit=$1 port=$2 pairs=$(($3 / 2)) pidf=$4 i=0 old body t0 elapsed b2b done_pairs=0
   [ "$pairs" -ge 1 ] || pairs=1
-  for i in $(seq "$pairs"); do
+  while [ "$done_pairs" -lt "$pairs" ]; do
+    i=$((i + 1))
+    if [ "$i" -gt $((pairs * 2)) ]; then
+      reload_fail="only $done_pairs of $((i - 1)) pairs were back to back (the old generation had left before the second reload); $pairs wanted"; return
+    fi
     old=$mainpid
     body=$(get_from "$port" "$old")
     gen=${body##*generation=}
@@ -567,11 +658,10 @@ back_to_back() { # unit port reloads pid-file
     if [[ "$body" != *" generation=$((gen + 1))" ]]; then
       reload_fail="pair $i: generation $((gen + 1)) did not serve after the first reload ('$body')"; return
     fi
-    if ! kill -0 "$old" 2>/dev/null; then
-      reload_fail="pair $i: the old generation $old had left before the second reload: not back to back"; return
-    fi
+    b2b=yes
+    kill -0 "$old" 2>/dev/null || b2b=no
     if ! sctl reload "$unit" 2>"$B/b2b.err"; then
-      reload_fail="pair $i: second systemctl reload, while $old drains: $(cat "$B/b2b.err")"; return
+      reload_fail="pair $i: second systemctl reload ($([ $b2b = yes ] && echo "while $old drains" || echo "$old gone already")): $(cat "$B/b2b.err")"; return
     fi
     body=$(get_generation "$port" $((gen + 2)))
     if [[ "$body" != *" generation=$((gen + 2))" ]]; then
@@ -592,7 +682,12 @@ back_to_back() { # unit port reloads pid-file
     if [ "$(cat "$pidf" 2>/dev/null)" != "$mainpid" ]; then
       reload_fail="pair $i: MainPID=$mainpid but the PID file says '$(cat "$pidf" 2>/dev/null)'"; return
     fi
-    reload_log+=("$old=>$mainpid(gen $((gen + 2)), ${elapsed}ms)")
+    if [ "$b2b" = yes ]; then
+      done_pairs=$((done_pairs + 1))
+      reload_log+=("$old=>$mainpid(gen $((gen + 2)), ${elapsed}ms)")
+    else
+      reload_log+=("$old=>$mainpid(gen $((gen + 2)), ${elapsed}ms, not back to back: not counted)")
+    fi
     gen=$((gen + 2))
     sleep "$pause"
   done
@@ -706,8 +801,8 @@ run_suite() { # label
     say "systemd.sh: WARNING: no systemd $SD_VER manager can run here, so its cases are SKIPPED: $start_reason"
     for c in pidfile notify notify-reload socket-activation; do
       # notify-reload is reported by the manager that has it.
-      [ "$c" = notify-reload ] && [ "${SD_VER%%.*}" -lt 253 ] 2>/dev/null && [ -n "$backports_root" ] &&
-        [[ " $suites " == *" backports "* ]] && continue
+      [ "$c" = notify-reload ] && [ "${SD_VER%%.*}" -lt 253 ] 2>/dev/null &&
+        { [ -n "$backports_elsewhere" ] || { [ -n "$backports_root" ] && [[ " $suites " == *" backports "* ]]; }; } && continue
       wanted "$c" && report "$c" "$SD_VER" SKIPPED "$start_reason"
     done
     return
@@ -754,7 +849,7 @@ run_suite() { # label
           's|^ExecStart=.*--pid-file \(.*\)$|&\nPIDFile=\1|'
         run_managed finding "notify-reload with PIDFile=" notify-reload-pidfile.service "$port" "$finding_reloads"
       fi
-    elif [ -z "$backports_root" ] || [[ " $suites " != *" backports "* ]]; then
+    elif [ -z "$backports_elsewhere" ] && { [ -z "$backports_root" ] || [[ " $suites " != *" backports "* ]]; }; then
       report notify-reload "$SD_VER" SKIPPED "Type=notify-reload needs systemd >= 253; ${backports_reason:-the backports suite was not asked for}"
     fi
   fi
@@ -806,7 +901,13 @@ for suite in $suites; do
       SD_UNITS=/usr/lib/systemd/user
       ;;
     backports)
-      [ -n "$backports_root" ] || continue
+      if [ -z "$backports_root" ]; then
+        # The system suite reports it when it runs here; alone, this one does.
+        if [[ " $suites " != *" system "* ]] && wanted notify-reload; then
+          report notify-reload "253+" SKIPPED "${backports_reason:-no systemd >= 253}"
+        fi
+        continue
+      fi
       SD_EXEC=$backports_root/lib/systemd/systemd
       [ -x "$SD_EXEC" ] || SD_EXEC=$backports_root/usr/lib/systemd/systemd
       SD_CTL=$backports_root/bin/systemctl
@@ -817,6 +918,7 @@ for suite in $suites; do
       ;;
     *) say "systemd.sh: unknown suite $suite"; exit 2 ;;
   esac
+  ports_for "$suite"
   if [ -n "$skip_everything" ]; then
     for c in pidfile notify notify-reload socket-activation systemd-socket-activate; do
       wanted "$c" && report "$c" "$SD_VER" SKIPPED "$skip_everything"

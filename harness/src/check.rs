@@ -543,7 +543,7 @@ impl<'a> Session<'a> {
         match scenario.name.as_str() {
             "keep-alive" => plan.keep_alive = options.connections,
             "new-connections" => plan.new_connection = options.connections,
-            "idle-keep-alive" => plan.idle = Some((options.connections, options.interval * 3 / 4)),
+            "idle-keep-alive" => plan.idle = vec![(options.connections, options.interval * 3 / 4)],
             "long-in-flight" => plan.keep_alive = half,
             _ => {
                 plan.keep_alive = half;

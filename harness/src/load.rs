@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -176,12 +176,131 @@ pub struct Live {
     pub ok: AtomicU64,
     /// Failures of every class.
     pub failed: AtomicU64,
+    /// HTTP/1.1 clients of [`LoadPlan`] that have had a correct answer.
+    answered: AtomicUsize,
+    /// Told at each client's first correct answer.
+    first_answer: tokio::sync::Notify,
+    /// Told at each failure.
+    failure: tokio::sync::Notify,
+}
+
+impl Live {
+    fn first_answer(&self) {
+        self.answered.fetch_add(1, Ordering::SeqCst);
+        self.first_answer.notify_waiters();
+    }
+
+    /// Counts a failure.
+    pub(crate) fn failed_one(&self) {
+        self.failed.fetch_add(1, Ordering::SeqCst);
+        self.failure.notify_waiters();
+    }
+
+    /// Returns once a request or round trip has failed.
+    pub async fn first_failure(&self) {
+        loop {
+            let told = self.failure.notified();
+            tokio::pin!(told);
+            told.as_mut().enable();
+            if self.failed.load(Ordering::SeqCst) > 0 {
+                return;
+            }
+            told.await;
+        }
+    }
+
+    /// How many of the plan's HTTP/1.1 clients have had a correct answer.
+    pub fn answered(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
+    }
+
+    /// Returns once `clients` HTTP/1.1 clients have had a correct answer
+    /// (never, if they cannot: the caller bounds it).
+    pub async fn all_answered(&self, clients: usize) {
+        loop {
+            let told = self.first_answer.notified();
+            tokio::pin!(told);
+            // Registered before the count is read: no answer slips between.
+            told.as_mut().enable();
+            if self.answered() >= clients {
+                return;
+            }
+            told.await;
+        }
+    }
 }
 
 impl LoadReport {
     /// All failed requests and round trips, and lost datagrams.
     pub fn failed(&self) -> u64 {
         self.failures.values().sum::<u64>() + self.udp_lost
+    }
+
+    /// Failed requests in the classes a plain HTTP/1.1 load knows:
+    /// `refused`, `reset`, `timeout`, `wrong`, and `other` for the rest.
+    pub fn http_classes(&self) -> [(&'static str, u64); 5] {
+        let of = |class| self.failures.get(&class).copied().unwrap_or(0);
+        let known = [
+            FailureClass::Refused,
+            FailureClass::Reset,
+            FailureClass::Timeout,
+            FailureClass::WrongResponse,
+        ];
+        let other = self.failed() - known.iter().map(|&class| of(class)).sum::<u64>();
+        [
+            ("refused", of(FailureClass::Refused)),
+            ("reset", of(FailureClass::Reset)),
+            ("timeout", of(FailureClass::Timeout)),
+            ("wrong", of(FailureClass::WrongResponse)),
+            ("other", other),
+        ]
+    }
+
+    /// One line for a person: `1234 ok, 2 failed (reset=2), served by 21
+    /// identities; first: ...`.
+    pub fn summary_line(&self) -> String {
+        let classes: Vec<String> = self
+            .http_classes()
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(class, n)| format!("{class}={n}"))
+            .collect();
+        let mut line = format!("{} ok, {} failed", self.ok, self.failed());
+        if !classes.is_empty() {
+            line += &format!(" ({})", classes.join(" "));
+        }
+        line += &format!(
+            ", {} reconnects, served by {} identities",
+            self.reconnects,
+            self.generations.len()
+        );
+        if !self.examples.is_empty() {
+            line += &format!("; first: {}", self.examples.join("; "));
+        }
+        line
+    }
+
+    /// The same for a program: `ok`, each class of [`LoadReport::http_classes`],
+    /// `failed`, `reconnects`, `identities` (the pids or generations that
+    /// answered) and `examples`.
+    pub fn summary_json(&self) -> serde_json::Value {
+        let mut summary = serde_json::Map::new();
+        summary.insert("ok".into(), self.ok.into());
+        for (class, n) in self.http_classes() {
+            summary.insert(class.into(), n.into());
+        }
+        summary.insert("failed".into(), self.failed().into());
+        summary.insert("reconnects".into(), self.reconnects.into());
+        summary.insert(
+            "identities".into(),
+            self.generations
+                .iter()
+                .copied()
+                .collect::<Vec<u64>>()
+                .into(),
+        );
+        summary.insert("examples".into(), self.examples.clone().into());
+        summary.into()
     }
 
     fn fail(&mut self, class: FailureClass, detail: String) {
@@ -262,8 +381,13 @@ pub struct LoadPlan {
     pub keep_alive: usize,
     /// Connection-per-request clients.
     pub new_connection: usize,
-    /// Keep-alive clients that pause this long between requests.
-    pub idle: Option<(usize, Duration)>,
+    /// Keep-alive clients that pause between requests: how many, and how
+    /// long (a group per pause). Like a pooled client, each checks before
+    /// reusing its connection that the server has not closed it meanwhile.
+    pub idle: Vec<(usize, Duration)>,
+    /// How long the keep-alive and connection-per-request clients pause
+    /// before each request (none: one request right after another).
+    pub pace: Option<Duration>,
     /// TCP echo address and connections.
     pub tcp: Option<(SocketAddr, usize)>,
     /// Unix echo path and connections.
@@ -330,6 +454,17 @@ pub enum Clients {
         /// How many clients.
         count: usize,
     },
+}
+
+impl LoadPlan {
+    /// The HTTP/1.1 clients of `http`: keep-alive, connection per request
+    /// and idle ones (those [`Live::all_answered`] counts).
+    pub fn http_clients(&self) -> usize {
+        if self.http.is_none() {
+            return 0;
+        }
+        self.keep_alive + self.new_connection + self.idle.iter().map(|(n, _)| n).sum::<usize>()
+    }
 }
 
 impl Clients {
@@ -454,8 +589,11 @@ impl Recorder {
             ok,
             protocol: self.protocol,
         });
-        let counter = if ok { &self.live.ok } else { &self.live.failed };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if ok {
+            self.live.ok.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.live.failed_one();
+        }
     }
 }
 
@@ -614,9 +752,9 @@ async fn run_plan(plan: LoadPlan, stopped: watch::Receiver<bool>, live: Arc<Live
                 started,
             )) as _
         };
-        (0..plan.keep_alive).for_each(|_| spawn(http(Mode::KeepAlive, None)));
-        (0..plan.new_connection).for_each(|_| spawn(http(Mode::NewConnection, None)));
-        if let Some((clients, pause)) = plan.idle {
+        (0..plan.keep_alive).for_each(|_| spawn(http(Mode::KeepAlive, plan.pace)));
+        (0..plan.new_connection).for_each(|_| spawn(http(Mode::NewConnection, plan.pace)));
+        for &(clients, pause) in &plan.idle {
             (0..clients).for_each(|_| spawn(http(Mode::KeepAlive, Some(pause))));
         }
     }
@@ -695,7 +833,14 @@ async fn client(
             Ok(opened) => opened,
             Err((class, detail)) => {
                 report.fail(class, detail);
-                live.failed.fetch_add(1, Ordering::Relaxed);
+                live.failed_one();
+                // A paced client does not hammer a closed port either.
+                if let Some(pace) = pause {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pace) => {}
+                        _ = stopped.changed() => break 'connections,
+                    }
+                }
                 continue;
             }
         };
@@ -706,6 +851,7 @@ async fn client(
         else {
             report.fail(FailureClass::Reset, "handshake".into());
             report.failed_on(FailureClass::Reset, port);
+            live.failed_one();
             continue;
         };
         tokio::spawn(connection);
@@ -714,7 +860,9 @@ async fn client(
                 break 'connections;
             }
             if let Some(pause) = pause {
-                // An idle keep-alive client: longer than the drain's quiet period.
+                // An idle keep-alive client (or a paced busy one); the
+                // server may close the connection meanwhile, which
+                // `ready()` then tells.
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = stopped.changed() => break 'connections,
@@ -790,6 +938,9 @@ async fn client(
             match generation {
                 Some(generation) if status == 200 => {
                     record(&mut report, sent, true);
+                    if report.ok == 0 {
+                        live.first_answer();
+                    }
                     report.ok += 1;
                     report.generations.insert(generation);
                     report.handshake_answered(&mut handshake, generation);
@@ -861,7 +1012,7 @@ where
             Ok(stream) => stream,
             Err(e) => {
                 report.fail(connect_failure(&e), format!("echo connect: {e}"));
-                live.failed.fetch_add(1, Ordering::Relaxed);
+                live.failed_one();
                 continue;
             }
         };
@@ -888,19 +1039,19 @@ where
                         FailureClass::WrongResponse,
                         format!("echo {:?}", String::from_utf8_lossy(&echoed)),
                     );
-                    live.failed.fetch_add(1, Ordering::Relaxed);
+                    live.failed_one();
                     report.failed_on(FailureClass::WrongResponse, port);
                     break;
                 }
                 Ok(Err(e)) => {
                     report.fail(FailureClass::Reset, format!("echo: {e}"));
-                    live.failed.fetch_add(1, Ordering::Relaxed);
+                    live.failed_one();
                     report.failed_on(FailureClass::Reset, port);
                     break;
                 }
                 Err(_) => {
                     report.fail(FailureClass::Timeout, "echo: no answer".into());
-                    live.failed.fetch_add(1, Ordering::Relaxed);
+                    live.failed_one();
                     report.failed_on(FailureClass::Timeout, port);
                     break;
                 }

@@ -5,6 +5,7 @@
 //! handover-harness run [--scenarios DIR] [--out DIR] [--quiet] [NAME...]
 //! handover-harness list [--scenarios DIR]
 //! handover-harness check --server 'CMD {addr} {pidfile}' [OPTIONS]
+//! handover-harness load ADDR [OPTIONS]  # strict HTTP/1.1 load, until stopped
 //! handover-harness subject [FLAGS]      # the subject service itself
 //! ```
 //!
@@ -66,6 +67,75 @@ enum Command {
     /// Checks that anyone's HTTP server (HTTP/1.1 or HTTP/2, plain or TLS) survives upgrades, seen from outside.
     #[command(long_about = CHECK_ABOUT)]
     Check(Box<CheckArgs>),
+    /// Puts an HTTP/1.1 server under strict load until stopped, and counts every failed request by class.
+    #[command(long_about = LOAD_ABOUT)]
+    Load(LoadArgs),
+}
+
+const LOAD_ABOUT: &str = "Puts an HTTP/1.1 server under strict load until SIGTERM, SIGINT, --stop-file or --duration, then prints what it saw; for scripts that upgrade a server and must know whether a request was lost (ci/systemd.sh).
+
+The clients never retry: every request sent that did not get a 200 whose body contains --expect-body is a failure, by class: refused, reset, timeout (no answer in 10 s), wrong (another status or body), other. A connection the server closes while no request is on it is no failure (nothing was lost): the client opens a new one, as a pooled client does.
+
+The client mix: --keep-alive clients keep their connection for as long as the server allows, --new-connection clients open one per request (Connection: close), both pausing --pace before each request; each --idle N:PAUSE group has N keep-alive clients that leave their connection idle for PAUSE between requests and check, before reusing it, that the server has not closed it (a draining server keeps an idle connection until its quiet period ends: a pause shorter than that keeps the drain busy until the next request, a longer one sees the close). The defaults suit a 1 s quiet period (the library's default): 600 ms stays clear of it even on a loaded machine, where a client 100 ms short of it (900 ms, tried) sometimes sends as the server closes, a race of HTTP keep-alive itself that every client which does not retry loses.
+
+Output: `load: every client answered (N clients)` once each client has had a correct answer (wait for this line, not for a time), `load: a request failed` at the first failure, then at the end one line `load: OK ok, FAILED failed (CLASS=N ...), ...` and, with --json FILE, the same as JSON: ok, refused, reset, timeout, wrong, other, failed, reconnects, identities (the --identity words that answered, as numbers), examples. Exit status 0 when no request failed and at least one was answered, 1 otherwise, 2 for a usage error.
+
+Example:
+  handover-harness load 127.0.0.1:8080 --json load.json &
+  ... reload the server ...
+  kill -TERM $!; wait $!";
+
+/// `load`: strict HTTP/1.1 clients until stopped.
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// The server's address.
+    addr: SocketAddr,
+    /// Keep-alive clients, one request after another.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    keep_alive: usize,
+    /// Clients that open a new connection for each request.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    new_connection: usize,
+    /// N keep-alive clients idle for PAUSE between requests (repeatable; `--idle 0:1s` for none).
+    #[arg(long, value_name = "N:PAUSE", value_parser = parse_idle, default_values = ["4:600ms", "2:2500ms"])]
+    idle: Vec<(usize, Duration)>,
+    /// The keep-alive and new-connection clients' pause before each request.
+    #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
+    pace: Duration,
+    /// The path every request asks for.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// The Host header of every request.
+    #[arg(long, default_value = "localhost")]
+    host: String,
+    /// Text every answer's body must contain (empty: any 200 is correct).
+    #[arg(long, value_name = "TEXT", default_value = "generation=")]
+    expect_body: String,
+    /// The prefix of the body word that names who answered (the example's `pid=`).
+    #[arg(long, value_name = "PREFIX", default_value = "pid=")]
+    identity: String,
+    /// Stop after this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Stop once this file exists.
+    #[arg(long, value_name = "PATH")]
+    stop_file: Option<PathBuf>,
+    /// Write the summary as JSON here.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// `4:600ms`: four clients idle for 600 ms between requests.
+fn parse_idle(text: &str) -> Result<(usize, Duration), String> {
+    let (count, pause) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?}: want N:PAUSE, as in 4:600ms"))?;
+    let count = count
+        .parse()
+        .map_err(|e| format!("{text:?}: the number of clients {count:?}: {e}"))?;
+    let pause = humantime::parse_duration(pause)
+        .map_err(|e| format!("{text:?}: the pause {pause:?}: {e}"))?;
+    Ok((count, pause))
 }
 
 const CHECK_ABOUT: &str = "Checks that an HTTP server (HTTP/1.1 or HTTP/2, plain or TLS), in any language, survives its own upgrades (or reloads) without losing a request.
@@ -274,6 +344,116 @@ fn main() -> ExitCode {
             run_all(&chosen, &out, !quiet && std::io::stderr().is_terminal())
         }
         Command::Check(args) => check_command(*args),
+        Command::Load(args) => load_command(args),
+    }
+}
+
+/// How often `load` looks for its --stop-file: a file has no event to wait
+/// for on every platform, so it is looked for.
+const STOP_FILE_LOOK: Duration = Duration::from_millis(20);
+
+fn load_command(args: LoadArgs) -> ExitCode {
+    use handover_harness::load::{Load, LoadPlan};
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let plan = LoadPlan {
+        http: Some(args.addr),
+        keep_alive: args.keep_alive,
+        new_connection: args.new_connection,
+        idle: args.idle.clone(),
+        pace: (!args.pace.is_zero()).then_some(args.pace),
+        http_check: Some(HttpCheck {
+            path: args.path.clone(),
+            host: args.host.clone(),
+            body_contains: Some(args.expect_body.clone()),
+            identity: Identity::BodyPrefix(args.identity.clone()),
+            ..HttpCheck::default()
+        }),
+        ..LoadPlan::default()
+    };
+    let clients = plan.http_clients();
+    if clients == 0 {
+        return usage("load: no clients (--keep-alive, --new-connection and --idle are all 0)");
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return usage(&format!("load: no tokio runtime: {e}")),
+    };
+    // Signals are caught before the first client runs: a SIGTERM sent as
+    // soon as the ready line is read must stop the load, not kill it.
+    let signals = runtime.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    });
+    let (mut terminate, mut interrupt) = match signals {
+        Ok(signals) => signals,
+        Err(e) => return usage(&format!("load: cannot catch SIGTERM/SIGINT: {e}")),
+    };
+    let load = Load::run(plan);
+    let live = load.live();
+    let why = runtime.block_on(async {
+        let deadline = args
+            .duration
+            .map(|duration| tokio::time::Instant::now() + duration);
+        let until_deadline = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        let stop_file = async {
+            let Some(path) = &args.stop_file else {
+                return std::future::pending().await;
+            };
+            let mut look = tokio::time::interval(STOP_FILE_LOOK);
+            while !path.exists() {
+                look.tick().await;
+            }
+        };
+        let answered = async {
+            live.all_answered(clients).await;
+            println!("load: every client answered ({clients} clients)");
+            std::future::pending::<std::convert::Infallible>().await
+        };
+        let failure = async {
+            live.first_failure().await;
+            println!("load: a request failed");
+            std::future::pending::<std::convert::Infallible>().await
+        };
+        tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+            () = until_deadline => "--duration",
+            () = stop_file => "--stop-file",
+            never = answered => match never {},
+            never = failure => match never {},
+        }
+    });
+    let report = load.finish();
+    println!("load: {} (stopped by {why})", report.summary_line());
+    if let Some(path) = &args.json {
+        let json = report.summary_json().to_string() + "\n";
+        // Written whole, then renamed: a reader never sees half of it.
+        let partial = path.with_extension("partial");
+        if let Err(e) =
+            std::fs::write(&partial, json).and_then(|()| std::fs::rename(&partial, path))
+        {
+            eprintln!(
+                "handover-harness: load: cannot write {}: {e}",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.failed() == 0 && report.ok > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -141,7 +141,10 @@ impl Run<'_> {
             keep_alive: settings.http_keep_alive,
             new_connection: settings.http_new_connection,
             idle: (settings.http_idle > 0)
-                .then(|| (settings.http_idle, Duration::from_millis(settings.idle_ms))),
+                .then(|| (settings.http_idle, Duration::from_millis(settings.idle_ms)))
+                .into_iter()
+                .collect(),
+            pace: None,
             tcp: (settings.tcp > 0).then_some((addresses.tcp, settings.tcp)),
             unix: (settings.unix > 0 && self.scenario.subject.unix)
                 .then(|| (self.dir.path().join("subject.sock"), settings.unix)),

@@ -8,7 +8,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -51,7 +50,7 @@ impl Run {
     /// shown live.
     fn connection_failed(&self, report: &mut LoadReport, class: FailureClass, detail: String) {
         report.fail(class, detail);
-        self.live.failed.fetch_add(1, Ordering::Relaxed);
+        self.live.failed_one();
     }
 }
 
