@@ -269,9 +269,56 @@ impl Places {
     }
 }
 
-/// A port nobody listens on now, on 127.0.0.1.
+/// A port nobody listens on now, on 127.0.0.1, for a server that binds it
+/// itself.
+///
+/// Taken below the kernel's range of ephemeral ports, so that no outgoing
+/// connection (this check's own load, or anything else on the machine) can
+/// be given it between this choice and the server's bind. A port from
+/// `bind(0)` is an ephemeral one, and on a busy machine one was taken in
+/// that gap: haproxy then "exited as it started". Where the range cannot be
+/// read (no `/proc`), or leaves no room below it, a port from `bind(0)`.
 pub fn free_addr() -> io::Result<SocketAddr> {
+    let room = first_ephemeral_port().and_then(ports_below_ephemeral);
+    if let Some(ports) = room {
+        let span = u32::from(ports.end - ports.start);
+        let start = u32::try_from(spread() % u64::from(span)).unwrap_or(0);
+        for step in 0..span {
+            let offset = u16::try_from((start + step) % span).unwrap_or(0);
+            let addr = SocketAddr::from(([127, 0, 0, 1], ports.start + offset));
+            if std::net::TcpListener::bind(addr).is_ok() {
+                return Ok(addr);
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// The first port of the kernel's ephemeral range (Linux).
+fn first_ephemeral_port() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
+}
+
+/// The ports [`free_addr`] chooses from: 20,000 to 10,000 below the first
+/// ephemeral one (12768..22768 with Linux's default 32768), apart from the
+/// 10,000 just below it that `ci/systemd.sh` takes its services' ports
+/// from; none under 1024.
+fn ports_below_ephemeral(first: u16) -> Option<std::ops::Range<u16>> {
+    let start = first.saturating_sub(20_000).max(1024);
+    let end = first.saturating_sub(10_000);
+    (end > start).then_some(start..end)
+}
+
+/// A different starting point for each call and process, so that checks
+/// running at the same time rarely try the same port first.
+fn spread() -> u64 {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::from(elapsed.subsec_nanos()));
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    (u64::from(std::process::id()) << 20 ^ nanos).wrapping_add(call.wrapping_mul(7919))
 }
 
 /// Checks the options for mistakes a run would only find late.
@@ -1809,6 +1856,36 @@ mod tests {
         options.upgrade_cmd = None;
         options.identity = Identity::None;
         assert_eq!(ready_source(&options), ReadySource::Processes);
+    }
+
+    /// A server given a port that an outgoing connection can be given too
+    /// may find it taken when it binds (a fresh-clone test run saw haproxy
+    /// exit as it started): the port comes from below the ephemeral range.
+    #[test]
+    fn a_free_address_is_never_an_ephemeral_port() {
+        let Some(first) = first_ephemeral_port() else {
+            return;
+        };
+        let ports = ports_below_ephemeral(first).expect("room below the ephemeral ports");
+        let mut seen = BTreeSet::new();
+        for _ in 0..20 {
+            let addr = free_addr().unwrap();
+            assert!(
+                addr.port() < first,
+                "{addr} is an ephemeral port (from {first})"
+            );
+            assert!(ports.contains(&addr.port()), "{addr} outside {ports:?}");
+            seen.insert(addr.port());
+        }
+        assert!(seen.len() > 1, "every call chose {seen:?}");
+    }
+
+    #[test]
+    fn the_ports_below_the_ephemeral_ones_leave_out_the_privileged_ones() {
+        assert_eq!(ports_below_ephemeral(32768), Some(12768..22768));
+        assert_eq!(ports_below_ephemeral(15000), Some(1024..5000));
+        assert_eq!(ports_below_ephemeral(11000), None);
+        assert_eq!(ports_below_ephemeral(0), None);
     }
 
     #[test]

@@ -209,12 +209,11 @@ fn installed(program: &str) -> bool {
     found
 }
 
+/// A port for a server that binds it itself, from below the ephemeral
+/// range (see `free_addr`): one from `bind(0)` was taken by another test's
+/// client connection before haproxy bound it, in a fresh-clone run.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    handover_harness::check::free_addr().unwrap().port()
 }
 
 /// nginx from Debian, reloaded with `nginx -s reload`: new connections are

@@ -238,16 +238,19 @@ fn socket_activated_listener_is_served_and_handed_over(activation: Activation) {
         );
         return;
     }
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = probe.local_addr().unwrap();
-    drop(probe);
+    // systemd-socket-activate binds it: a port no outgoing connection can
+    // be given meanwhile.
+    let addr = handover_harness::check::free_addr().unwrap();
     // Where the configuration says: the activated socket must win in every
     // generation, not only in generation 0.
     let configured = match activation {
         Activation::UnnamedSameAddress => addr,
         Activation::Named | Activation::UnnamedElsewhere => {
-            let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            elsewhere.local_addr().unwrap()
+            // Nobody binds `addr` before the tool does: another call may
+            // choose it again.
+            std::iter::repeat_with(|| handover_harness::check::free_addr().unwrap())
+                .find(|elsewhere| *elsewhere != addr)
+                .unwrap()
         }
     };
     // systemd-socket-activate listens, and execs the subject (same pid, with
