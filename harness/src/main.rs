@@ -471,6 +471,7 @@ fn run_all(scenarios: &[&Scenario], out: &Path, progress: bool) -> ExitCode {
         subject,
         subject_args: vec!["subject".into()],
         progress,
+        timing_gates: true,
     };
     let mut reports: Vec<ScenarioReport> = Vec::new();
     for scenario in scenarios {
