@@ -1,5 +1,6 @@
 //! `handover-harness check`: the upgrade scenarios against anyone's HTTP/1.1
-//! server, seen from outside.
+//! server (or HTTP/2, TLS, gRPC through the standard health service,
+//! WebSocket), seen from outside.
 //!
 //! The server is started by the harness (a fresh one for every scenario),
 //! put under the strict load of [`crate::load`], and upgraded the way its
@@ -1485,7 +1486,8 @@ fn watch_answers(
 }
 
 /// `GET` on a new connection; `Ok` on a 200 with the expected body, with
-/// the identity it names.
+/// the identity it names. With `--grpc` a health `Check` (SERVING), with
+/// `--websocket` a message answered: `Ok(None)`, no identity.
 pub fn probe(
     addr: SocketAddr,
     http: &HttpCheck,
