@@ -16,7 +16,8 @@
 //! WebSocket messages. `--stock-shutdown` serves with axum's own
 //! `axum::serve(..).with_graceful_shutdown(exit)` instead of the drain, to
 //! show what that loses across upgrades (idle keep-alive connections are
-//! closed at once, and a request on its way meets a reset).
+//! closed at once, and a request on its way meets a reset; WebSocket
+//! sockets get no 1001 and are cut when the process exits).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -153,6 +154,9 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
         // What most axum services do: correct on its own, lossy across an
         // upgrade (see the README's Protocols section).
         let exit = upgrader.exit();
+        // /ws as plain axum serves it: the socket's drain is never
+        // started, so no 1001; the sockets are cut when the process exits.
+        let app = app.layer(axum::Extension(Drain::new(DrainOptions::default())));
         axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),

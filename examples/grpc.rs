@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release --features http2,tls --example grpc -- \
 //!     --listen 127.0.0.1:50051 --pid-file /tmp/grpc.pid \
-//!     [--control-socket /tmp/grpc.sock] [--tls-cert cert.pem --tls-key key.pem]
+//!     [--control-socket /tmp/grpc.sock] [--tls-cert cert.pem --tls-key key.pem] [--no-drain]
 //! kill -HUP "$(cat /tmp/grpc.pid)"     # upgrade (loads the certificate again)
 //! ```
 //!
@@ -13,7 +13,14 @@
 //! `delay_ms`; `Count(CountRequest) returns (stream Tick)` sends `count`
 //! ticks, one every `interval_ms`. Its protobuf messages are written with
 //! prost's derive and the service by hand, as tonic's generated code would
-//! be, so the build needs no `protoc`.
+//! be, so the build needs no `protoc`. The standard health service,
+//! `grpc.health.v1.Health` (`Check`, and `Watch` streams, which end with OK
+//! when the generation drains, so that watchers move to the new one), is
+//! written the same way: `handover-harness check --grpc` calls it.
+//!
+//! `--no-drain` exits as soon as the successor is ready, without the
+//! drain: calls and `Watch` streams in flight are cut, as a server that
+//! stops without draining cuts them (for comparison).
 //!
 //! tonic's `Routes` is a tower service, so it is served like any axum
 //! router: `Drain::serve` (h2c) or `Drain::serve_tls` (h2 by ALPN), and
@@ -67,6 +74,131 @@ pub struct Tick {
     pub n: u32,
     #[prost(uint32, tag = "2")]
     pub pid: u32,
+}
+
+/// `message HealthCheckRequest { string service = 1; }`
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    pub service: String,
+}
+
+/// `message HealthCheckResponse { ServingStatus status = 1; }`: the enum
+/// (UNKNOWN 0, SERVING 1, NOT_SERVING 2, SERVICE_UNKNOWN 3) is an int32 on
+/// the wire.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    pub status: i32,
+}
+
+const SERVING: i32 = 1;
+const SERVICE_UNKNOWN: i32 = 3;
+
+/// `grpc.health.v1.Health`, as tonic-health serves it, plus the drain:
+/// a `Watch` ends with OK when this generation starts draining.
+#[derive(Clone)]
+struct HealthServer {
+    /// Started when this generation drains (never, with `--no-drain`).
+    drain: Drain,
+}
+
+impl NamedService for HealthServer {
+    const NAME: &'static str = "grpc.health.v1.Health";
+}
+
+/// The services this server reports on: itself ("") and `echo.Echo`.
+fn known(service: &str) -> bool {
+    service.is_empty() || service == EchoServer::NAME
+}
+
+struct Check;
+
+impl UnaryService<HealthCheckRequest> for Check {
+    type Response = HealthCheckResponse;
+    type Future = BoxFuture<Response<HealthCheckResponse>, Status>;
+
+    fn call(&mut self, request: Request<HealthCheckRequest>) -> Self::Future {
+        let service = request.into_inner().service;
+        Box::pin(async move {
+            if !known(&service) {
+                return Err(Status::not_found(format!("unknown service {service:?}")));
+            }
+            Ok(Response::new(HealthCheckResponse { status: SERVING }))
+        })
+    }
+}
+
+struct Watch(Drain);
+
+type HealthStream = tokio_stream::wrappers::ReceiverStream<Result<HealthCheckResponse, Status>>;
+
+impl ServerStreamingService<HealthCheckRequest> for Watch {
+    type Response = HealthCheckResponse;
+    type ResponseStream = HealthStream;
+    type Future = BoxFuture<Response<HealthStream>, Status>;
+
+    fn call(&mut self, request: Request<HealthCheckRequest>) -> Self::Future {
+        let service = request.into_inner().service;
+        let already_draining = self.0.is_draining();
+        let draining = self.0.draining();
+        Box::pin(async move {
+            let (updates, stream) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(async move {
+                // A watch opened while draining ends at once, with OK: the
+                // client opens its next one on the new generation.
+                if already_draining {
+                    return;
+                }
+                let status = if known(&service) {
+                    SERVING
+                } else {
+                    SERVICE_UNKNOWN
+                };
+                let update = HealthCheckResponse { status };
+                if updates.send(Ok(update)).await.is_err() {
+                    return;
+                }
+                // Held until the drain, or until the client goes away. A
+                // watch that never ended would hold the connection, and
+                // the old generation, until the drain's deadline.
+                tokio::select! {
+                    _ = draining => {}
+                    () = updates.closed() => {}
+                }
+            });
+            Ok(Response::new(HealthStream::new(stream)))
+        })
+    }
+}
+
+impl<B> Service<http::Request<B>> for HealthServer
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let drain = self.drain.clone();
+        match request.uri().path() {
+            "/grpc.health.v1.Health/Check" => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                Ok(grpc.unary(Check, request).await)
+            }),
+            "/grpc.health.v1.Health/Watch" => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                Ok(grpc.server_streaming(Watch(drain), request).await)
+            }),
+            _ => Box::pin(async move { Ok(Status::unimplemented("no such method").into_http()) }),
+        }
+    }
 }
 
 /// The `echo.Echo` service, as tonic-build would generate its server.
@@ -168,11 +300,13 @@ struct Args {
     control_socket: Option<String>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
+    no_drain: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut listen = "127.0.0.1:50051".parse().map_err(|e| format!("{e}"))?;
     let (mut pid_file, mut control_socket, mut tls_cert, mut tls_key) = (None, None, None, None);
+    let mut no_drain = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
@@ -182,6 +316,7 @@ fn parse_args() -> Result<Args, String> {
             "--control-socket" => control_socket = Some(value()?),
             "--tls-cert" => tls_cert = Some(value()?),
             "--tls-key" => tls_key = Some(value()?),
+            "--no-drain" => no_drain = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -194,6 +329,7 @@ fn parse_args() -> Result<Args, String> {
         control_socket,
         tls_cert,
         tls_key,
+        no_drain,
     })
 }
 
@@ -245,8 +381,16 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
     let generation = upgrader.generation();
     tracing::info!(generation, addr = %listener.local_addr()?, tls = tls.is_some(), "serving gRPC");
 
-    let routes = tonic::service::Routes::new(EchoServer { generation });
     let drain = Drain::new(DrainOptions::default());
+    // Without the drain, nothing tells the watches to end: they are cut.
+    let health = HealthServer {
+        drain: if args.no_drain {
+            Drain::new(DrainOptions::default())
+        } else {
+            drain.clone()
+        },
+    };
+    let routes = tonic::service::Routes::new(EchoServer { generation }).add_service(health);
     let reason = match tls {
         Some(acceptor) => {
             drain
@@ -260,6 +404,11 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
             tracing::info!(generation, successor = successor.pid, "draining")
         }
         _ => tracing::info!(generation, "stopping"),
+    }
+    if args.no_drain {
+        // What a server without a drain does: gone at once.
+        tracing::info!(generation, "exiting without the drain");
+        return Ok(());
     }
     let outcome = drain.wait().await;
     if let Some(control) = control {

@@ -1,5 +1,6 @@
 //! `handover-harness check`: the upgrade scenarios against anyone's HTTP/1.1
-//! server, seen from outside.
+//! server (or HTTP/2, TLS, gRPC through the standard health service,
+//! WebSocket), seen from outside.
 //!
 //! The server is started by the harness (a fresh one for every scenario),
 //! put under the strict load of [`crate::load`], and upgraded the way its
@@ -37,11 +38,14 @@ use serde::Serialize;
 use crate::blackbox::{State, Watch, descriptors};
 use crate::load::{
     Clients, FailureClass, HttpCheck, Identity, Load, LoadPlan, LoadReport, Mode, Target,
-    TlsTarget, h2_get,
+    TlsTarget, grpc_health_probe, h2_get, websocket_probe,
 };
 
 /// Concurrent streams on each kept HTTP/2 connection of `--http2`.
 const H2_STREAMS: usize = 4;
+/// Between two messages of a `--websocket` client: a chat's pace, fast
+/// enough that a message is on its way at most upgrades.
+const WS_PACE: Duration = Duration::from_millis(20);
 use crate::report::{ScenarioReport, UpgradeRecord, around_upgrades_within};
 use crate::scenario::Scenario;
 
@@ -358,6 +362,26 @@ pub fn validate(options: &CheckOptions) -> Result<(), String> {
     if options.connections == 0 {
         return Err("--connections must be at least 1".into());
     }
+    let http = &options.http;
+    if http.grpc.is_some() && (http.websocket.is_some() || options.http2) {
+        return Err("--grpc speaks HTTP/2 on its own: not with --http2 or --websocket".into());
+    }
+    if http.websocket.is_some() && options.http2 {
+        return Err("--websocket speaks HTTP/1.1 (its upgrade): not with --http2".into());
+    }
+    if (http.grpc.is_some() || http.websocket.is_some()) && options.identity != Identity::None {
+        return Err(
+            "--ready-header and --ready-body read HTTP answers: not with --grpc or --websocket (readiness by PID file, command or processes)"
+                .into(),
+        );
+    }
+    if http
+        .websocket
+        .as_ref()
+        .is_some_and(|path| !path.starts_with('/'))
+    {
+        return Err("--websocket PATH must start with /".into());
+    }
     Ok(())
 }
 
@@ -394,7 +418,14 @@ pub fn check(options: &CheckOptions, dir: &Path) -> (Vec<CheckReport>, Vec<Skipp
         if !options.only.is_empty() && !options.only.iter().any(|n| n == name) {
             continue;
         }
+        let other = options.http.grpc.is_some() || options.http.websocket.is_some();
         let reason = match *name {
+            "idle-keep-alive" | "long-in-flight" if other => {
+                Some("HTTP only (not with --grpc or --websocket)")
+            }
+            "new-connections" if options.http.websocket.is_some() => {
+                Some("not with --websocket (its connections live long: see keep-alive)")
+            }
             "long-in-flight" if options.slow_path.is_none() => Some("no --slow-path"),
             "broken-successor" if options.broken_upgrade.is_none() => Some("no --broken-upgrade"),
             _ => None,
@@ -621,6 +652,45 @@ impl<'a> Session<'a> {
                     });
                 }
             }
+        }
+        let target = Target {
+            addr: self.places.addr,
+            tls: options.http.tls.clone(),
+        };
+        if let Some(service) = &options.http.grpc {
+            // Health `Check` calls where HTTP had requests; on the kept
+            // connections' side, half are `Watch` streams held open across
+            // every upgrade.
+            let kept = std::mem::take(&mut plan.keep_alive);
+            let new = std::mem::take(&mut plan.new_connection);
+            let watching = kept / 2;
+            for (count, watch, mode) in [
+                (kept - watching, false, Mode::KeepAlive),
+                (watching, true, Mode::KeepAlive),
+                (new, false, Mode::NewConnection),
+            ] {
+                if count > 0 {
+                    plan.clients.push(Clients::GrpcHealth {
+                        target: target.clone(),
+                        service: service.clone(),
+                        watch,
+                        mode,
+                        count,
+                    });
+                }
+            }
+        }
+        if let Some(path) = &options.http.websocket {
+            // Every client a WebSocket connection of its own.
+            let count =
+                std::mem::take(&mut plan.keep_alive) + std::mem::take(&mut plan.new_connection);
+            let scheme = if target.tls.is_some() { "wss" } else { "ws" };
+            plan.clients.push(Clients::WebSocketAt {
+                target: target.clone(),
+                url: format!("{scheme}://{}{path}", options.http.host),
+                pace: WS_PACE,
+                count,
+            });
         }
         self.load_started = Instant::now();
         let load = Load::run(plan);
@@ -1179,6 +1249,12 @@ impl<'a> Session<'a> {
             FailureClass::Tls,
             FailureClass::StreamReset,
             FailureClass::GoAwayRefused,
+            // A call or message on a killed process's connection.
+            FailureClass::GrpcUnavailable,
+            FailureClass::GrpcCancelled,
+            FailureClass::GrpcOther,
+            FailureClass::WsAbnormal,
+            FailureClass::WsLost,
         ]
         .iter()
         .filter_map(|class| load.failures.get(class))
@@ -1457,13 +1533,17 @@ fn watch_answers(
 }
 
 /// `GET` on a new connection; `Ok` on a 200 with the expected body, with
-/// the identity it names.
+/// the identity it names. With `--grpc` a health `Check` (SERVING), with
+/// `--websocket` a message answered: `Ok(None)`, no identity.
 pub fn probe(
     addr: SocketAddr,
     http: &HttpCheck,
     identity: &Identity,
 ) -> Result<Option<String>, String> {
     let timeout = Duration::from_secs(5);
+    if http.grpc.is_some() || http.websocket.is_some() {
+        return probe_other(addr, http, timeout).map(|()| None);
+    }
     let (status, headers, body) = if http.http2 {
         get_h2(addr, http, timeout)
     } else {
@@ -1516,6 +1596,37 @@ fn get_h2(
             .await
             .unwrap_or_else(|_| Err((FailureClass::Timeout, "h2: no answer".into())))
     })
+}
+
+/// A gRPC health `Check` or a WebSocket message on a new connection, from
+/// this thread.
+fn probe_other(addr: SocketAddr, http: &HttpCheck, timeout: Duration) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("a runtime for the probe: {e}"))?;
+    let target = Target {
+        addr,
+        tls: http.tls.clone(),
+    };
+    let scheme = if target.tls.is_some() { "wss" } else { "ws" };
+    runtime
+        .block_on(async {
+            let probe = async {
+                match (&http.grpc, &http.websocket) {
+                    (Some(service), _) => grpc_health_probe(&target, &http.host, service).await,
+                    (None, Some(path)) => {
+                        let url = format!("{scheme}://{}{path}", http.host);
+                        websocket_probe(&target, &url).await
+                    }
+                    (None, None) => Ok(()),
+                }
+            };
+            tokio::time::timeout(timeout, probe)
+                .await
+                .unwrap_or_else(|_| Err((FailureClass::Timeout, "no answer".into())))
+        })
+        .map_err(|(class, detail)| format!("{class}: {detail}"))
 }
 
 /// A blocking connection, plain or TLS, for probes and slow requests.
@@ -1839,6 +1950,38 @@ mod tests {
             ..CheckOptions::default()
         };
         assert!(validate(&options).unwrap_err().contains("nope"));
+    }
+
+    #[test]
+    fn grpc_and_websocket_refuse_what_they_cannot_do() {
+        let grpc = CheckOptions {
+            server: "srv {addr}".into(),
+            http: HttpCheck {
+                grpc: Some(String::new()),
+                ..HttpCheck::default()
+            },
+            ..CheckOptions::default()
+        };
+        assert_eq!(validate(&grpc), Ok(()));
+        let with_http2 = CheckOptions {
+            http2: true,
+            ..grpc.clone()
+        };
+        assert!(validate(&with_http2).unwrap_err().contains("--http2"));
+        let with_body = CheckOptions {
+            identity: Identity::BodyPrefix("pid=".into()),
+            ..grpc
+        };
+        assert!(validate(&with_body).unwrap_err().contains("--ready-body"));
+        let websocket = CheckOptions {
+            server: "srv {addr}".into(),
+            http: HttpCheck {
+                websocket: Some("ws".into()),
+                ..HttpCheck::default()
+            },
+            ..CheckOptions::default()
+        };
+        assert!(validate(&websocket).unwrap_err().contains("start with /"));
     }
 
     #[test]

@@ -131,3 +131,40 @@ where
         other => Status::unimplemented(format!("no route {other}")).into_http(),
     })
 }
+
+/// The standard gRPC health checking protocol (`grpc.health.v1.Health`),
+/// which servers in any language commonly register: what `check --grpc`
+/// calls, so that it needs no proto of the server's own.
+///
+/// ```text
+/// service Health {
+///   rpc Check(HealthCheckRequest) returns (HealthCheckResponse);
+///   rpc Watch(HealthCheckRequest) returns (stream HealthCheckResponse);
+/// }
+/// ```
+pub mod health {
+    /// The path of the unary `Check`.
+    pub const CHECK: &str = "/grpc.health.v1.Health/Check";
+    /// The path of the server-streaming `Watch`.
+    pub const WATCH: &str = "/grpc.health.v1.Health/Watch";
+    /// `ServingStatus.SERVING`.
+    pub const SERVING: i32 = 1;
+
+    /// `message HealthCheckRequest { string service = 1; }` (`""`: the
+    /// server as a whole).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HealthCheckRequest {
+        /// The service asked about.
+        #[prost(string, tag = "1")]
+        pub service: String,
+    }
+
+    /// `message HealthCheckResponse { ServingStatus status = 1; }`; an
+    /// enum is an int32 on the wire, so no enum type is needed here.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HealthCheckResponse {
+        /// UNKNOWN 0, SERVING 1, NOT_SERVING 2, SERVICE_UNKNOWN 3.
+        #[prost(int32, tag = "1")]
+        pub status: i32,
+    }
+}

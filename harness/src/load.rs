@@ -23,7 +23,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
 
 mod protocols;
-pub use protocols::h2_get;
+pub use protocols::{grpc_health_probe, h2_get, websocket_probe};
 
 /// Why a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -140,6 +140,8 @@ pub enum Protocol {
     GrpcStream,
     /// WebSocket echo round trips.
     WebSocket,
+    /// gRPC health `Watch` streams held open (a sample is a whole stream).
+    GrpcWatch,
 }
 
 impl fmt::Display for Protocol {
@@ -152,6 +154,7 @@ impl fmt::Display for Protocol {
             Protocol::GrpcUnary => "grpc-unary",
             Protocol::GrpcStream => "grpc-stream",
             Protocol::WebSocket => "websocket",
+            Protocol::GrpcWatch => "grpc-watch",
         })
     }
 }
@@ -454,6 +457,35 @@ pub enum Clients {
         /// How many clients.
         count: usize,
     },
+    /// gRPC health checking (`grpc.health.v1.Health`) over h2c, or h2
+    /// over TLS: unary `Check` calls one after another (on one connection,
+    /// or each on a new one), or `Watch` streams held open until the
+    /// server ends them.
+    GrpcHealth {
+        /// Where, and how.
+        target: Target,
+        /// The service asked about (`""`: the whole server).
+        service: String,
+        /// `Watch` streams instead of `Check` calls.
+        watch: bool,
+        /// Keep-alive or a connection per call.
+        mode: Mode,
+        /// How many clients.
+        count: usize,
+    },
+    /// WebSocket clients of anyone's server at `url` (ws:// or wss://,
+    /// TLS by the target): a text message at a steady pace, any answer
+    /// to each.
+    WebSocketAt {
+        /// Where, and how.
+        target: Target,
+        /// The URL asked for (its authority is the Host header).
+        url: String,
+        /// Between two messages of a client.
+        pace: Duration,
+        /// How many clients.
+        count: usize,
+    },
 }
 
 impl LoadPlan {
@@ -474,7 +506,9 @@ impl Clients {
             | Clients::Http2 { count, .. }
             | Clients::GrpcUnary { count, .. }
             | Clients::GrpcStream { count, .. }
-            | Clients::WebSocket { count, .. } => *count,
+            | Clients::WebSocket { count, .. }
+            | Clients::GrpcHealth { count, .. }
+            | Clients::WebSocketAt { count, .. } => *count,
         }
     }
 }
@@ -614,6 +648,11 @@ pub struct HttpCheck {
     pub tls: Option<TlsTarget>,
     /// Probes speak HTTP/2: the server may speak nothing else on this port.
     pub http2: bool,
+    /// Probes are gRPC health `Check`s of this service (`""`: the whole
+    /// server) instead of `GET`s.
+    pub grpc: Option<String>,
+    /// Probes are a WebSocket message to this path, answered.
+    pub websocket: Option<String>,
 }
 
 impl Default for HttpCheck {
@@ -625,6 +664,8 @@ impl Default for HttpCheck {
             identity: Identity::None,
             tls: None,
             http2: false,
+            grpc: None,
+            websocket: None,
         }
     }
 }

@@ -64,7 +64,7 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         scenarios: Option<PathBuf>,
     },
-    /// Checks that anyone's HTTP server (HTTP/1.1 or HTTP/2, plain or TLS) survives upgrades, seen from outside.
+    /// Checks that anyone's HTTP server (HTTP/1.1 or HTTP/2, plain or TLS; gRPC; WebSocket) survives upgrades, seen from outside.
     #[command(long_about = CHECK_ABOUT)]
     Check(Box<CheckArgs>),
     /// Puts an HTTP/1.1 server under strict load until stopped, and counts every failed request by class.
@@ -138,7 +138,7 @@ fn parse_idle(text: &str) -> Result<(usize, Duration), String> {
     Ok((count, pause))
 }
 
-const CHECK_ABOUT: &str = "Checks that an HTTP server (HTTP/1.1 or HTTP/2, plain or TLS), in any language, survives its own upgrades (or reloads) without losing a request.
+const CHECK_ABOUT: &str = "Checks that an HTTP server (HTTP/1.1 or HTTP/2, plain or TLS; gRPC; WebSocket), in any language, survives its own upgrades (or reloads) without losing a request.
 
 Each scenario starts the server afresh with --server, puts it under strict load (clients that never retry: every request that got no complete 200 is a failure, by class: refused, reset, timeout, wrong), asks for upgrades, and watches from outside: the processes under the started one (and those re-parented to the harness), the PID file, the answers, the upgrade command's exit. It reports failed requests by class, processes left, zombies, the serving generation's descriptors before and after (Linux), the time from each trigger to a ready new generation and to the old one gone, and p99 latency near upgrades against steady state: a table, report.json and report.html (same as `run`). Exit status 0 only if every scenario passed.
 
@@ -150,8 +150,12 @@ Ready and old gone: ready is the first available of an answer naming a new pid o
 
 TLS (--tls, trusting --ca-file or --insecure): every request, probe and slow request over TLS; the report adds each generation's TLS handshakes per second. HTTP/2 (--http2): the keep-alive and new-connection clients speak HTTP/2 (prior knowledge in the clear, ALPN h2 over TLS), several streams on each kept connection; idle clients and slow requests stay HTTP/1.1. A request refused because the server's GOAWAY came first is no failure (nothing was sent); a stream cut by GOAWAY or a reset is (h2_reset).
 
+gRPC (--grpc): clients call the standard health service (grpc.health.v1.Health, which servers in any language commonly register; no proto of the server's needed) over h2c, or h2 with --tls: `Check` calls on kept and on new connections, and `Watch` streams held open across upgrades. A call fails on any status but OK (grpc_unavailable, grpc_cancelled, grpc_other), a reset or a timeout; a call refused because the server's GOAWAY came first was never sent, and a `Watch` the server ends with OK (its drain sending the client elsewhere) is no failure; one cut without a status is. WebSocket (--websocket PATH): every client holds a connection to PATH and sends a text message every 20 ms; each needs an answer (text or binary). A close 1001 or 1000 before a message is sent is no failure (the client reconnects); a message left unanswered (ws_lost), an abnormal close or a reset (ws_abnormal), a reconnect that fails, are. With --grpc or --websocket the probes speak it too, readiness is seen by the PID file, a command or the processes, and the HTTP-only scenarios are skipped.
+
 Examples:
   handover-harness check --server 'target/release/examples/http_server --listen {addr} --pid-file {pidfile}' --ready-body pid=
+  handover-harness check --server 'target/release/examples/grpc --listen {addr} --pid-file {pidfile}' --grpc
+  handover-harness check --server 'target/release/examples/axum --listen {addr} --pid-file {pidfile}' --websocket /ws
   handover-harness check --server 'nginx -c /tmp/n/nginx.conf -p /tmp/n' --addr 127.0.0.1:8080 --pid-file /tmp/n/nginx.pid --upgrade-cmd 'nginx -c /tmp/n/nginx.conf -p /tmp/n -s reload' --ready-header X-Pid";
 
 /// `check`: one fresh server per scenario, under load, upgraded again and
@@ -247,6 +251,15 @@ struct CheckArgs {
     /// Load and probes over HTTP/2 (prior knowledge in the clear, ALPN h2 with --tls); idle clients and slow requests stay HTTP/1.1.
     #[arg(long)]
     http2: bool,
+    /// Load and probes speak gRPC (h2c, or h2 with --tls): the standard health service, grpc.health.v1.Health, `Check` calls and `Watch` streams held open across upgrades.
+    #[arg(long, conflicts_with_all = ["http2", "websocket"])]
+    grpc: bool,
+    /// The service the health calls ask about ("" is the server as a whole).
+    #[arg(long, value_name = "NAME", default_value = "", requires = "grpc")]
+    grpc_service: String,
+    /// Load and probes are WebSocket clients of ws://ADDR/PATH (wss with --tls): a text message every 20 ms on each, any answer to each.
+    #[arg(long, value_name = "PATH", conflicts_with = "http2")]
+    websocket: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -586,6 +599,8 @@ fn check_command(args: CheckArgs) -> ExitCode {
             identity: Identity::None,
             tls,
             http2: args.http2,
+            grpc: args.grpc.then(|| args.grpc_service.clone()),
+            websocket: args.websocket.clone(),
         },
         slow_path: args.slow_path,
         slow_timeout: args.slow_timeout,

@@ -190,7 +190,7 @@ impl ScenarioReport {
         let requests: Vec<Sample> = load
             .samples
             .iter()
-            .filter(|s| s.protocol != Protocol::GrpcStream)
+            .filter(|s| !matches!(s.protocol, Protocol::GrpcStream | Protocol::GrpcWatch))
             .copied()
             .collect();
         let mut protocols = protocol_summaries(&load.samples, &upgrade_times);

@@ -586,3 +586,197 @@ fn the_axum_example_passes_over_http2_and_tls() {
         println!("{name}:\n{text}");
     }
 }
+
+/// `examples/grpc.rs`, built in release with the features it needs (a
+/// no-op when up to date), copied like the example server.
+fn grpc_example(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // As for the axum example: cargo's variables for this test would make
+    // ring's build script, and all above it, run again.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name == "OUT_DIR"
+            || (name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR")
+        {
+            cargo.env_remove(&*name);
+        }
+    }
+    let status = cargo
+        .args([
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            "handover",
+            "--example",
+            "grpc",
+        ])
+        .args(["--features", "http2,tls"])
+        .current_dir(&root)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "the grpc example builds");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let copy = dir.join("grpc");
+    std::fs::copy(target.join("release/examples/grpc"), &copy).expect("a copy of the example");
+    copy
+}
+
+/// The failed calls of a scenario, every gRPC class and the rest.
+fn failed(scenario: &Value) -> u64 {
+    scenario["failures"].as_object().map_or(0, |classes| {
+        classes.values().filter_map(Value::as_u64).sum()
+    })
+}
+
+/// A fast `check` run's arguments: a few upgrades in a second or two.
+fn fast<'a>(server: &'a str, scenarios: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--server",
+        server,
+        "--scenario",
+        scenarios,
+        "--duration",
+        "1500ms",
+        "--interval",
+        "300ms",
+        "--connections",
+        "4",
+    ];
+    args.extend(extra);
+    args
+}
+
+/// `check --grpc` on the gRPC example, h2c and TLS: health `Check` calls
+/// on kept and new connections, and `Watch` streams held across every
+/// upgrade and ended with OK by the drain: none fails.
+#[cfg(feature = "chaos")]
+#[test]
+fn the_grpc_example_passes_check_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = grpc_example(dir.path());
+    let (cert, key) =
+        handover_harness::tls::write_test_certificate(dir.path()).expect("a test certificate");
+    let ca = cert.display().to_string();
+    let plain = format!(
+        "{} --listen {{addr}} --pid-file {{pidfile}}",
+        server.display()
+    );
+    let tls = format!(
+        "{plain} --tls-cert {} --tls-key {}",
+        cert.display(),
+        key.display()
+    );
+    for (name, server, scenarios, extra) in [
+        ("h2c", &plain, "keep-alive,new-connections", vec!["--grpc"]),
+        (
+            "tls",
+            &tls,
+            "keep-alive",
+            vec!["--grpc", "--tls", "--ca-file", &ca],
+        ),
+    ] {
+        let (output, report) = check(&fast(server, scenarios, &extra), &dir.path().join(name));
+        let text = stdout(&output);
+        assert_eq!(output.status.code(), Some(0), "{name}: {text}");
+        let keep_alive = scenario(&report, "keep-alive");
+        assert_eq!(failed(keep_alive), 0, "{name}: {text}");
+        let upgrades = keep_alive["blackbox"]["upgrades"].as_array().unwrap();
+        assert!(upgrades.len() >= 3, "{name}: {text}");
+        assert!(upgrades.iter().all(|u| u["outcome"] == "ok"), "{text}");
+        let protocols = &keep_alive["protocols"];
+        assert!(
+            protocols["grpc-unary"]["ok"].as_u64().unwrap() > 0,
+            "{text}"
+        );
+        // A watch ends (OK) once per upgrade: each lived across one.
+        assert!(
+            protocols["grpc-watch"]["ok"].as_u64().unwrap() >= upgrades.len() as u64,
+            "{name}: {text}"
+        );
+        println!("{name}:\n{text}");
+    }
+}
+
+/// The proof that `check --grpc` sees lost calls: the same example with
+/// `--no-drain` exits as soon as its successor is ready, and the `Watch`
+/// streams (and calls) it held are cut without a status.
+#[cfg(feature = "chaos")]
+#[test]
+fn check_grpc_fails_against_a_server_without_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = grpc_example(dir.path());
+    let server = format!(
+        "{} --listen {{addr}} --pid-file {{pidfile}} --no-drain",
+        server.display()
+    );
+    let (output, report) = check(&fast(&server, "keep-alive", &["--grpc"]), dir.path());
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    let keep_alive = scenario(&report, "keep-alive");
+    assert_eq!(keep_alive["passed"], false, "{text}");
+    assert!(failed(keep_alive) > 0, "{text}");
+    assert!(
+        keep_alive["protocols"]["grpc-watch"]["failed"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{text}"
+    );
+    println!("{text}");
+}
+
+/// `check --websocket /ws` on the axum example: every socket is told 1001
+/// at each upgrade, its client reconnects to the new generation, and no
+/// message goes unanswered.
+#[cfg(feature = "chaos")]
+#[test]
+fn the_axum_example_passes_check_websocket() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = axum_example(dir.path());
+    let server = format!(
+        "{} --listen {{addr}} --pid-file {{pidfile}}",
+        server.display()
+    );
+    let (output, report) = check(
+        &fast(&server, "keep-alive,upgrade-storm", &["--websocket", "/ws"]),
+        dir.path(),
+    );
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    let keep_alive = scenario(&report, "keep-alive");
+    assert_eq!(failed(keep_alive), 0, "{text}");
+    assert!(
+        keep_alive["protocols"]["websocket"]["ok"].as_u64().unwrap() > 0,
+        "{text}"
+    );
+    // The drain's goodbye was seen, and was no failure.
+    assert!(keep_alive["ws_going_away"].as_u64().unwrap() > 0, "{text}");
+    println!("{text}");
+}
+
+/// The proof that `check --websocket` sees lost messages: axum's own
+/// `with_graceful_shutdown` (the example's `--stock-shutdown`) sends no
+/// close frame; its sockets are cut when the old generation exits.
+#[cfg(feature = "chaos")]
+#[test]
+fn check_websocket_fails_against_axum_stock_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = axum_example(dir.path());
+    let server = format!(
+        "{} --listen {{addr}} --pid-file {{pidfile}} --stock-shutdown",
+        server.display()
+    );
+    let (output, report) = check(
+        &fast(&server, "keep-alive", &["--websocket", "/ws"]),
+        dir.path(),
+    );
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    let keep_alive = scenario(&report, "keep-alive");
+    assert!(failures(keep_alive, "ws_abnormal") > 0, "{text}");
+    println!("{text}");
+}

@@ -23,6 +23,7 @@ use super::{
     Clients, FailureClass, HttpCheck, Live, LoadReport, Mode, Protocol, REQUEST_TIMEOUT, Recorder,
     Target, connect_failure, identity_number, parse_generation,
 };
+use crate::grpc::health::{self, HealthCheckRequest, HealthCheckResponse};
 use crate::grpc::{EchoReply, EchoRequest};
 
 /// What every client shares.
@@ -82,7 +83,20 @@ pub(super) async fn client(clients: Clients, run: Run) -> LoadReport {
             interval,
             ..
         } => grpc_client(addr, Some((replies, interval)), run).await,
-        Clients::WebSocket { addr, .. } => ws_client(addr, run).await,
+        Clients::WebSocket { addr, .. } => {
+            let url = format!("ws://{addr}/");
+            ws_client(Target::plain(addr), url, super::ECHO_PACE, true, run).await
+        }
+        Clients::GrpcHealth {
+            target,
+            service,
+            watch,
+            mode,
+            ..
+        } => grpc_health_client(target, service, watch, mode, run).await,
+        Clients::WebSocketAt {
+            target, url, pace, ..
+        } => ws_client(target, url, pace, false, run).await,
     }
 }
 
@@ -589,7 +603,9 @@ fn frame(next: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -
         }
         Some(Ok(Message::Close(close))) => Some(Frame::Abnormal(format!("close {close:?}"))),
         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => None,
-        Some(Ok(Message::Binary(_))) => Some(Frame::Abnormal("a binary message".into())),
+        Some(Ok(Message::Binary(bytes))) => {
+            Some(Frame::Echo(String::from_utf8_lossy(&bytes).into()))
+        }
         Some(Err(e)) => Some(Frame::Abnormal(e.to_string())),
         None => Some(Frame::Abnormal("closed without a close frame".into())),
     }
@@ -615,20 +631,29 @@ where
 /// each text message. One message at a time, every [`super::ECHO_PACE`];
 /// before each, a close already received is read first, so that a client
 /// never sends into a connection the server has said goodbye on.
-async fn ws_client(addr: std::net::SocketAddr, mut run: Run) -> LoadReport {
+///
+/// With `subject` false (anyone's server, `check --websocket`), there is
+/// no greeting and any text or binary answer to a message counts.
+async fn ws_client(
+    target: Target,
+    url: String,
+    pace: Duration,
+    subject: bool,
+    mut run: Run,
+) -> LoadReport {
     let mut report = LoadReport::default();
     let recorder = run.recorder(Protocol::WebSocket);
     let mut sequence = 0u64;
     'connections: while !run.stopped() {
-        let tcp = match TcpStream::connect(addr).await {
-            Ok(tcp) => tcp,
-            Err(e) => {
-                run.connection_failed(&mut report, connect_failure(&e), format!("connect: {e}"));
+        // WebSocket is an HTTP/1.1 upgrade: no h2 by ALPN.
+        let io = match target.open(&[b"http/1.1"]).await {
+            Ok(opened) => opened.io,
+            Err((class, detail)) => {
+                run.connection_failed(&mut report, class, detail);
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
-        let mut ws = match tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp).await {
+        let mut ws = match tokio_tungstenite::client_async(url.as_str(), io).await {
             Ok((ws, _)) => ws,
             Err(e) => {
                 run.connection_failed(
@@ -639,7 +664,12 @@ async fn ws_client(addr: std::net::SocketAddr, mut run: Run) -> LoadReport {
                 continue;
             }
         };
-        match next_frame(&mut ws, REQUEST_TIMEOUT).await {
+        let greeting = if subject {
+            next_frame(&mut ws, REQUEST_TIMEOUT).await
+        } else {
+            Some(Frame::Echo(String::new()))
+        };
+        match greeting {
             Some(Frame::Echo(greeting)) => {
                 if let Some(generation) = parse_generation(&greeting) {
                     report.generations.insert(generation);
@@ -660,7 +690,7 @@ async fn ws_client(addr: std::net::SocketAddr, mut run: Run) -> LoadReport {
                 continue;
             }
         }
-        let mut pace = tokio::time::interval(super::ECHO_PACE);
+        let mut pace = tokio::time::interval(pace);
         loop {
             tokio::select! {
                 _ = run.stopped.changed() => {
@@ -702,7 +732,7 @@ async fn ws_client(addr: std::net::SocketAddr, mut run: Run) -> LoadReport {
                 continue 'connections;
             }
             match next_frame(&mut ws, REQUEST_TIMEOUT).await {
-                Some(Frame::Echo(echo)) if echo == message => {
+                Some(Frame::Echo(echo)) if echo == message || !subject => {
                     recorder.record(&mut report, sent, true);
                     report.ok += 1;
                 }
@@ -741,4 +771,251 @@ async fn ws_client(addr: std::net::SocketAddr, mut run: Run) -> LoadReport {
         }
     }
     report
+}
+
+/// A gRPC connection to `target` (h2c, or ALPN h2 over TLS) on the strict
+/// h2 client, calls going to `origin`.
+async fn grpc_open(
+    target: &Target,
+    origin: &http::Uri,
+) -> Result<tonic::client::Grpc<H2Connection>, (FailureClass, String)> {
+    let opened = target.open(&[b"h2"]).await?;
+    if target.tls.is_some() && opened.alpn.as_deref() != Some(b"h2") {
+        return Err((
+            FailureClass::WrongResponse,
+            "ALPN: the server did not choose h2, which gRPC needs".into(),
+        ));
+    }
+    let sender = h2_connect(opened.io)
+        .await
+        .map_err(|e| (FailureClass::Reset, format!("h2 handshake: {e}")))?;
+    Ok(tonic::client::Grpc::with_origin(
+        H2Connection(sender),
+        origin.clone(),
+    ))
+}
+
+/// `http://HOST` or `https://HOST`: the scheme and `:authority` of calls.
+fn grpc_origin(target: &Target, host: &str) -> Result<http::Uri, (FailureClass, String)> {
+    let scheme = if target.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{host}")
+        .parse()
+        .map_err(|e| (FailureClass::WrongResponse, format!("origin {host:?}: {e}")))
+}
+
+/// How one health call ended.
+enum HealthCall {
+    /// Answered SERVING (`Check`), or a `Watch` that said SERVING and then
+    /// ended with OK or was still open when the load stopped.
+    Ok,
+    /// Refused before its stream was opened (GOAWAY came first): none lost.
+    NotSent,
+    /// A `Watch` that the server ended with OK before any update: a
+    /// generation that drains ends its streams so. Not a failure.
+    EndedEarly,
+    /// Lost, by class.
+    Failed(FailureClass, String),
+}
+
+fn health_status(status: &tonic::Status) -> HealthCall {
+    if not_sent(status) {
+        HealthCall::NotSent
+    } else {
+        HealthCall::Failed(
+            grpc_failure(status),
+            format!("{:?}: {}", status.code(), status.message()),
+        )
+    }
+}
+
+/// One `Check` call: OK only with SERVING.
+async fn health_check(grpc: &mut tonic::client::Grpc<H2Connection>, service: &str) -> HealthCall {
+    use tonic::codegen::http::uri::PathAndQuery;
+    let request = tonic::Request::new(HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    let codec = tonic_prost::ProstCodec::<HealthCheckRequest, HealthCheckResponse>::default();
+    let call = grpc.unary(request, PathAndQuery::from_static(health::CHECK), codec);
+    match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
+        Ok(Ok(reply)) if reply.get_ref().status == health::SERVING => HealthCall::Ok,
+        Ok(Ok(reply)) => HealthCall::Failed(
+            FailureClass::WrongResponse,
+            format!("Check: status {} (not SERVING)", reply.get_ref().status),
+        ),
+        Ok(Err(status)) => health_status(&status),
+        Err(_) => HealthCall::Failed(FailureClass::Timeout, "Check: no answer".into()),
+    }
+}
+
+/// One `Watch` stream: its first update must say SERVING; then it is held
+/// open until the server ends it with OK (a draining generation's way to
+/// send its clients elsewhere), or the load stops. Cut without a status,
+/// or ended with any other, it is lost.
+async fn health_watch(
+    grpc: &mut tonic::client::Grpc<H2Connection>,
+    service: &str,
+    stopped: &mut watch::Receiver<bool>,
+) -> HealthCall {
+    use tonic::codegen::http::uri::PathAndQuery;
+    let request = tonic::Request::new(HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    let codec = tonic_prost::ProstCodec::<HealthCheckRequest, HealthCheckResponse>::default();
+    let call = grpc.server_streaming(request, PathAndQuery::from_static(health::WATCH), codec);
+    let first = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let mut stream = call.await?.into_inner();
+        let first = stream.message().await?;
+        Ok::<_, tonic::Status>((stream, first))
+    })
+    .await;
+    let mut stream = match first {
+        Ok(Ok((stream, Some(update)))) if update.status == health::SERVING => stream,
+        Ok(Ok((_, Some(update)))) => {
+            return HealthCall::Failed(
+                FailureClass::WrongResponse,
+                format!("Watch: first status {} (not SERVING)", update.status),
+            );
+        }
+        Ok(Ok((_, None))) => return HealthCall::EndedEarly,
+        Ok(Err(status)) => return health_status(&status),
+        Err(_) => {
+            return HealthCall::Failed(FailureClass::Timeout, "Watch: no first update".into());
+        }
+    };
+    loop {
+        if *stopped.borrow() {
+            return HealthCall::Ok;
+        }
+        tokio::select! {
+            _ = stopped.changed() => return HealthCall::Ok,
+            next = stream.message() => match next {
+                // A later update (NOT_SERVING from a draining server, say)
+                // is the server's news, not a lost call.
+                Ok(Some(_)) => {}
+                Ok(None) => return HealthCall::Ok,
+                Err(status) => {
+                    return HealthCall::Failed(
+                        grpc_failure(&status),
+                        format!("Watch cut: {:?}: {}", status.code(), status.message()),
+                    );
+                }
+            },
+        }
+    }
+}
+
+/// gRPC health calls (`grpc.health.v1.Health`), `Check` one after another
+/// or `Watch` streams one after another, on one connection until the
+/// server announces its end (GOAWAY), or each on a new connection.
+async fn grpc_health_client(
+    target: Target,
+    service: String,
+    watch: bool,
+    mode: Mode,
+    mut run: Run,
+) -> LoadReport {
+    let mut report = LoadReport::default();
+    let recorder = run.recorder(if watch {
+        Protocol::GrpcWatch
+    } else {
+        Protocol::GrpcUnary
+    });
+    let host = run
+        .check
+        .as_ref()
+        .map_or_else(|| target.addr.to_string(), |c| c.host.clone());
+    let origin = match grpc_origin(&target, &host) {
+        Ok(origin) => origin,
+        Err((class, detail)) => {
+            report.fail(class, detail);
+            return report;
+        }
+    };
+    'connections: while !run.stopped() {
+        let mut grpc = match grpc_open(&target, &origin).await {
+            Ok(grpc) => grpc,
+            Err((class, detail)) => {
+                run.connection_failed(&mut report, class, detail);
+                continue;
+            }
+        };
+        while !run.stopped() {
+            if grpc.ready().await.is_err() {
+                // GOAWAY before the next call: none lost.
+                report.reconnects += 1;
+                continue 'connections;
+            }
+            let sent = Instant::now();
+            let call = if watch {
+                health_watch(&mut grpc, &service, &mut run.stopped).await
+            } else {
+                health_check(&mut grpc, &service).await
+            };
+            match call {
+                HealthCall::Ok => {
+                    recorder.record(&mut report, sent, true);
+                    report.ok += 1;
+                }
+                HealthCall::NotSent => {
+                    report.reconnects += 1;
+                    continue 'connections;
+                }
+                HealthCall::EndedEarly => {}
+                HealthCall::Failed(class, detail) => {
+                    recorder.record(&mut report, sent, false);
+                    report.fail(class, detail);
+                    continue 'connections;
+                }
+            }
+            if mode == Mode::NewConnection {
+                continue 'connections;
+            }
+        }
+    }
+    report
+}
+
+/// One gRPC health `Check` on a new connection, for probes: `Ok` when the
+/// server answers SERVING.
+pub async fn grpc_health_probe(
+    target: &Target,
+    host: &str,
+    service: &str,
+) -> Result<(), (FailureClass, String)> {
+    let origin = grpc_origin(target, host)?;
+    let mut grpc = grpc_open(target, &origin).await?;
+    if grpc.ready().await.is_err() {
+        return Err((FailureClass::GoAwayRefused, "GOAWAY at once".into()));
+    }
+    match health_check(&mut grpc, service).await {
+        HealthCall::Ok => Ok(()),
+        HealthCall::NotSent | HealthCall::EndedEarly => {
+            Err((FailureClass::GoAwayRefused, "Check not sent".into()))
+        }
+        HealthCall::Failed(class, detail) => Err((class, detail)),
+    }
+}
+
+/// A WebSocket connection to `url` on a new connection, one message, any
+/// answer, then a close: for probes.
+pub async fn websocket_probe(target: &Target, url: &str) -> Result<(), (FailureClass, String)> {
+    let opened = target.open(&[b"http/1.1"]).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(url, opened.io)
+        .await
+        .map_err(|e| (FailureClass::WsAbnormal, format!("upgrade: {e}")))?;
+    ws.send(Message::text("probe"))
+        .await
+        .map_err(|e| (FailureClass::WsAbnormal, format!("send: {e}")))?;
+    let answer = next_frame(&mut ws, REQUEST_TIMEOUT).await;
+    let _ = ws.close(None).await;
+    match answer {
+        Some(Frame::Echo(_)) => Ok(()),
+        Some(Frame::GoingAway) => Err((FailureClass::WsLost, "close before an answer".into())),
+        Some(Frame::Abnormal(why)) => Err((FailureClass::WsAbnormal, why)),
+        None => Err((FailureClass::Timeout, "no answer".into())),
+    }
 }
