@@ -647,6 +647,13 @@ pub(crate) fn spawn_sibling(request: &SpawnRequest<'_>) -> io::Result<Result<Chi
         exit_signal: 0,
         ..CloneArgs::default()
     };
+    // Every signal blocked across the clone, as posix_spawn does: one
+    // that reached the child before its handlers are reset would run this
+    // process's handlers there (the library's write to its wake-up pipes,
+    // which this process shares).
+    let all = SigSet::all();
+    let mut before = SigSet::empty();
+    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&all), Some(&mut before))?;
     // SAFETY: clone3 with a valid, fully initialised `clone_args` of the
     // size passed, no CLONE_VM and no stack: fork semantics, the child runs
     // on a copy of this thread's stack and memory. `pidfd` is a live c_int
@@ -658,6 +665,10 @@ pub(crate) fn spawn_sibling(request: &SpawnRequest<'_>) -> io::Result<Result<Chi
             std::mem::size_of::<CloneArgs>(),
         )
     };
+    let clone_error = io::Error::last_os_error();
+    if ret != 0 {
+        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&before), None)?;
+    }
     if ret == 0 {
         // The child. SAFETY: only async-signal-safe calls on data prepared
         // above, which the copied memory holds unchanged: sigprocmask,
@@ -667,7 +678,7 @@ pub(crate) fn spawn_sibling(request: &SpawnRequest<'_>) -> io::Result<Result<Chi
         unsafe { sibling_child(link, &mask, report, &fallback_close, &path, &argv, &envp) }
     }
     if ret == -1 {
-        let error = io::Error::last_os_error();
+        let error = clone_error;
         return match error.raw_os_error() {
             Some(libc::ENOSYS | libc::EINVAL | libc::EPERM) => Ok(Err(error)),
             _ => Err(error),
@@ -733,11 +744,23 @@ unsafe fn sibling_child(
     // SAFETY: see the caller: each call is async-signal-safe and gets
     // pointers into memory prepared before the clone.
     unsafe {
-        libc::sigprocmask(libc::SIG_SETMASK, mask, std::ptr::null_mut());
-        // The std runtime ignores SIGPIPE; the successor gets the default.
+        // Every signal is blocked (see the caller): reset each one this
+        // process handles to its default before any can be delivered here,
+        // and SIGPIPE too (the std runtime ignores it; the successor gets
+        // the default, as from posix_spawn). Numbers the C library keeps
+        // for itself fail with EINVAL, harmlessly.
         let mut default: libc::sigaction = std::mem::zeroed();
         default.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(libc::SIGPIPE, &default, std::ptr::null_mut());
+        let mut current: libc::sigaction = std::mem::zeroed();
+        for signal in 1..libc::SIGRTMAX() + 1 {
+            if libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+                && (signal == libc::SIGPIPE || current.sa_sigaction != libc::SIG_IGN)
+                && current.sa_sigaction != libc::SIG_DFL
+            {
+                libc::sigaction(signal, &default, std::ptr::null_mut());
+            }
+        }
+        libc::sigprocmask(libc::SIG_SETMASK, mask, std::ptr::null_mut());
         let placed = if link == LINK_FD {
             libc::fcntl(LINK_FD, libc::F_SETFD, 0)
         } else {
