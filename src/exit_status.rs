@@ -12,6 +12,10 @@ pub enum ExitStatus {
     Exited(i32),
     /// It was ended by this signal number.
     Signaled(i32),
+    /// It ended, but how is not known here: it was started as the service
+    /// manager's child (`Options::successor_parent`), which alone gets its
+    /// exit status (see the manager's log).
+    Unknown,
 }
 
 impl fmt::Display for ExitStatus {
@@ -22,6 +26,9 @@ impl fmt::Display for ExitStatus {
                 Ok(name) => write!(f, "killed by {name}"),
                 Err(_) => write!(f, "killed by signal {signal}"),
             },
+            ExitStatus::Unknown => f.write_str(
+                "exited (its exit status went to the service manager, its parent: see the manager's log)",
+            ),
         }
     }
 }

@@ -128,7 +128,7 @@ pub use kind::Kind;
 pub use problem::{DescriptorProblem, FoundObject, ReceiveError};
 pub use registry::NewSocket;
 pub use signal::{Signal, UnknownSignal};
-pub use upgrader::{ExitReason, Options, RolledBack, Upgraded, Upgrader, Verdict};
+pub use upgrader::{ExitReason, Options, RolledBack, SuccessorParent, Upgraded, Upgrader, Verdict};
 pub use wire::WireError;
 
 /// The README's examples, compiled as doctests so that they cannot rot.

@@ -58,6 +58,8 @@ pub(crate) struct Config {
     pub rollback_window: Duration,
     pub pid_file: Option<PathBuf>,
     pub upgrade_signal: Option<Signal>,
+    /// Start successors as our parent's child (`Options::successor_parent`).
+    pub sibling: bool,
     /// Called at each upgrade for the bytes to hand over.
     pub state_provider: Arc<Mutex<Option<StateProvider>>>,
 }
@@ -103,7 +105,7 @@ pub(crate) struct Channels {
 /// exits (that EOF is how it learns we are gone), and carries the rest of
 /// the state and the upgrade requests passed on to it.
 struct Successor {
-    pid: Pid,
+    process: sys::Child,
     link: UnixStream,
     outbox: Outbox,
 }
@@ -128,7 +130,7 @@ pub(crate) fn request_dropped() -> Error {
 
 /// A successor that is starting.
 struct Inflight {
-    pid: Pid,
+    process: sys::Child,
     link: UnixStream,
     /// State still to write to the successor.
     outbox: Option<Outbox>,
@@ -217,8 +219,7 @@ impl Supervisor {
             self.serve_failed(&problem);
         }
         if let Some(inflight) = self.inflight.take() {
-            let pid = inflight.pid;
-            let _ = sys::kill_and_reap(pid);
+            let _ = inflight.process.kill_and_reap();
             if let Some(waiter) = inflight.waiter {
                 let _ = waiter.send(Err(Error::Exiting));
             }
@@ -283,9 +284,9 @@ impl Supervisor {
             );
         });
         if let Some(inflight) = self.inflight.take() {
-            if let Err(err) = sys::kill_and_reap(inflight.pid) {
+            if let Err(err) = inflight.process.kill_and_reap() {
                 guarded(
-                    || tracing::error!(pid = inflight.pid.as_raw(), error = %err, "cannot reap the successor"),
+                    || tracing::error!(pid = inflight.process.raw_pid(), error = %err, "cannot reap the successor"),
                 );
             }
             if let Some(waiter) = inflight.waiter {
@@ -362,6 +363,14 @@ impl Supervisor {
             // Writable too while state remains to be sent.
             let sending = inflight.outbox.is_some();
             watched.push((Source::Successor, (inflight.link.as_fd(), sending)));
+        }
+        // A successor started as our parent's child sends no SIGCHLD: its
+        // pidfd becomes readable when it exits.
+        if let Some(exit) = self.inflight.as_ref().and_then(|i| i.process.exit_fd()) {
+            watched.push((Source::ChildSignal, (exit, false)));
+        }
+        if let Some(exit) = self.successor.as_ref().and_then(|s| s.process.exit_fd()) {
+            watched.push((Source::ChildSignal, (exit, false)));
         }
         if let Some(successor) = self.successor.as_ref().filter(|s| s.outbox.pending()) {
             watched.push((Source::ReadySuccessor, (successor.link.as_fd(), true)));
@@ -473,7 +482,7 @@ impl Supervisor {
             Refusal::InProgress => Error::InProgress,
             Refusal::Exiting => Error::Exiting,
             Refusal::WindowOpen => Error::WindowOpen {
-                successor: self.successor.as_ref().map_or(0, |s| s.pid.as_raw()),
+                successor: self.successor.as_ref().map_or(0, |s| s.process.raw_pid()),
             },
             Refusal::ParentAlive => Error::ParentAlive {
                 parent: self.config.parent.unwrap_or_default(),
@@ -506,7 +515,11 @@ impl Supervisor {
         // when the old one exits; else from MAINPID=, which makes systemd
         // SIGKILL on every later stop when the process it names is not its
         // child yet (found under a real systemd: ci/systemd.sh).
-        let main_pid = self.config.pid_file.is_none().then(sys::pid);
+        // A successor started as the manager's child is named by its
+        // parent when the upgrade commits (`name_successor`), not at ready:
+        // within a rollback window the parent stays the main process.
+        let named_by_parent = self.config.sibling && self.channels.parent_link.is_some();
+        let main_pid = (self.config.pid_file.is_none() && !named_by_parent).then(sys::pid);
         self.systemd.ready(main_pid, generation);
         if let Some(link) = &mut self.channels.parent_link {
             if let Err(err) = sys::LinkWriter(link.as_fd()).write_all(&[READY]) {
@@ -541,10 +554,10 @@ impl Supervisor {
         let serves = self.machine.serves();
         if self.machine.stop() {
             if let Some(inflight) = self.inflight.take() {
-                let status = sys::kill_and_reap(inflight.pid);
+                let status = inflight.process.kill_and_reap();
                 tracing::warn!(
                     generation,
-                    pid = inflight.pid.as_raw(),
+                    pid = inflight.process.raw_pid(),
                     ?status,
                     "stop requested: killed the starting successor"
                 );
@@ -590,6 +603,13 @@ impl Supervisor {
             why,
             "upgrade committed: this generation exits"
         );
+        if self
+            .successor
+            .as_ref()
+            .is_some_and(|s| s.process.is_sibling())
+        {
+            self.name_successor(window.upgraded.pid);
+        }
         self.channels
             .verdict
             .send_replace(Some(Verdict::Exit(ExitReason::Upgraded(window.upgraded))));
@@ -709,7 +729,7 @@ impl Supervisor {
         tracing::info!(
             generation,
             from,
-            successor = successor.pid.as_raw(),
+            successor = successor.process.raw_pid(),
             "upgrade request passed on to the successor, which runs it once this generation is gone"
         );
         successor.outbox.push_message(state::FORWARDED_UPGRADE);
@@ -727,7 +747,7 @@ impl Supervisor {
         {
             tracing::error!(
                 generation = self.config.generation,
-                successor = successor.pid.as_raw(),
+                successor = successor.process.raw_pid(),
                 %error,
                 "cannot write to the successor: it has gone"
             );
@@ -862,11 +882,12 @@ impl Supervisor {
         tracing::info!(generation, "upgrade started");
         self.systemd.reloading(generation);
         match self.spawn_successor() {
-            Ok((pid, link, outbox)) => {
+            Ok((process, link, outbox)) => {
+                let pid = process.pid;
                 // Recorded before anything else can panic: a successor
                 // that exists is always killed and reaped if it fails.
                 self.inflight = Some(Inflight {
-                    pid,
+                    process,
                     link,
                     outbox,
                     link_closed: false,
@@ -880,7 +901,7 @@ impl Supervisor {
         }
     }
 
-    fn spawn_successor(&self) -> Result<(Pid, UnixStream, Option<Outbox>)> {
+    fn spawn_successor(&self) -> Result<(sys::Child, UnixStream, Option<Outbox>)> {
         let state = match &*self
             .config
             .state_provider
@@ -953,11 +974,11 @@ impl Supervisor {
             link: theirs.as_fd(),
             blocked,
         };
-        let pid = sys::spawn(&request).map_err(|source| Error::Spawn {
+        let process = sys::spawn(&request, self.config.sibling).map_err(|source| Error::Spawn {
             path: self.config.executable.clone(),
             source,
         })?;
-        Ok((pid, ours, outbox))
+        Ok((process, ours, outbox))
     }
 
     fn on_successor_link(&mut self) {
@@ -986,8 +1007,8 @@ impl Supervisor {
 
     fn on_child_signal(&mut self) {
         if let Some(successor) = &self.successor {
-            let pid = successor.pid;
-            if let Ok(Some(status)) = sys::try_reap(pid) {
+            let pid = successor.process.pid;
+            if let Ok(Some(status)) = successor.process.try_reap() {
                 pidfile::forget_at_exit(pid.as_raw());
                 // Its link is closed by the kernel; ours may go now.
                 self.successor = None;
@@ -1001,7 +1022,7 @@ impl Supervisor {
         let Some(inflight) = &self.inflight else {
             return;
         };
-        match sys::try_reap(inflight.pid) {
+        match inflight.process.try_reap() {
             Ok(Some(status)) => {
                 let Some(inflight) = self.inflight.take() else {
                     return;
@@ -1020,7 +1041,7 @@ impl Supervisor {
                     return;
                 };
                 let error = Error::Handshake {
-                    pid: inflight.pid.as_raw(),
+                    pid: inflight.process.raw_pid(),
                     problem: format!("cannot wait for it: {err}"),
                 };
                 self.finish(Err(error), inflight.waiter);
@@ -1034,13 +1055,13 @@ impl Supervisor {
         if said_ready {
             tracing::warn!(
                 generation = self.config.generation,
-                pid = inflight.pid.as_raw(),
+                pid = inflight.process.raw_pid(),
                 %status,
                 "successor said it was ready but had exited before we heard it; serving on"
             );
         }
         let error = Error::SuccessorExited {
-            pid: inflight.pid.as_raw(),
+            pid: inflight.process.raw_pid(),
             status,
         };
         self.finish(Err(error), inflight.waiter);
@@ -1054,7 +1075,7 @@ impl Supervisor {
         let Some(inflight) = self.inflight.take() else {
             return;
         };
-        match sys::try_reap(inflight.pid) {
+        match inflight.process.try_reap() {
             Ok(None) => self.succeed(inflight),
             Ok(Some(status)) => self.successor_exited(inflight, status, true),
             Err(err) => {
@@ -1068,12 +1089,19 @@ impl Supervisor {
     /// The successor said it is ready: this generation must exit.
     fn succeed(&mut self, inflight: Inflight) {
         let upgraded = Upgraded {
-            pid: inflight.pid.as_raw(),
+            pid: inflight.process.raw_pid(),
             generation: self.config.generation + 1,
             duration: inflight.started.elapsed(),
         };
-        if let Some(path) = &self.config.pid_file {
-            pidfile::name_at_exit(path, inflight.pid.as_raw());
+        let sibling = inflight.process.is_sibling();
+        if sibling {
+            // The manager's child already: named now, or when the
+            // rollback window closes (see `name_successor`).
+            if self.config.rollback_window.is_zero() {
+                self.name_successor(upgraded.pid);
+            }
+        } else if let Some(path) = &self.config.pid_file {
+            pidfile::name_at_exit(path, inflight.process.raw_pid());
         }
         // Registered after the PID file's hook, so run before it.
         static SETTLE: std::sync::Once = std::sync::Once::new();
@@ -1086,7 +1114,7 @@ impl Supervisor {
         // What is left of the state goes on to the ready successor.
         let outbox = inflight.outbox.unwrap_or_else(Outbox::sent);
         self.successor = Some(Successor {
-            pid: inflight.pid,
+            process: inflight.process,
             link: inflight.link,
             outbox,
         });
@@ -1099,7 +1127,7 @@ impl Supervisor {
         };
         tracing::debug!(
             generation = self.config.generation,
-            pid = inflight.pid.as_raw(),
+            pid = inflight.process.raw_pid(),
             "upgrade deadline passed"
         );
         // The ready byte may have come since poll(2) timed out: a successor
@@ -1121,10 +1149,10 @@ impl Supervisor {
         let Some(inflight) = self.inflight.take() else {
             return;
         };
-        if let Err(err) = sys::kill_and_reap(inflight.pid) {
-            tracing::error!(pid = inflight.pid.as_raw(), error = %err, "cannot reap the successor");
+        if let Err(err) = inflight.process.kill_and_reap() {
+            tracing::error!(pid = inflight.process.raw_pid(), error = %err, "cannot reap the successor");
         }
-        self.finish(Err(error(inflight.pid.as_raw())), inflight.waiter);
+        self.finish(Err(error(inflight.process.raw_pid())), inflight.waiter);
     }
 
     fn finish(
@@ -1193,6 +1221,27 @@ impl Supervisor {
             Some(Decision::Forward) => self.forward_upgrade("held while the upgrade ran"),
             _ => {}
         }
+    }
+
+    /// The successor, started as the manager's child, serves for good:
+    /// the PID file and the manager (`MAINPID=`, sent by this generation,
+    /// the main process until now) learn of it at once, not at this
+    /// generation's exit. Both are the manager's children, so whenever it
+    /// reads the file it finds its own child; and its main process moves
+    /// now, so that a later `kill -HUP $MAINPID` reaches the successor
+    /// rather than this draining, soon exiting, generation.
+    fn name_successor(&self, successor: i32) {
+        if let Some(path) = &self.config.pid_file {
+            if let Err(error) = pidfile::write(path, successor) {
+                tracing::error!(%error, successor, "cannot name the successor in the PID file");
+            }
+        }
+        self.systemd.main_pid(successor);
+        tracing::info!(
+            generation = self.config.generation,
+            successor,
+            "successor named the main process"
+        );
     }
 
     /// The PID file must name the serving process. (A starting successor

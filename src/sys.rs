@@ -490,7 +490,27 @@ pub(crate) const LINK_FD: RawFd = 3;
 /// other descriptor is closed in it, close-on-exec or not (a pipe the
 /// service made without the flag, one its own launcher left it, one that
 /// another thread has just created and not yet marked).
-pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<Pid> {
+///
+/// With `sibling` (Linux), the successor is started as our parent's child
+/// instead, from its first instruction (see [`spawn_sibling`]); where the
+/// kernel refuses that, it is started as ours, with a WARN.
+pub(crate) fn spawn(request: &SpawnRequest<'_>, sibling: bool) -> io::Result<Child> {
+    if sibling {
+        match spawn_sibling(request)? {
+            Ok(child) => return Ok(child),
+            Err(refused) => tracing::warn!(
+                error = %refused,
+                "cannot start the successor as the service manager's child here (clone3 with CLONE_PARENT refused): started as ours"
+            ),
+        }
+    }
+    Ok(Child {
+        pid: posix_spawn(request)?,
+        pidfd: None,
+    })
+}
+
+fn posix_spawn(request: &SpawnRequest<'_>) -> io::Result<Pid> {
     // dup2(3, 3) would leave the link close-on-exec: copy it elsewhere first.
     let copy = if request.link.as_raw_fd() == LINK_FD {
         Some(request.link.try_clone_to_owned()?)
@@ -558,6 +578,220 @@ pub(crate) fn spawn(request: &SpawnRequest<'_>) -> io::Result<Pid> {
     spawn_result(result)?;
     drop(copy);
     Ok(Pid::from_raw(pid))
+}
+
+/// The kernel's `struct clone_args`, its first version (64 bytes): the libc
+/// crate has it for few targets.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+/// Starts a successor as our parent's child (`clone3(2)` with
+/// `CLONE_PARENT | CLONE_PIDFD`), with the same file actions and signal
+/// settings as [`posix_spawn`]: under a service manager it is the
+/// manager's child from birth, so whenever the manager reads a PID file
+/// that names it, it finds its own child. `Ok(Err)` where the kernel refuses
+/// (no clone3: ENOSYS, also what seccomp filters return; EINVAL: we are
+/// PID 1 of a namespace and have no parent to share; EPERM).
+///
+/// Between clone3 and execve the child runs on a copy of this (possibly
+/// multi-threaded) process: it calls only async-signal-safe functions,
+/// and everything it needs is prepared before. An exec error comes back on
+/// a close-on-exec pipe; the failed child's status goes to our parent.
+#[cfg(target_os = "linux")]
+pub(crate) fn spawn_sibling(request: &SpawnRequest<'_>) -> io::Result<Result<Child, io::Error>> {
+    let path = CString::new(request.path.as_os_str().as_bytes()).map_err(|_| nul_byte())?;
+    let args = c_strings(request.args.iter().cloned())?;
+    let env = c_strings(request.env.iter().cloned())?;
+    let argv = null_terminated(&args);
+    let envp = null_terminated(&env);
+    let link = request.link.as_raw_fd();
+    let mut mask = SigSet::empty();
+    if let Some(signal) = request.blocked {
+        mask.add(signal);
+    }
+    let mask: libc::sigset_t = *mask.as_ref();
+    // For a kernel without close_range (before 5.9): what is open now.
+    let fallback_close = if has_close_range() {
+        Vec::new()
+    } else {
+        inheritable_descriptors(LINK_FD + 1).unwrap_or_default()
+    };
+    // The exec error's pipe, above the link's number so that placing the
+    // link at 3 cannot overwrite it.
+    let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let report_write = if report_write.as_raw_fd() <= LINK_FD {
+        let moved = fcntl(report_write.as_fd(), FcntlArg::F_DUPFD_CLOEXEC(LINK_FD + 1))?;
+        // SAFETY: F_DUPFD_CLOEXEC just created this descriptor; nobody else owns it.
+        unsafe { OwnedFd::from_raw_fd(moved) }
+    } else {
+        report_write
+    };
+    let report = report_write.as_raw_fd();
+    let mut pidfd: libc::c_int = -1;
+    let clone_args = CloneArgs {
+        flags: (libc::CLONE_PARENT | libc::CLONE_PIDFD) as u64,
+        pidfd: (&raw mut pidfd) as u64,
+        // Must be 0 with CLONE_PARENT (EINVAL otherwise): the child's end
+        // is signalled to our parent as ours would be.
+        exit_signal: 0,
+        ..CloneArgs::default()
+    };
+    // Every signal blocked across the clone, as posix_spawn does: one
+    // that reached the child before its handlers are reset would run this
+    // process's handlers there (the library's write to its wake-up pipes,
+    // which this process shares).
+    let all = SigSet::all();
+    let mut before = SigSet::empty();
+    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&all), Some(&mut before))?;
+    // SAFETY: clone3 with a valid, fully initialised `clone_args` of the
+    // size passed, no CLONE_VM and no stack: fork semantics, the child runs
+    // on a copy of this thread's stack and memory. `pidfd` is a live c_int
+    // the kernel writes the pidfd into (in this process only).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &raw const clone_args,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    let clone_error = io::Error::last_os_error();
+    if ret != 0 {
+        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&before), None)?;
+    }
+    if ret == 0 {
+        // The child. SAFETY: only async-signal-safe calls on data prepared
+        // above, which the copied memory holds unchanged: sigprocmask,
+        // sigaction, fcntl, dup2, close_range, close, execve, write, _exit.
+        // Nothing allocates, locks or unwinds; every path ends in execve or
+        // _exit.
+        unsafe { sibling_child(link, &mask, report, &fallback_close, &path, &argv, &envp) }
+    }
+    if ret == -1 {
+        let error = clone_error;
+        return match error.raw_os_error() {
+            Some(libc::ENOSYS | libc::EINVAL | libc::EPERM) => Ok(Err(error)),
+            _ => Err(error),
+        };
+    }
+    drop(report_write);
+    // SAFETY: clone3 succeeded with CLONE_PIDFD, so the kernel installed a
+    // new close-on-exec pidfd at `pidfd` in this process, owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let child = Child {
+        pid: Pid::from_raw(ret as libc::pid_t),
+        pidfd: Some(pidfd),
+    };
+    // EOF: the exec succeeded (the pipe was close-on-exec); four bytes: its
+    // error number, and the child has exited.
+    let mut errno_bytes = [0u8; 4];
+    let mut got = 0;
+    let mut reader = std::fs::File::from(report_read);
+    while got < errno_bytes.len() {
+        match io::Read::read(&mut reader, &mut errno_bytes[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if got == errno_bytes.len() {
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(
+            errno_bytes,
+        )));
+    }
+    Ok(Ok(child))
+}
+
+/// Whether the kernel has `close_range(2)` (5.9 and later), asked once.
+#[cfg(target_os = "linux")]
+fn has_close_range() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let beyond = libc::c_uint::MAX - 1;
+        // SAFETY: closes descriptors numbered from `beyond` to `beyond`,
+        // which no process can have open (the kernel's limit is far lower):
+        // only whether the call exists is learned.
+        unsafe { libc::syscall(libc::SYS_close_range, beyond, beyond, 0) == 0 }
+    })
+}
+
+/// The child side of [`spawn_sibling`], up to execve.
+///
+/// # Safety
+/// Only in the child of a clone without CLONE_VM, with the arguments
+/// prepared by `spawn_sibling`.
+#[cfg(target_os = "linux")]
+unsafe fn sibling_child(
+    link: RawFd,
+    mask: &libc::sigset_t,
+    report: RawFd,
+    fallback_close: &[RawFd],
+    path: &CString,
+    argv: &[*mut libc::c_char],
+    envp: &[*mut libc::c_char],
+) -> ! {
+    // SAFETY: see the caller: each call is async-signal-safe and gets
+    // pointers into memory prepared before the clone.
+    unsafe {
+        // Every signal is blocked (see the caller): reset each one this
+        // process handles to its default before any can be delivered here,
+        // and SIGPIPE too (the std runtime ignores it; the successor gets
+        // the default, as from posix_spawn). Numbers the C library keeps
+        // for itself fail with EINVAL, harmlessly.
+        let mut default: libc::sigaction = std::mem::zeroed();
+        default.sa_sigaction = libc::SIG_DFL;
+        let mut current: libc::sigaction = std::mem::zeroed();
+        for signal in 1..libc::SIGRTMAX() + 1 {
+            if libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+                && (signal == libc::SIGPIPE || current.sa_sigaction != libc::SIG_IGN)
+                && current.sa_sigaction != libc::SIG_DFL
+            {
+                libc::sigaction(signal, &default, std::ptr::null_mut());
+            }
+        }
+        libc::sigprocmask(libc::SIG_SETMASK, mask, std::ptr::null_mut());
+        let placed = if link == LINK_FD {
+            libc::fcntl(LINK_FD, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(link, LINK_FD)
+        };
+        if placed != -1 {
+            // Everything above the link but the report pipe (close-on-exec).
+            let closed = if report > LINK_FD + 1 {
+                libc::syscall(libc::SYS_close_range, LINK_FD + 1, report - 1, 0)
+            } else {
+                0
+            };
+            let closed = closed | libc::syscall(libc::SYS_close_range, report + 1, u32::MAX, 0);
+            if closed != 0 {
+                for &fd in fallback_close {
+                    if fd != report {
+                        libc::close(fd);
+                    }
+                }
+            }
+            libc::execve(path.as_ptr(), argv.as_ptr().cast(), envp.as_ptr().cast());
+        }
+        let errno = *libc::__errno_location();
+        libc::write(report, errno.to_ne_bytes().as_ptr().cast(), 4);
+        libc::_exit(127)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn spawn_sibling(_request: &SpawnRequest<'_>) -> io::Result<Result<Child, io::Error>> {
+    Ok(Err(io::Error::from(io::ErrorKind::Unsupported)))
 }
 
 /// The `posix_spawn` family returns an error number instead of setting errno.
@@ -752,6 +986,113 @@ fn null_terminated(strings: &[CString]) -> Vec<*mut libc::c_char> {
         .map(|s| s.as_ptr().cast_mut())
         .chain(std::iter::once(std::ptr::null_mut()))
         .collect()
+}
+
+/// A started successor: its pid and, for one started as our parent's child
+/// (see [`spawn`]'s `sibling`), a pidfd, the only handle we have on it: no
+/// SIGCHLD comes for it, it is not ours to wait for, and its exit status
+/// goes to its parent (the service manager).
+#[derive(Debug)]
+pub(crate) struct Child {
+    pub(crate) pid: Pid,
+    pidfd: Option<OwnedFd>,
+}
+
+impl Child {
+    pub(crate) fn raw_pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    /// Whether it is our parent's child rather than ours.
+    pub(crate) fn is_sibling(&self) -> bool {
+        self.pidfd.is_some()
+    }
+
+    /// What becomes readable when a sibling exits (a child of ours is
+    /// watched through SIGCHLD instead).
+    pub(crate) fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.pidfd.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Its exit status if it has ended (reaped, for a child of ours;
+    /// [`ExitStatus::Unknown`] for a sibling); `None` while it runs.
+    pub(crate) fn try_reap(&self) -> io::Result<Option<ExitStatus>> {
+        match &self.pidfd {
+            None => try_reap(self.pid),
+            Some(pidfd) => {
+                Ok(has_exited(pidfd.as_fd(), Duration::ZERO)?.then_some(ExitStatus::Unknown))
+            }
+        }
+    }
+
+    /// Kills it with SIGKILL and waits until it has ended. A sibling is
+    /// signalled through its pidfd, which names that process and no other
+    /// even once its pid is reused; its end is awaited on the pidfd,
+    /// boundedly ([`SIBLING_KILL_WAIT`]).
+    pub(crate) fn kill_and_reap(&self) -> io::Result<ExitStatus> {
+        let Some(pidfd) = &self.pidfd else {
+            return kill_and_reap(self.pid);
+        };
+        if has_exited(pidfd.as_fd(), Duration::ZERO)? {
+            return Ok(ExitStatus::Unknown);
+        }
+        pidfd_send_signal(pidfd.as_fd(), Signal::SIGKILL)?;
+        if has_exited(pidfd.as_fd(), SIBLING_KILL_WAIT)? {
+            Ok(ExitStatus::Unknown)
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("still running {SIBLING_KILL_WAIT:?} after SIGKILL"),
+            ))
+        }
+    }
+}
+
+/// How long a killed sibling may take to end (SIGKILL ends even a stopped
+/// process; only one stuck in the kernel takes longer).
+const SIBLING_KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether the process a pidfd names has ended (its pidfd is readable),
+/// waiting up to `timeout`.
+fn has_exited(pidfd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
+    loop {
+        match nix::poll::poll(
+            &mut fds,
+            PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(_) => return Ok(fds[0].revents().is_some_and(|r| !r.is_empty())),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: Signal) -> io::Result<()> {
+    // SAFETY: the raw system call (glibc's wrapper exists only from 2.36)
+    // with the kernel's argument types: an open pidfd, a signal number, a
+    // null siginfo (the kernel fills one as kill(2) would) and no flags.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if result == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pidfd_send_signal(_pidfd: BorrowedFd<'_>, _signal: Signal) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
 /// Reaps `pid` if it has ended; `None` while it still runs.
@@ -1208,7 +1549,7 @@ mod tests {
             link: theirs.as_fd(),
             blocked: None,
         };
-        let pid = spawn(&request).unwrap();
+        let pid = spawn(&request, false).unwrap().pid;
         drop(theirs);
         let mut listing = String::new();
         io::Read::read_to_string(&mut &ours, &mut listing).unwrap();
@@ -1221,6 +1562,76 @@ mod tests {
             low.as_raw_fd(),
             high.as_raw_fd()
         );
+    }
+
+    /// A sibling successor: our parent's child from birth, with the same
+    /// descriptors (stdio, the link, and `ls`'s directory at 4) as one of
+    /// ours; its end is seen on its pidfd, with no status. (It is left
+    /// for our parent, the test runner's, to reap.)
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_sibling_successor_is_our_parents_child_with_only_stdio_and_the_link() {
+        let file = tempfile::tempfile().unwrap();
+        let high = inheritable_copy(&file, 200);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let request = SpawnRequest {
+            path: Path::new("/bin/sh"),
+            args: &[
+                "sh".into(),
+                "-c".into(),
+                "echo $PPID >&3; exec ls /dev/fd >&3".into(),
+            ],
+            env: Vec::new(),
+            link: theirs.as_fd(),
+            blocked: None,
+        };
+        let child = spawn(&request, true).unwrap();
+        assert!(child.is_sibling(), "clone3 refused here");
+        drop(theirs);
+        let mut output = String::new();
+        io::Read::read_to_string(&mut &ours, &mut output).unwrap();
+        let mut words = output.split_whitespace();
+        let parent: i32 = words.next().unwrap().parse().unwrap();
+        assert_eq!(parent, nix::unistd::getppid().as_raw());
+        let listed: Vec<&str> = words.collect();
+        assert_eq!(
+            listed,
+            ["0", "1", "2", "3", "4"],
+            "not inherited: {}",
+            high.as_raw_fd()
+        );
+        let exit = child.exit_fd().unwrap();
+        assert!(has_exited(exit, Duration::from_secs(10)).unwrap());
+        assert_eq!(child.try_reap().unwrap(), Some(ExitStatus::Unknown));
+        assert_eq!(
+            wait(child.pid, libc::WNOHANG).unwrap_err().raw_os_error(),
+            Some(libc::ECHILD),
+            "not ours to wait for"
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_sibling_is_killed_through_its_pidfd_and_an_exec_error_is_returned() {
+        let (_ours, theirs) = UnixStream::pair().unwrap();
+        let args = ["sleep".into(), "30".into()];
+        let request = SpawnRequest {
+            path: Path::new("/bin/sleep"),
+            args: &args,
+            env: Vec::new(),
+            link: theirs.as_fd(),
+            blocked: Some(Signal::SIGHUP),
+        };
+        let child = spawn(&request, true).unwrap();
+        assert_eq!(child.try_reap().unwrap(), None);
+        assert_eq!(child.kill_and_reap().unwrap(), ExitStatus::Unknown);
+
+        let missing = SpawnRequest {
+            path: Path::new("/nonexistent/successor"),
+            ..request
+        };
+        let err = spawn(&missing, true).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
     }
 
     /// Where the C library cannot close everything above the link in one
@@ -1276,7 +1687,7 @@ mod tests {
             link: theirs.as_fd(),
             blocked: None,
         };
-        let pid = spawn(&request).unwrap();
+        let pid = spawn(&request, false).unwrap().pid;
         assert_eq!(wait(pid, 0).unwrap(), Some(ExitStatus::Signaled(signal)));
         assert_eq!(
             ExitStatus::Signaled(signal).to_string(),

@@ -65,6 +65,12 @@ impl Notifier {
         ));
     }
 
+    /// The main process is `pid` from now on (sent by the main process,
+    /// so any `NotifyAccess=` but `none` takes it).
+    pub(crate) fn main_pid(&self, pid: i32) {
+        self.notify(&format!("MAINPID={pid}"));
+    }
+
     /// An upgrade starts (`Type=notify-reload` waits for the next `READY=1`).
     pub(crate) fn reloading(&self, generation: u64) {
         if !self.active() {

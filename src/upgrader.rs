@@ -43,6 +43,20 @@ pub struct Options {
     upgrade_signal: Option<Signal>,
     stop_signals: Vec<Signal>,
     rollback_window: Duration,
+    successor_parent: SuccessorParent,
+}
+
+/// Whose child a successor is: see [`Options::successor_parent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SuccessorParent {
+    /// The generation that starts it (`posix_spawn`): the default.
+    #[default]
+    Own,
+    /// The process that started this one: the service manager, for a
+    /// service it runs (Linux, `clone3` with `CLONE_PARENT`; elsewhere, or
+    /// where the kernel refuses, `Own` with a WARN).
+    Manager,
 }
 
 impl Default for Options {
@@ -54,6 +68,7 @@ impl Default for Options {
             executable: None,
             upgrade_signal: Some(Signal::SIGHUP),
             stop_signals: Vec::new(),
+            successor_parent: SuccessorParent::Own,
         }
     }
 }
@@ -137,6 +152,27 @@ impl Options {
     /// `Upgrader` does.
     pub fn rollback_window(mut self, window: Duration) -> Self {
         self.rollback_window = window;
+        self
+    }
+
+    /// Whose child each successor is. Default [`SuccessorParent::Own`].
+    ///
+    /// [`SuccessorParent::Manager`] (EXPERIMENTAL, Linux): the successor
+    /// is started as the child of this process's parent, the service
+    /// manager, from its first instruction. systemd then never finds a
+    /// process that is not its child in the PID file, whenever it reads
+    /// it, and the old generation names its successor as the main process
+    /// (PID file and `MAINPID=`) as soon as the upgrade commits (at its
+    /// ready byte, or when the rollback window closes) rather than at its
+    /// exit, so that a later `kill -HUP $MAINPID` reaches the new
+    /// generation. What it costs: the old generation cannot learn how its
+    /// successor ended (an exit is reported with
+    /// [`ExitStatus::Unknown`](crate::ExitStatus::Unknown); the status
+    /// goes to the manager), and a successor's parent process is not the
+    /// generation that started it ([`Upgrader::parent_pid`] still names
+    /// that generation, whose end it learns from their link).
+    pub fn successor_parent(mut self, parent: SuccessorParent) -> Self {
+        self.successor_parent = parent;
         self
     }
 }
@@ -384,6 +420,7 @@ impl Upgrader {
             rollback_window: options.rollback_window,
             pid_file: options.pid_file,
             upgrade_signal: options.upgrade_signal,
+            sibling: options.successor_parent == SuccessorParent::Manager,
             state_provider: Arc::clone(&state_provider),
         };
         let channels = Channels {

@@ -874,3 +874,71 @@ fn a_closed_link_does_not_kill_a_parent_with_default_sigpipe() {
     assert_served_by(&subject, 0);
     assert!(is_running(subject.first_pid()));
 }
+
+/// The parent of `pid`, from `/proc/PID/stat` (after the command name, in
+/// parentheses, come the state and then the parent).
+#[cfg(target_os = "linux")]
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// EXPERIMENTAL (issue 10), `SuccessorParent::Manager`: each successor is
+/// the child of generation 0's parent (here the test, a subreaper as
+/// systemd is) from its start; the old generation names it in the PID file
+/// as soon as it is ready, while it still drains (whoever reads the file
+/// then finds its own child); a successor that dies before it is ready is
+/// reported without a status (only its parent has it), and the old
+/// generation serves on.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_successor_started_as_the_managers_child_is_named_at_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("subject.pid");
+    let faults = dir.path().join("faults");
+    std::fs::write(&faults, "").unwrap();
+    let mut subject = Subject::start(&SubjectConfig {
+        pid_file: Some(pid_file.clone()),
+        faults_file: Some(faults.clone()),
+        env: vec![("HANDOVER_SUCCESSOR_PARENT".into(), "manager".into())],
+        ..config()
+    })
+    .unwrap();
+    let me = std::process::id() as i32;
+    for generation in 0..2 {
+        let old = subject.pid_of(generation).unwrap();
+        let held = hold_request(&mut subject, generation);
+        let answer = subject.upgrade().unwrap();
+        let pid = subject.pid_of(generation + 1).unwrap();
+        assert!(answer.contains(&format!("pid={pid}")), "{answer}");
+        assert_eq!(parent_of(pid), Some(me), "generation {}", generation + 1);
+        subject.wait_for(|e| e.is("exiting", generation)).unwrap();
+        assert_served_by(&subject, generation + 1);
+        assert!(is_running(old));
+        assert_eq!(read_pid_file(&pid_file), Some(pid));
+        subject.signal(old, Signal::SIGUSR1).unwrap();
+        held.join().unwrap();
+        subject
+            .wait_for(|e| e.is("parent-gone", generation + 1))
+            .unwrap();
+    }
+
+    std::fs::write(&faults, "3=crash-before-ready").unwrap();
+    let answer = subject.upgrade().unwrap_err();
+    assert!(
+        answer.starts_with("err reason=successor_exited ")
+            && answer.contains("its exit status went to the service manager"),
+        "{answer}"
+    );
+    assert_served_by(&subject, 2);
+    assert_eq!(read_pid_file(&pid_file), subject.pid_of(2).ok());
+    std::fs::write(&faults, "").unwrap();
+    subject.upgrade().unwrap();
+    subject.wait_for(|e| e.is("parent-gone", 3)).unwrap();
+    assert_served_by(&subject, 3);
+}
