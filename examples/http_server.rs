@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use handover::drain::{Drain, DrainOptions};
-use handover::{ExitReason, Options, Signal, SuccessorParent, Upgrader, Verdict};
+use handover::{ExitReason, Options, Signal, Upgrader, Verdict};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
@@ -83,11 +83,6 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(window) = args.rollback_window {
         options = options.rollback_window(window);
-    }
-    // EXPERIMENTAL (issue 10): successors as the service manager's
-    // children; ci/systemd.sh sets it through SYSTEMD_SERVICE_ENV.
-    if std::env::var_os("HANDOVER_SUCCESSOR_PARENT").is_some_and(|v| v == "manager") {
-        options = options.successor_parent(SuccessorParent::Manager);
     }
     let upgrader = Upgrader::new(options)?;
 

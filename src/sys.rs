@@ -24,7 +24,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
@@ -610,6 +610,61 @@ struct CloneArgs {
 /// a close-on-exec pipe; the failed child's status goes to our parent.
 #[cfg(target_os = "linux")]
 pub(crate) fn spawn_sibling(request: &SpawnRequest<'_>) -> io::Result<Result<Child, io::Error>> {
+    spawn_sibling_with(request, CloneCall::Clone3)
+}
+
+/// Which system call [`spawn_sibling_with`] starts with.
+#[cfg(target_os = "linux")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CloneCall {
+    /// `clone3(2)`, and `clone(2)` where it gets ENOSYS.
+    Clone3,
+    /// `clone(2)` only (what a kernel or filter without clone3 leaves).
+    Clone,
+}
+
+/// `clone(2)` without a new stack, the flags given and the pidfd's place.
+///
+/// # Safety
+/// As `fork`: the child returns from this call on a copy of the caller's
+/// stack and memory; `pidfd` must point to a live `c_int`.
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+unsafe fn legacy_clone(flags: libc::c_int, pidfd: *mut libc::c_int) -> libc::c_long {
+    // SAFETY: the caller's contract; on x86_64 the arguments are (flags,
+    // stack, parent_tid, child_tid, tls), on aarch64 (flags, stack,
+    // parent_tid, tls, child_tid): the two last are 0 either way.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags as libc::c_ulong,
+            0usize,
+            pidfd,
+            0usize,
+            0usize,
+        )
+    }
+}
+
+/// Platform branch: where `clone(2)`'s argument order is another
+/// (s390x, ...), the legacy call is not made: refused like a missing clone3.
+#[cfg(all(
+    target_os = "linux",
+    not(any(target_arch = "x86_64", target_arch = "aarch64"))
+))]
+unsafe fn legacy_clone(_flags: libc::c_int, _pidfd: *mut libc::c_int) -> libc::c_long {
+    // SAFETY: nothing unsafe happens; errno is set as a refused call would.
+    unsafe { *libc::__errno_location() = libc::ENOSYS };
+    -1
+}
+
+#[cfg(target_os = "linux")]
+fn spawn_sibling_with(
+    request: &SpawnRequest<'_>,
+    flavour: CloneCall,
+) -> io::Result<Result<Child, io::Error>> {
     let path = CString::new(request.path.as_os_str().as_bytes()).map_err(|_| nul_byte())?;
     let args = c_strings(request.args.iter().cloned())?;
     let env = c_strings(request.env.iter().cloned())?;
@@ -654,18 +709,40 @@ pub(crate) fn spawn_sibling(request: &SpawnRequest<'_>) -> io::Result<Result<Chi
     let all = SigSet::all();
     let mut before = SigSet::empty();
     pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&all), Some(&mut before))?;
-    // SAFETY: clone3 with a valid, fully initialised `clone_args` of the
-    // size passed, no CLONE_VM and no stack: fork semantics, the child runs
-    // on a copy of this thread's stack and memory. `pidfd` is a live c_int
-    // the kernel writes the pidfd into (in this process only).
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &raw const clone_args,
-            std::mem::size_of::<CloneArgs>(),
-        )
+    let mut ret = if flavour == CloneCall::Clone3 {
+        // SAFETY: clone3 with a valid, fully initialised `clone_args` of
+        // the size passed, no CLONE_VM and no stack: fork semantics, the
+        // child runs on a copy of this thread's stack and memory. `pidfd`
+        // is a live c_int the kernel writes the pidfd into (in this
+        // process only).
+        unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &raw const clone_args,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        }
+    } else {
+        -1
     };
-    let clone_error = io::Error::last_os_error();
+    let mut clone_error = io::Error::last_os_error();
+    if ret == -1
+        && (flavour == CloneCall::Clone || clone_error.raw_os_error() == Some(libc::ENOSYS))
+    {
+        // No clone3: a kernel before 5.3, or a seccomp filter that cannot
+        // look into clone3's arguments and so refuses it with ENOSYS
+        // (systemd's RestrictNamespaces=, container runtimes' profiles),
+        // expecting the caller to use clone(2), whose flags it can check.
+        // SAFETY: as clone3 above: fork semantics (no CLONE_VM, no stack:
+        // the child runs on a copy of this thread's stack); with
+        // CLONE_PIDFD the kernel writes the pidfd into the c_int at the
+        // parent_tid argument, which is the third on every architecture
+        // `legacy_clone` is built for. The exit signal (the flags' low byte)
+        // is 0, as with CLONE_PARENT the child's end is signalled to our
+        // parent as ours would be.
+        ret = unsafe { legacy_clone(libc::CLONE_PARENT | libc::CLONE_PIDFD, &raw mut pidfd) };
+        clone_error = io::Error::last_os_error();
+    }
     if ret != 0 {
         pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&before), None)?;
     }
@@ -1019,9 +1096,8 @@ impl Child {
     pub(crate) fn try_reap(&self) -> io::Result<Option<ExitStatus>> {
         match &self.pidfd {
             None => try_reap(self.pid),
-            Some(pidfd) => {
-                Ok(has_exited(pidfd.as_fd(), Duration::ZERO)?.then_some(ExitStatus::Unknown))
-            }
+            Some(pidfd) => Ok(has_exited(pidfd.as_fd(), Duration::ZERO)?
+                .then(|| sibling_exit_status(pidfd.as_fd(), SIBLING_REAP_WAIT))),
         }
     }
 
@@ -1034,11 +1110,11 @@ impl Child {
             return kill_and_reap(self.pid);
         };
         if has_exited(pidfd.as_fd(), Duration::ZERO)? {
-            return Ok(ExitStatus::Unknown);
+            return Ok(sibling_exit_status(pidfd.as_fd(), SIBLING_REAP_WAIT));
         }
         pidfd_send_signal(pidfd.as_fd(), Signal::SIGKILL)?;
         if has_exited(pidfd.as_fd(), SIBLING_KILL_WAIT)? {
-            Ok(ExitStatus::Unknown)
+            Ok(sibling_exit_status(pidfd.as_fd(), SIBLING_REAP_WAIT))
         } else {
             Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -1051,6 +1127,93 @@ impl Child {
 /// How long a killed sibling may take to end (SIGKILL ends even a stopped
 /// process; only one stuck in the kernel takes longer).
 const SIBLING_KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// How long an ended sibling's exit status may wait for its parent, the
+/// service manager, to reap it: systemd does at once, in its event loop.
+const SIBLING_REAP_WAIT: Duration = Duration::from_secs(1);
+
+/// How an ended sibling ended, learned through its pidfd
+/// (`PIDFD_GET_INFO` with `PIDFD_INFO_EXIT`, Linux 6.15 and later) once its
+/// parent has reaped it (the pidfd then hangs up), waiting up to `wait`
+/// for that. [`ExitStatus::Unknown`] on an older kernel, or when the parent
+/// has not reaped it in time.
+fn sibling_exit_status(pidfd: BorrowedFd<'_>, wait: Duration) -> ExitStatus {
+    if !is_reaped_within(pidfd, wait) {
+        return ExitStatus::Unknown;
+    }
+    pidfd_exit_code(pidfd)
+        .and_then(exit_status)
+        .unwrap_or(ExitStatus::Unknown)
+}
+
+/// Whether the process a pidfd names has been reaped (the pidfd reports
+/// POLLHUP; an exited, unreaped one only POLLIN), waiting up to `wait`.
+fn is_reaped_within(pidfd: BorrowedFd<'_>, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let millis = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        // Only POLLHUP (always reported) is asked for: POLLIN, which an
+        // exited process's pidfd has until it is reaped, would end the
+        // wait at once.
+        let mut fds = [PollFd::new(pidfd, PollFlags::empty())];
+        match nix::poll::poll(
+            &mut fds,
+            PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(_)
+                if fds[0]
+                    .revents()
+                    .is_some_and(|r| r.contains(PollFlags::POLLHUP)) =>
+            {
+                return true;
+            }
+            Ok(_) | Err(Errno::EINTR) if !left.is_zero() => {}
+            Ok(_) | Err(_) => return false,
+        }
+    }
+}
+
+/// The kernel's `struct pidfd_info`, its first version (64 bytes).
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    /// pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid.
+    ids: [u32; 11],
+    exit_code: i32,
+}
+
+/// `PIDFD_GET_INFO`: `_IOWR(0xFF, 11, struct pidfd_info)` (64 bytes).
+#[cfg(target_os = "linux")]
+const PIDFD_GET_INFO: u32 = (3 << 30) | (64 << 16) | (0xFF << 8) | 11;
+/// `PIDFD_INFO_EXIT`: ask for (and, answered, have) the exit status.
+#[cfg(target_os = "linux")]
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+
+/// The raw wait status of the reaped process a pidfd names, where the
+/// kernel keeps it (6.15 and later).
+#[cfg(target_os = "linux")]
+fn pidfd_exit_code(pidfd: BorrowedFd<'_>) -> Option<libc::c_int> {
+    const _: () = assert!(std::mem::size_of::<PidfdInfo>() == 64);
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_EXIT,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: PIDFD_GET_INFO on an open pidfd, with a pointer to a live,
+    // initialised `struct pidfd_info` of the size the request encodes; the
+    // kernel writes at most that many bytes. Older kernels fail (ENOTTY or
+    // EINVAL) and write nothing.
+    let result = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO as _, &raw mut info) };
+    (result == 0 && info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pidfd_exit_code(_pidfd: BorrowedFd<'_>) -> Option<libc::c_int> {
+    None
+}
 
 /// Whether the process a pidfd names has ended (its pidfd is readable),
 /// waiting up to `timeout`.
@@ -1568,6 +1731,41 @@ mod tests {
     /// descriptors (stdio, the link, and `ls`'s directory at 4) as one of
     /// ours; its end is seen on its pidfd, with no status. (It is left
     /// for our parent, the test runner's, to reap.)
+    /// The same, through `clone(2)`: what runs where clone3 is refused
+    /// with ENOSYS (systemd's `RestrictNamespaces=`).
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
+    #[test]
+    fn a_sibling_started_by_the_older_clone_call_is_our_parents_child() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let args = ["sh".into(), "-c".into(), "echo $PPID >&3".into()];
+        let request = SpawnRequest {
+            path: Path::new("/bin/sh"),
+            args: &args,
+            env: Vec::new(),
+            link: theirs.as_fd(),
+            blocked: None,
+        };
+        let child = spawn_sibling_with(&request, CloneCall::Clone)
+            .unwrap()
+            .expect("clone(2) with CLONE_PARENT | CLONE_PIDFD refused");
+        assert!(child.is_sibling());
+        let missing = SpawnRequest {
+            path: Path::new("/nonexistent/successor"),
+            ..request
+        };
+        let err = spawn_sibling_with(&missing, CloneCall::Clone).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        drop(theirs);
+        let mut output = String::new();
+        io::Read::read_to_string(&mut &ours, &mut output).unwrap();
+        let parent: i32 = output.trim().parse().unwrap();
+        assert_eq!(parent, nix::unistd::getppid().as_raw());
+        assert!(has_exited(child.exit_fd().unwrap(), Duration::from_secs(10)).unwrap());
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn a_sibling_successor_is_our_parents_child_with_only_stdio_and_the_link() {

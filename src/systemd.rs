@@ -107,6 +107,23 @@ impl Notifier {
     }
 }
 
+/// Whether systemd started this process itself as a service: it set
+/// `INVOCATION_ID` (for every unit type) and is our parent (pid 1, the
+/// system manager, or `MANAGERPID`, a user manager). A process that a
+/// wrapper (a shell that does not `exec`) started, or one started from a
+/// shell inside a unit (which inherits `INVOCATION_ID`), is not.
+pub(crate) fn started_us() -> bool {
+    if std::env::var_os("INVOCATION_ID").is_none() {
+        return false;
+    }
+    let parent = std::os::unix::process::parent_id();
+    parent == 1
+        || std::env::var("MANAGERPID")
+            .ok()
+            .and_then(|pid| pid.parse::<u32>().ok())
+            == Some(parent)
+}
+
 /// The sockets systemd passed to this process (`LISTEN_FDS`, from fd 3 on),
 /// named by `LISTEN_FDNAMES` (a name used twice gets `.1`, `.2`, ...).
 /// `None` when there are none for this process (`LISTEN_PID` is another's).

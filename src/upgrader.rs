@@ -50,13 +50,48 @@ pub struct Options {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum SuccessorParent {
-    /// The generation that starts it (`posix_spawn`): the default.
+    /// [`Manager`](SuccessorParent::Manager) where this process is a
+    /// service that systemd started itself (Linux, `INVOCATION_ID` set and
+    /// the parent process is the manager: pid 1, or `MANAGERPID` for a
+    /// user manager), [`Own`](SuccessorParent::Own) everywhere else. The
+    /// default. The environment variable `HANDOVER_SUCCESSOR_PARENT`
+    /// (`own`, `manager` or `auto`) overrides it, for an operator.
     #[default]
+    Auto,
+    /// The generation that starts it (`posix_spawn`).
     Own,
     /// The process that started this one: the service manager, for a
-    /// service it runs (Linux, `clone3` with `CLONE_PARENT`; elsewhere, or
-    /// where the kernel refuses, `Own` with a WARN).
+    /// service it runs (Linux, `clone3`, or `clone` where a seccomp filter
+    /// refuses `clone3`, with `CLONE_PARENT`; elsewhere, or where the
+    /// kernel refuses both, `Own` with a WARN).
     Manager,
+}
+
+impl SuccessorParent {
+    /// `Own` or `Manager`: what `Auto` (and the environment's override)
+    /// means for this process.
+    fn resolve(self) -> SuccessorParent {
+        let chosen = match std::env::var_os("HANDOVER_SUCCESSOR_PARENT") {
+            Some(value) if value == "own" => SuccessorParent::Own,
+            Some(value) if value == "manager" => SuccessorParent::Manager,
+            Some(value) if value == "auto" || value.is_empty() => self,
+            Some(value) => {
+                tracing::warn!(
+                    value = %value.to_string_lossy(),
+                    "HANDOVER_SUCCESSOR_PARENT is not own, manager or auto: ignored"
+                );
+                self
+            }
+            None => self,
+        };
+        match chosen {
+            SuccessorParent::Auto if cfg!(target_os = "linux") && systemd::started_us() => {
+                SuccessorParent::Manager
+            }
+            SuccessorParent::Auto => SuccessorParent::Own,
+            other => other,
+        }
+    }
 }
 
 impl Default for Options {
@@ -68,7 +103,7 @@ impl Default for Options {
             executable: None,
             upgrade_signal: Some(Signal::SIGHUP),
             stop_signals: Vec::new(),
-            successor_parent: SuccessorParent::Own,
+            successor_parent: SuccessorParent::Auto,
         }
     }
 }
@@ -155,9 +190,11 @@ impl Options {
         self
     }
 
-    /// Whose child each successor is. Default [`SuccessorParent::Own`].
+    /// Whose child each successor is. Default [`SuccessorParent::Auto`]:
+    /// the service manager's under systemd on Linux, this generation's
+    /// everywhere else.
     ///
-    /// [`SuccessorParent::Manager`] (EXPERIMENTAL, Linux): the successor
+    /// [`SuccessorParent::Manager`] (Linux): the successor
     /// is started as the child of this process's parent, the service
     /// manager, from its first instruction. systemd then never finds a
     /// process that is not its child in the PID file, whenever it reads
@@ -165,12 +202,15 @@ impl Options {
     /// (PID file and `MAINPID=`) as soon as the upgrade commits (at its
     /// ready byte, or when the rollback window closes) rather than at its
     /// exit, so that a later `kill -HUP $MAINPID` reaches the new
-    /// generation. What it costs: the old generation cannot learn how its
-    /// successor ended (an exit is reported with
-    /// [`ExitStatus::Unknown`](crate::ExitStatus::Unknown); the status
-    /// goes to the manager), and a successor's parent process is not the
-    /// generation that started it ([`Upgrader::parent_pid`] still names
-    /// that generation, whose end it learns from their link).
+    /// generation. What it costs: the status of a successor that fails
+    /// goes to the manager, its parent; the old generation reads it
+    /// through the successor's pidfd once the manager has reaped it (Linux
+    /// 6.15 and later; before, and if the manager does not reap it within
+    /// a second, it is reported as
+    /// [`ExitStatus::Unknown`](crate::ExitStatus::Unknown)); and a
+    /// successor's parent process is not the generation that started it
+    /// ([`Upgrader::parent_pid`] still names that generation, whose end it
+    /// learns from their link).
     pub fn successor_parent(mut self, parent: SuccessorParent) -> Self {
         self.successor_parent = parent;
         self
@@ -409,6 +449,8 @@ impl Upgrader {
         } else {
             state::Status::Complete
         }));
+        let successor_parent = options.successor_parent.resolve();
+        tracing::debug!(generation, ?successor_parent, "whose child successors are");
         let config_has_no_pid_file = options.pid_file.is_none();
         let rollback_window = options.rollback_window;
         let config = Config {
@@ -420,7 +462,7 @@ impl Upgrader {
             rollback_window: options.rollback_window,
             pid_file: options.pid_file,
             upgrade_signal: options.upgrade_signal,
-            sibling: options.successor_parent == SuccessorParent::Manager,
+            sibling: successor_parent == SuccessorParent::Manager,
             state_provider: Arc::clone(&state_provider),
         };
         let channels = Channels {

@@ -258,10 +258,6 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
     if args.library_stop_signals {
         options = options.stop_signals([Signal::SIGTERM, Signal::SIGINT]);
     }
-    // EXPERIMENTAL (issue 10): the harness's suites in that mode.
-    if std::env::var_os("HANDOVER_SUCCESSOR_PARENT").is_some_and(|v| v == "manager") {
-        options = options.successor_parent(handover::SuccessorParent::Manager);
-    }
     let upgrader = match Upgrader::new(options) {
         Ok(upgrader) => Arc::new(upgrader),
         Err(error) => {
