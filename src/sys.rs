@@ -726,6 +726,7 @@ fn spawn_sibling_with(
         -1
     };
     let mut clone_error = io::Error::last_os_error();
+    let mut legacy = false;
     if ret == -1
         && (flavour == CloneCall::Clone || clone_error.raw_os_error() == Some(libc::ENOSYS))
     {
@@ -742,6 +743,7 @@ fn spawn_sibling_with(
         // parent as ours would be.
         ret = unsafe { legacy_clone(libc::CLONE_PARENT | libc::CLONE_PIDFD, &raw mut pidfd) };
         clone_error = io::Error::last_os_error();
+        legacy = true;
     }
     if ret != 0 {
         pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&before), None)?;
@@ -762,7 +764,12 @@ fn spawn_sibling_with(
         };
     }
     drop(report_write);
-    // SAFETY: clone3 succeeded with CLONE_PIDFD, so the kernel installed a
+    if legacy && flavour == CloneCall::Clone3 {
+        tracing::info!(
+            "clone3 refused (ENOSYS: a seccomp filter such as RestrictNamespaces=, or an old kernel): successor started with clone(2)"
+        );
+    }
+    // SAFETY: clone3 (or clone) succeeded with CLONE_PIDFD, so the kernel installed a
     // new close-on-exec pidfd at `pidfd` in this process, owned by nobody else.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let child = Child {
