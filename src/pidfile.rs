@@ -2,8 +2,9 @@
 //! that a service manager may adopt.
 //!
 //! Generation 0 writes it when it becomes ready; an old generation names
-//! its successor in it as its last act, when it exits (see
-//! [`name_at_exit`]). Each write puts the pid into a new file beside it, created exclusively
+//! its successor in it when the upgrade commits, or, inside a systemd unit
+//! where the successor is its own child, as its last act, when it exits
+//! (see [`name_at_exit`]). Each write puts the pid into a new file beside it, created exclusively
 //! under an unpredictable name (`O_EXCL|O_NOFOLLOW`, so never through a link
 //! someone planted), which is then renamed over the old one. A reader sees
 //! the old file or the new one, never a partial one.

@@ -60,6 +60,11 @@ pub(crate) struct Config {
     pub upgrade_signal: Option<Signal>,
     /// Start successors as our parent's child (`Options::successor_parent`).
     pub sibling: bool,
+    /// No service manager may read the PID file (neither `INVOCATION_ID`
+    /// nor `NOTIFY_SOCKET` is set): a successor of our own is named when
+    /// the upgrade commits, as one started as the manager's child is,
+    /// rather than at this process's exit.
+    pub unsupervised: bool,
     /// Called at each upgrade for the bytes to hand over.
     pub state_provider: Arc<Mutex<Option<StateProvider>>>,
 }
@@ -503,9 +508,10 @@ impl Supervisor {
         let generation = self.config.generation;
         lock(&self.registry).close_unclaimed(generation);
         // The PID file names this process from now on only if no parent
-        // runs: a parent names us in it as its last act, when it exits
-        // (see `pidfile::name_at_exit`), so that a service manager never
-        // reads our pid while we are still another process's child.
+        // runs: a parent names us in it when the upgrade commits (see
+        // `name_successor`), or, where a manager could read it while we are
+        // still that parent's child, as its last act, when it exits (see
+        // `pidfile::name_at_exit`).
         if self.machine.serves() {
             if let Some(path) = &self.config.pid_file {
                 pidfile::write(path, sys::pid())?;
@@ -606,7 +612,7 @@ impl Supervisor {
         if self
             .successor
             .as_ref()
-            .is_some_and(|s| s.process.is_sibling())
+            .is_some_and(|s| s.process.is_sibling() || self.config.unsupervised)
         {
             self.name_successor(window.upgraded.pid);
         }
@@ -1093,10 +1099,11 @@ impl Supervisor {
             generation: self.config.generation + 1,
             duration: inflight.started.elapsed(),
         };
-        let sibling = inflight.process.is_sibling();
-        if sibling {
-            // The manager's child already: named now, or when the
-            // rollback window closes (see `name_successor`).
+        if inflight.process.is_sibling() || self.config.unsupervised {
+            // The manager's child already, or no manager to read the file
+            // while the successor is ours: named now, or when the rollback
+            // window closes (see `name_successor`). A script's
+            // `kill -HUP $(cat PIDFILE)` then reaches the serving generation.
             if self.config.rollback_window.is_zero() {
                 self.name_successor(upgraded.pid);
             }
@@ -1223,7 +1230,8 @@ impl Supervisor {
         }
     }
 
-    /// The successor, started as the manager's child, serves for good:
+    /// The successor, started as the manager's child (or with no manager
+    /// to read the file), serves for good:
     /// the PID file and the manager (`MAINPID=`, sent by this generation,
     /// the main process until now) learn of it at once, not at this
     /// generation's exit. Both are the manager's children, so whenever it

@@ -124,6 +124,13 @@ pub(crate) fn started_us() -> bool {
             == Some(parent)
 }
 
+/// Whether a service manager may read our PID file: this process runs
+/// inside a systemd unit (`INVOCATION_ID`, inherited by a wrapper's
+/// children too) or speaks to one (`NOTIFY_SOCKET`).
+pub(crate) fn may_read_pid_file() -> bool {
+    std::env::var_os("INVOCATION_ID").is_some() || std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
 /// The sockets systemd passed to this process (`LISTEN_FDS`, from fd 3 on),
 /// named by `LISTEN_FDNAMES` (a name used twice gets `.1`, `.2`, ...).
 /// `None` when there are none for this process (`LISTEN_PID` is another's).

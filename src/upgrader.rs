@@ -463,6 +463,7 @@ impl Upgrader {
             pid_file: options.pid_file,
             upgrade_signal: options.upgrade_signal,
             sibling: successor_parent == SuccessorParent::Manager,
+            unsupervised: !systemd::may_read_pid_file(),
             state_provider: Arc::clone(&state_provider),
         };
         let channels = Channels {

@@ -148,6 +148,20 @@ impl Subject {
         // set, which takes longer than a short upgrade timeout on a busy
         // machine: the subject's panics are faults, not bugs to debug.
         command.env("RUST_BACKTRACE", "0");
+        // The subject is no systemd service, even where the tests run in
+        // one (a CI runner's unit): what a unit's environment tells the
+        // library (whose child successors are, when the PID file changes,
+        // where READY=1 goes) is set by a test that means it.
+        for var in [
+            "INVOCATION_ID",
+            "MANAGERPID",
+            "NOTIFY_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+        ] {
+            command.env_remove(var);
+        }
         command.envs(config.env.iter().map(|(k, v)| (k, v)));
         let mut first = command.spawn()?;
         let stdout = first
@@ -375,7 +389,11 @@ impl Subject {
     pub fn terminate(mut self) -> io::Result<()> {
         self.collect_events();
         for pid in self.live_pids() {
-            self.signal(pid, Signal::SIGTERM)?;
+            match kill(Pid::from_raw(pid), Signal::SIGTERM) {
+                // Ended (and reaped, by another waiter) since it was seen.
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         for pid in self.pids.clone() {
             self.wait_exit(pid)?;

@@ -405,16 +405,28 @@ fn hold_request(subject: &mut Subject, generation: u64) -> std::thread::JoinHand
     held
 }
 
-/// The PID file names the old generation for as long as it runs, and its
-/// successor from the moment it exits: a service manager that reads it
-/// while both run (systemd does when an `ExecReload=` command ends) must
-/// not take the successor, which is still the old generation's child.
+/// The environment of a process inside a systemd unit that systemd did not
+/// start itself (a wrapper script's child): its successors are its own,
+/// and a manager may read the PID file.
+fn in_a_unit() -> Vec<(String, String)> {
+    vec![(
+        "INVOCATION_ID".into(),
+        "0123456789abcdef0123456789abcdef".into(),
+    )]
+}
+
+/// In a systemd unit, with successors of its own, the PID file names the
+/// old generation for as long as it runs, and its successor from the
+/// moment it exits: a service manager that reads it while both run
+/// (systemd does when an `ExecReload=` command ends) must not take the
+/// successor, which is still the old generation's child.
 #[test]
 fn pid_file_names_the_successor_only_once_the_old_generation_has_exited() {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("subject.pid");
     let mut subject = Subject::start(&SubjectConfig {
         pid_file: Some(pid_file.clone()),
+        env: in_a_unit(),
         ..config()
     })
     .unwrap();
@@ -441,6 +453,37 @@ fn pid_file_names_the_successor_only_once_the_old_generation_has_exited() {
     }
 }
 
+/// Where no service manager may read it, the PID file names the
+/// successor as soon as it is ready, while the old generation still
+/// drains: a script's `kill -HUP $(cat PIDFILE)` then reaches the serving
+/// generation, and `SIGHUP -> PID file` costs no drain.
+#[test]
+fn without_a_service_manager_the_pid_file_names_the_successor_at_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("subject.pid");
+    let mut subject = Subject::start(&SubjectConfig {
+        pid_file: Some(pid_file.clone()),
+        ..config()
+    })
+    .unwrap();
+    let old = subject.first_pid();
+    let held = hold_request(&mut subject, 0);
+    subject.upgrade().unwrap();
+    let new = subject.pid_of(1).unwrap();
+    subject.wait_for(|e| e.is("exiting", 0)).unwrap();
+    assert!(is_running(old));
+    assert_eq!(read_pid_file(&pid_file), Some(new));
+    // What a script does: the signal reaches the serving generation, which
+    // holds it until the draining one is gone, then upgrades.
+    subject.signal(new, Signal::SIGHUP).unwrap();
+    subject.signal(old, Signal::SIGUSR1).unwrap();
+    held.join().unwrap();
+    subject.wait_for(|e| e.is("ready", 2)).unwrap();
+    subject.wait_for(|e| e.is("parent-gone", 2)).unwrap();
+    assert_eq!(read_pid_file(&pid_file), subject.pid_of(2).ok());
+    assert_served_by(&subject, 2);
+}
+
 /// systemd reads `PIDFile=` when an `ExecReload=/bin/kill -HUP $MAINPID`
 /// ends, and reaps that command right after. The old generation, which got
 /// its signal from that command (a sibling: a child of the same parent),
@@ -453,6 +496,7 @@ fn old_generation_names_its_successor_only_after_the_reload_command_is_reaped() 
     let pid_file = dir.path().join("subject.pid");
     let mut subject = Subject::start(&SubjectConfig {
         pid_file: Some(pid_file.clone()),
+        env: in_a_unit(),
         ..config()
     })
     .unwrap();
