@@ -23,6 +23,12 @@
 //! processes' own log timestamps and are printed as a breakdown, not as a
 //! target.
 //!
+//! The server is started outside any systemd unit (the unit's variables
+//! are removed), where the old generation names its successor in the PID
+//! file as soon as it is ready; `HANDOVER_EXAMPLE_IN_UNIT=1` starts it as
+//! inside a unit whose successors are its own (`INVOCATION_ID` set), where
+//! it does so at its exit.
+//!
 //! `HANDOVER_EXAMPLE_ROUNDS` sets the rounds (default 100; 0 skips the
 //! bench, and so does a criterion-style filter that does not match
 //! `example`). `HANDOVER_EXAMPLE_DIR` sets the PID file's directory (default
@@ -200,7 +206,24 @@ mod linux {
                     AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
                 )
                 .expect("watch the PID file's directory");
-            let mut child = Command::new(server)
+            let mut command = Command::new(server);
+            // A server started by hand, outside any systemd unit, whatever
+            // ran the bench; `HANDOVER_EXAMPLE_IN_UNIT=1`: as inside a unit
+            // whose successors are the old generation's children (the PID
+            // file then names the successor only at the old one's exit).
+            for var in [
+                "INVOCATION_ID",
+                "MANAGERPID",
+                "NOTIFY_SOCKET",
+                "LISTEN_FDS",
+                "LISTEN_PID",
+            ] {
+                command.env_remove(var);
+            }
+            if std::env::var_os("HANDOVER_EXAMPLE_IN_UNIT").is_some_and(|v| v == "1") {
+                command.env("INVOCATION_ID", "0123456789abcdef0123456789abcdef");
+            }
+            let mut child = command
                 .args(["--listen", "127.0.0.1:0", "--pid-file"])
                 .arg(&pid_file)
                 .arg("--control-socket")
