@@ -60,6 +60,11 @@ pub(crate) struct Config {
     pub upgrade_signal: Option<Signal>,
     /// Start successors as our parent's child (`Options::successor_parent`).
     pub sibling: bool,
+    /// This generation was started as the service manager's child (its
+    /// parent process, at its start, was not the generation that started
+    /// it): that generation names it when the upgrade commits, and it may
+    /// name itself (`MAINPID=`) if that generation dies first.
+    pub born_sibling: bool,
     /// No service manager may read the PID file (neither `INVOCATION_ID`
     /// nor `NOTIFY_SOCKET` is set): a successor of our own is named when
     /// the upgrade commits, as one started as the manager's child is,
@@ -524,7 +529,7 @@ impl Supervisor {
         // A successor started as the manager's child is named by its
         // parent when the upgrade commits (`name_successor`), not at ready:
         // within a rollback window the parent stays the main process.
-        let named_by_parent = self.config.sibling && self.channels.parent_link.is_some();
+        let named_by_parent = self.config.born_sibling && self.channels.parent_link.is_some();
         let main_pid = (self.config.pid_file.is_none() && !named_by_parent).then(sys::pid);
         self.systemd.ready(main_pid, generation);
         if let Some(link) = &mut self.channels.parent_link {
@@ -597,6 +602,14 @@ impl Supervisor {
     /// Closes the rollback window, if one is open: the successor serves
     /// for good, and this generation leaves.
     fn commit(&mut self, why: &'static str) {
+        // A successor that died in the same moment as the window closed
+        // (its end not handled yet) is rolled back, not named.
+        if self.window.is_some() {
+            self.on_child_signal();
+            if self.window.is_none() {
+                return;
+            }
+        }
         if !self.machine.commit() {
             return;
         }
@@ -858,8 +871,14 @@ impl Supervisor {
         self.channels.parent_gone.send_replace(true);
         // The parent names us in the PID file as it exits; one that died
         // without exiting (a signal) could not, so do it now if we serve.
+        // Born the manager's child, we may also tell it MAINPID= (one of
+        // our own parent's children learns of its death on the link before
+        // the kernel has handed it to the manager: not then).
         if self.machine.phase() != Phase::Initializing && self.machine.serves() {
             self.take_over_pid_file();
+            if self.config.born_sibling {
+                self.systemd.main_pid(sys::pid());
+            }
         }
         if self.machine.parent_gone() {
             self.start_upgrade(None);

@@ -8,9 +8,12 @@
 //! - passing descriptors on the handshake link (`SCM_RIGHTS`) and checking
 //!   what each one is, and writing on it without ever raising SIGPIPE;
 //! - adopting sockets passed by systemd's socket activation;
-//! - starting a successor with `posix_spawn(3)`, its handshake link placed
-//!   at 3, every other descriptor but stdio closed, and the upgrade signal
-//!   blocked from its first instruction;
+//! - starting a successor with `posix_spawn(3)`, or (Linux, under systemd)
+//!   as the service manager's child with `clone3`/`clone` and
+//!   `CLONE_PARENT | CLONE_PIDFD`, its handshake link placed at 3, every
+//!   other descriptor but stdio closed, and the upgrade signal blocked from
+//!   its first instruction; watching, killing and learning the end of such
+//!   a sibling through its pidfd;
 //! - unblocking a signal; reaping (decoding any wait status, a real-time
 //!   signal's included), killing only a child not yet reaped; polling;
 //! - the upgrade signal's handler, which notes who sent it;
@@ -500,7 +503,7 @@ pub(crate) fn spawn(request: &SpawnRequest<'_>, sibling: bool) -> io::Result<Chi
             Ok(child) => return Ok(child),
             Err(refused) => tracing::warn!(
                 error = %refused,
-                "cannot start the successor as the service manager's child here (clone3 with CLONE_PARENT refused): started as ours"
+                "cannot start the successor as the service manager's child here: started as ours"
             ),
         }
     }
@@ -665,6 +668,14 @@ fn spawn_sibling_with(
     request: &SpawnRequest<'_>,
     flavour: CloneCall,
 ) -> io::Result<Result<Child, io::Error>> {
+    // A kernel before 5.2 ignores CLONE_PIDFD in clone(2) and would start a
+    // child we could neither watch nor kill: pidfd_open (5.3) is the proof.
+    if !has_pidfds() {
+        return Ok(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "no pidfds on this kernel (pidfd_open: Linux 5.3 and later)",
+        )));
+    }
     let path = CString::new(request.path.as_os_str().as_bytes()).map_err(|_| nul_byte())?;
     let args = c_strings(request.args.iter().cloned())?;
     let env = c_strings(request.env.iter().cloned())?;
@@ -684,9 +695,12 @@ fn spawn_sibling_with(
     };
     // The exec error's pipe, above the link's number so that placing the
     // link at 3 cannot overwrite it.
+    // (The original is closed when moved: a copy of the write end left
+    // open here would keep the read below from ever seeing its end.)
     let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let report_write = if report_write.as_raw_fd() <= LINK_FD {
         let moved = fcntl(report_write.as_fd(), FcntlArg::F_DUPFD_CLOEXEC(LINK_FD + 1))?;
+        drop(report_write);
         // SAFETY: F_DUPFD_CLOEXEC just created this descriptor; nobody else owns it.
         unsafe { OwnedFd::from_raw_fd(moved) }
     } else {
@@ -728,12 +742,14 @@ fn spawn_sibling_with(
     let mut clone_error = io::Error::last_os_error();
     let mut legacy = false;
     if ret == -1
-        && (flavour == CloneCall::Clone || clone_error.raw_os_error() == Some(libc::ENOSYS))
+        && (flavour == CloneCall::Clone
+            || matches!(clone_error.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)))
     {
         // No clone3: a kernel before 5.3, or a seccomp filter that cannot
         // look into clone3's arguments and so refuses it with ENOSYS
-        // (systemd's RestrictNamespaces=, container runtimes' profiles),
-        // expecting the caller to use clone(2), whose flags it can check.
+        // (systemd's RestrictNamespaces=, container runtimes' profiles) or,
+        // in older profiles that list allowed calls, EPERM, expecting the
+        // caller to use clone(2), whose flags it can check.
         // SAFETY: as clone3 above: fork semantics (no CLONE_VM, no stack:
         // the child runs on a copy of this thread's stack); with
         // CLONE_PIDFD the kernel writes the pidfd into the c_int at the
@@ -766,11 +782,20 @@ fn spawn_sibling_with(
     drop(report_write);
     if legacy && flavour == CloneCall::Clone3 {
         tracing::info!(
-            "clone3 refused (ENOSYS: a seccomp filter such as RestrictNamespaces=, or an old kernel): successor started with clone(2)"
+            "clone3 refused (a seccomp filter such as RestrictNamespaces=, or an old kernel): successor started with clone(2)"
         );
     }
-    // SAFETY: clone3 (or clone) succeeded with CLONE_PIDFD, so the kernel installed a
-    // new close-on-exec pidfd at `pidfd` in this process, owned by nobody else.
+    if pidfd < 0 {
+        // Cannot happen where pidfd_open exists (checked above); if it
+        // does, the child is not ours to watch: end it, and say so.
+        let _ = nix::sys::signal::kill(Pid::from_raw(ret as libc::pid_t), Signal::SIGKILL);
+        return Err(io::Error::other(
+            "the kernel started the successor but gave no pidfd for it (killed)",
+        ));
+    }
+    // SAFETY: clone3 (or clone) succeeded with CLONE_PIDFD, so the kernel
+    // installed a new close-on-exec pidfd at `pidfd` (checked: not -1) in
+    // this process, owned by nobody else.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let child = Child {
         pid: Pid::from_raw(ret as libc::pid_t),
@@ -795,6 +820,44 @@ fn spawn_sibling_with(
         )));
     }
     Ok(Ok(child))
+}
+
+/// Whether the kernel has pidfds for any process (`pidfd_open(2)`, 5.3 and
+/// later, with `CLONE_PIDFD` since 5.2 and pollable pidfds), asked once.
+#[cfg(target_os = "linux")]
+fn has_pidfds() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| own_pidfd().is_some())
+}
+
+/// A pidfd of this process (`pidfd_open`), where the kernel has them.
+#[cfg(target_os = "linux")]
+fn own_pidfd() -> Option<OwnedFd> {
+    // SAFETY: pidfd_open with our own pid and no flags returns a new
+    // descriptor or -1; nothing else is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0u32) };
+    // SAFETY: a non-negative result is a new descriptor owned by nobody else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Whether a pidfd tells a reaped process's exit status
+/// (`PIDFD_INFO_EXIT`, Linux 6.15), asked once: the kernel's release, and
+/// `PIDFD_GET_INFO` (6.13) answering on our own pidfd. Before 6.15 there
+/// is no status to wait for (and before 6.9 a pidfd does not even tell of
+/// the reaping), so an ended sibling is reported at once as `Unknown`.
+#[cfg(target_os = "linux")]
+fn has_pidfd_exit_info() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let release = nix::sys::utsname::uname()
+            .map(|name| name.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut numbers = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        version >= (6, 15) && own_pidfd().is_some_and(|fd| pidfd_info(fd.as_fd(), 0).is_some())
+    })
 }
 
 /// Whether the kernel has `close_range(2)` (5.9 and later), asked once.
@@ -1145,7 +1208,7 @@ const SIBLING_REAP_WAIT: Duration = Duration::from_secs(1);
 /// for that. [`ExitStatus::Unknown`] on an older kernel, or when the parent
 /// has not reaped it in time.
 fn sibling_exit_status(pidfd: BorrowedFd<'_>, wait: Duration) -> ExitStatus {
-    if !is_reaped_within(pidfd, wait) {
+    if !has_pidfd_exit_info() || !is_reaped_within(pidfd, wait) {
         return ExitStatus::Unknown;
     }
     pidfd_exit_code(pidfd)
@@ -1204,9 +1267,18 @@ const PIDFD_INFO_EXIT: u64 = 1 << 3;
 /// kernel keeps it (6.15 and later).
 #[cfg(target_os = "linux")]
 fn pidfd_exit_code(pidfd: BorrowedFd<'_>) -> Option<libc::c_int> {
+    let info = pidfd_info(pidfd, PIDFD_INFO_EXIT)?;
+    (info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code)
+}
+
+/// `PIDFD_GET_INFO` on `pidfd`, asking for `mask` (beside what the kernel
+/// always gives); `None` where the kernel has no such request (before 6.13)
+/// or refuses it.
+#[cfg(target_os = "linux")]
+fn pidfd_info(pidfd: BorrowedFd<'_>, mask: u64) -> Option<PidfdInfo> {
     const _: () = assert!(std::mem::size_of::<PidfdInfo>() == 64);
     let mut info = PidfdInfo {
-        mask: PIDFD_INFO_EXIT,
+        mask,
         ..PidfdInfo::default()
     };
     // SAFETY: PIDFD_GET_INFO on an open pidfd, with a pointer to a live,
@@ -1214,12 +1286,17 @@ fn pidfd_exit_code(pidfd: BorrowedFd<'_>) -> Option<libc::c_int> {
     // kernel writes at most that many bytes. Older kernels fail (ENOTTY or
     // EINVAL) and write nothing.
     let result = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO as _, &raw mut info) };
-    (result == 0 && info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code)
+    (result == 0).then_some(info)
 }
 
 #[cfg(not(target_os = "linux"))]
 fn pidfd_exit_code(_pidfd: BorrowedFd<'_>) -> Option<libc::c_int> {
     None
+}
+
+#[cfg(not(target_os = "linux"))]
+fn has_pidfd_exit_info() -> bool {
+    false
 }
 
 /// Whether the process a pidfd names has ended (its pidfd is readable),

@@ -9,6 +9,7 @@
 use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStringExt;
+use std::path::Path;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -109,7 +110,8 @@ impl Notifier {
 
 /// Whether systemd started this process itself as a service: it set
 /// `INVOCATION_ID` (for every unit type) and is our parent (pid 1, the
-/// system manager, or `MANAGERPID`, a user manager). A process that a
+/// system manager, on a machine systemd booted; or `MANAGERPID`, a user
+/// manager). A process that a
 /// wrapper (a shell that does not `exec`) started, or one started from a
 /// shell inside a unit (which inherits `INVOCATION_ID`), is not.
 pub(crate) fn started_us() -> bool {
@@ -117,7 +119,10 @@ pub(crate) fn started_us() -> bool {
         return false;
     }
     let parent = std::os::unix::process::parent_id();
-    parent == 1
+    // Pid 1 is systemd only on a machine it booted (sd_booted(3): this
+    // directory); a container's init (tini, ...) with an inherited
+    // INVOCATION_ID is not.
+    (parent == 1 && Path::new("/run/systemd/system").is_dir())
         || std::env::var("MANAGERPID")
             .ok()
             .and_then(|pid| pid.parse::<u32>().ok())

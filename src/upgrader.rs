@@ -52,8 +52,8 @@ pub struct Options {
 pub enum SuccessorParent {
     /// [`Manager`](SuccessorParent::Manager) where this process is a
     /// service that systemd started itself (Linux, `INVOCATION_ID` set and
-    /// the parent process is the manager: pid 1, or `MANAGERPID` for a
-    /// user manager), [`Own`](SuccessorParent::Own) everywhere else. The
+    /// the parent process is the manager: pid 1 on a machine systemd
+    /// booted, or `MANAGERPID` for a user manager), [`Own`](SuccessorParent::Own) everywhere else. The
     /// default. The environment variable `HANDOVER_SUCCESSOR_PARENT`
     /// (`own`, `manager` or `auto`) overrides it, for an operator.
     #[default]
@@ -463,6 +463,8 @@ impl Upgrader {
             pid_file: options.pid_file,
             upgrade_signal: options.upgrade_signal,
             sibling: successor_parent == SuccessorParent::Manager,
+            born_sibling: parent
+                .is_some_and(|parent| std::os::unix::process::parent_id() != parent as u32),
             unsupervised: !systemd::may_read_pid_file(),
             state_provider: Arc::clone(&state_provider),
         };
@@ -484,12 +486,17 @@ impl Upgrader {
             .spawn(move || supervisor.run())
             .map_err(|e| Error::io("starting the supervisor thread", e))?;
         tracing::info!(generation, parent, pid = sys::pid(), "generation started");
-        if std::env::var_os("NOTIFY_SOCKET").is_some() && config_has_no_pid_file {
-            // Found under a real systemd (ci/systemd.sh): MAINPID= alone does
-            // not carry a service across upgrades; PIDFile= does.
+        if std::env::var_os("NOTIFY_SOCKET").is_some()
+            && config_has_no_pid_file
+            && successor_parent != SuccessorParent::Manager
+        {
+            // Found under a real systemd (ci/systemd.sh): with successors of
+            // our own, MAINPID= alone does not carry a service across
+            // upgrades; PIDFile= does. (Successors started as systemd's
+            // children are named with MAINPID= when they serve.)
             tracing::warn!(
                 generation,
-                "running under systemd without a PID file: set Options::pid_file and PIDFile= in the unit, or systemd will lose the service at its first upgrade"
+                "running under systemd, with successors that cannot be systemd's children, and without a PID file: set Options::pid_file and PIDFile= in the unit, or systemd will lose the service at its first upgrade"
             );
         }
         Ok(Upgrader {

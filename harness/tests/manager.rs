@@ -172,3 +172,65 @@ fn the_default_is_the_managers_child_only_when_the_manager_started_us() {
         subject.terminate().unwrap();
     }
 }
+
+/// Reads notifications until one contains `needle`.
+fn notification(socket: &std::os::unix::net::UnixDatagram, needle: &str) -> String {
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = socket
+            .recv(&mut buffer)
+            .expect("a notification before the timeout");
+        let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
+        if message.contains(needle) {
+            return message;
+        }
+    }
+}
+
+/// With a rollback window, a successor born the manager's child is named
+/// (`MAINPID=`) by the old generation only when the window closes; if the
+/// old generation dies inside the window (SIGKILL: no exit hook, no
+/// commit), the successor, knowing it is the manager's child, names
+/// itself, and the PID file follows. Its own `READY=1` never carries a
+/// `MAINPID=` while its parent lives.
+#[test]
+fn a_successor_born_the_managers_child_names_itself_when_its_parent_dies_in_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("subject.pid");
+    let path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut subject = Subject::start(&SubjectConfig {
+        pid_file: Some(pid_file.clone()),
+        args: vec![
+            "--quiet-period-ms".into(),
+            "100".into(),
+            "--rollback-window-ms".into(),
+            "60000".into(),
+        ],
+        env: vec![
+            ("HANDOVER_SUCCESSOR_PARENT".into(), "manager".into()),
+            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+        ],
+        ..config()
+    })
+    .unwrap();
+    reap_like_a_manager();
+    let old = subject.first_pid();
+    notification(&socket, "READY=1");
+    subject.upgrade().unwrap();
+    let new = subject.pid_of(1).unwrap();
+    let ready = notification(&socket, "READY=1");
+    assert!(!ready.contains("MAINPID="), "{ready}");
+    // Inside the window: the old generation is still the main process.
+    assert_eq!(read_pid_file(&pid_file), Some(old));
+    subject.signal(old, Signal::SIGKILL).unwrap();
+    let named = notification(&socket, "MAINPID=");
+    assert!(named.contains(&format!("MAINPID={new}")), "{named}");
+    subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
+    assert_eq!(read_pid_file(&pid_file), Some(new));
+    assert_served_by(&subject, 1);
+    subject.terminate().unwrap();
+}
