@@ -7,7 +7,6 @@
 //! until a successor has done something (as a slow log writer would), at a
 //! chosen line. The subscriber is process-wide, so the tests take turns.
 
-use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::Duration;
 
@@ -228,16 +227,39 @@ fn ready_then_exiting_successor(
 ) -> std::path::PathBuf {
     let path = dir.join("successor");
     let (dir, pid_file) = (dir.display(), pid_file.display());
-    std::fs::write(
+    write_executable(
         &path,
-        format!(
+        &format!(
             "#!/bin/sh\necho $$ > '{pid_file}'\nprintf R >&3\n\
              [ -e '{dir}/die' ] && exit 3\nexec cat <&3 >/dev/null\n"
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     path
+}
+
+/// Writes a script and makes it executable, in a `sh` process rather than
+/// in this one: a descriptor open for writing here would be inherited by a
+/// process that another test's thread forks in that moment, and executing
+/// the script would then fail with ETXTBSY until that process execs.
+fn write_executable(path: &std::path::Path, text: &str) {
+    use std::io::Write;
+    let mut writer = std::process::Command::new("sh")
+        .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writer
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    assert!(
+        writer.wait().unwrap().success(),
+        "writing {}",
+        path.display()
+    );
 }
 
 /// A successor that said it was ready but had already exited when the
@@ -311,16 +333,14 @@ async fn a_ready_byte_that_comes_at_the_deadline_is_not_killed() {
         nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
     }
     let script = dir.path().join("successor");
-    std::fs::write(
+    write_executable(
         &script,
-        format!(
+        &format!(
             "#!/bin/sh\nread _ < '{}'\nprintf R >&3\necho > '{}'\nexec cat <&3 >/dev/null\n",
             gate.display(),
             written.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let _turn = Turn::take(move |seen| {
         if seen.message == "upgrade deadline passed" {
             // Let the successor write its byte, and wait until it has.

@@ -502,3 +502,51 @@ pub fn become_subreaper() {
 pub fn read_pid_file(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
+
+/// Copies an executable that a test or scenario then runs, in a `cp`
+/// process rather than in this one. A copy made here holds a descriptor
+/// open for writing while it runs, and a process that another thread forks
+/// in that moment inherits it until its own exec: executing the copy then
+/// fails with ETXTBSY ("Text file busy"), as a fresh-clone run of the test
+/// suite did. `cp`'s descriptor is in no process of ours.
+pub fn copy_executable(from: &Path, to: &Path) -> io::Result<()> {
+    let status = std::process::Command::new("cp")
+        .arg("--")
+        .arg(from)
+        .arg(to)
+        .stdin(std::process::Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "cp {} {}: {status}",
+            from.display(),
+            to.display()
+        )))
+    }
+}
+
+/// Writes `bytes` into a new executable file (mode 0755), in a `sh`
+/// process rather than in this one, for the reason given at
+/// [`copy_executable`].
+pub fn write_executable(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut writer = std::process::Command::new("sh")
+        .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = writer.stdin.take() {
+        stdin.write_all(bytes)?;
+    }
+    let status = writer.wait()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "writing {}: {status}",
+            path.display()
+        )))
+    }
+}

@@ -72,7 +72,8 @@ fn start<'a>(scenario: &'a Scenario, options: &RunOptions) -> Result<Run<'a>, St
     let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
     // Upgrades start a copy that a step may replace, never the build output.
     let executable = dir.path().join("subject");
-    std::fs::copy(&options.subject, &executable).map_err(|e| format!("copy subject: {e}"))?;
+    crate::process::copy_executable(&options.subject, &executable)
+        .map_err(|e| format!("copy subject: {e}"))?;
     let faults_file = dir.path().join("faults");
     std::fs::write(&faults_file, faults_text(&scenario.subject.faults))
         .map_err(|e| e.to_string())?;
@@ -505,10 +506,13 @@ impl Run<'_> {
     fn replace_binary(&mut self, with: &str) -> Result<(), String> {
         let _ = std::fs::remove_file(&self.executable);
         match with {
-            "broken" => std::fs::write(&self.executable, b"#!/nonexistent/interpreter\n")
-                .map_err(|e| e.to_string())?,
+            "broken" => {
+                crate::process::write_executable(&self.executable, b"#!/nonexistent/interpreter\n")
+                    .map_err(|e| e.to_string())?
+            }
             "good" => {
-                std::fs::copy(&self.original, &self.executable).map_err(|e| e.to_string())?;
+                crate::process::copy_executable(&self.original, &self.executable)
+                    .map_err(|e| e.to_string())?;
             }
             other => return Err(format!("unknown binary {other:?}")),
         }

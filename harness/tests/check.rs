@@ -113,7 +113,7 @@ fn example_server(dir: &Path) -> PathBuf {
         assert!(status.success(), "the example builds");
     }
     let copy = dir.join("http_server");
-    std::fs::copy(&built, &copy).expect("a copy of the example");
+    handover_harness::process::copy_executable(&built, &copy).expect("a copy of the example");
     copy
 }
 
@@ -522,7 +522,8 @@ fn axum_example(dir: &Path) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     let copy = dir.join("axum");
-    std::fs::copy(target.join("debug/examples/axum"), &copy).expect("a copy of the example");
+    handover_harness::process::copy_executable(&target.join("debug/examples/axum"), &copy)
+        .expect("a copy of the example");
     copy
 }
 
@@ -621,7 +622,8 @@ fn grpc_example(dir: &Path) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     let copy = dir.join("grpc");
-    std::fs::copy(target.join("release/examples/grpc"), &copy).expect("a copy of the example");
+    handover_harness::process::copy_executable(&target.join("release/examples/grpc"), &copy)
+        .expect("a copy of the example");
     copy
 }
 

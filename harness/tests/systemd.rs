@@ -101,7 +101,7 @@ fn snapshot((example, cli): &(PathBuf, PathBuf)) -> tempfile::TempDir {
         (cli.as_path(), "handover"),
         (harness, "handover-harness"),
     ] {
-        std::fs::copy(from, dir.path().join(name))
+        handover_harness::process::copy_executable(from, &dir.path().join(name))
             .unwrap_or_else(|e| panic!("a copy of {}: {e}", from.display()));
     }
     dir

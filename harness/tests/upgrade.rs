@@ -236,8 +236,8 @@ fn unusable_executable_fails_cleanly_then_a_good_one_succeeds(
             .map(drop)
             .unwrap(),
         _ => {
-            std::fs::write(&executable, b"\x7fELF but not really").unwrap();
-            std::fs::set_permissions(&executable, std::fs::Permissions::from_mode(0o755)).unwrap();
+            handover_harness::process::write_executable(&executable, b"\x7fELF but not really")
+                .unwrap();
         }
     }
     if state == "not-executable" {
@@ -260,7 +260,7 @@ fn unusable_executable_fails_cleanly_then_a_good_one_succeeds(
 
     // The deploy puts a good binary in place: the next upgrade starts it.
     let _ = std::fs::remove_file(&executable);
-    std::fs::copy(subject_binary(), &executable).unwrap();
+    handover_harness::process::copy_executable(&subject_binary(), &executable).unwrap();
     std::fs::set_permissions(&executable, std::fs::Permissions::from_mode(0o755)).unwrap();
     subject.upgrade_and_settle(0).unwrap();
     assert_served_by(&subject, 1);
@@ -887,12 +887,11 @@ fn a_closed_link_does_not_kill_a_parent_with_default_sigpipe() {
     let dir = tempfile::tempdir().unwrap();
     let successor = dir.path().join("successor");
     // Closes the link (fd 3) unread, says so, and waits to be killed.
-    std::fs::write(
+    handover_harness::process::write_executable(
         &successor,
-        "#!/bin/sh\nexec 3>&-\necho \"event=link-closed gen=1 pid=$$\"\nexec tail -f /dev/null\n",
+        b"#!/bin/sh\nexec 3>&-\necho \"event=link-closed gen=1 pid=$$\"\nexec tail -f /dev/null\n",
     )
     .unwrap();
-    std::fs::set_permissions(&successor, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut subject = Subject::start(&SubjectConfig {
         args: [
             config().args,
