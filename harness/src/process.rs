@@ -550,3 +550,39 @@ pub fn write_executable(path: &Path, bytes: &[u8]) -> io::Result<()> {
         )))
     }
 }
+
+impl Subject {
+    /// Holds a `GET /hold` in flight on `generation` (the subject answers
+    /// it only on SIGUSR1), so that this generation drains, and so lives,
+    /// after its successor is ready; the thread checks the answer came
+    /// from that generation.
+    pub fn hold_request(&mut self, generation: u64) -> std::thread::JoinHandle<()> {
+        let addr = self.addresses.http;
+        let held = std::thread::spawn(move || {
+            let (status, body) = http_get(addr, "/hold").expect("an answer to /hold");
+            assert_eq!(
+                (status, body.contains(&format!("gen={generation}"))),
+                (200, true),
+                "{body}"
+            );
+        });
+        self.wait_for(|e| e.is("hold-request", generation))
+            .expect("the subject says it holds the request");
+        held
+    }
+}
+
+/// Reads `sd_notify` datagrams from `socket` until one contains `needle`
+/// (its read timeout bounds the wait), and returns it.
+pub fn notification(socket: &std::os::unix::net::UnixDatagram, needle: &str) -> String {
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = socket
+            .recv(&mut buffer)
+            .expect("a notification before the timeout");
+        let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
+        if message.contains(needle) {
+            return message;
+        }
+    }
+}

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use handover_harness::process::{Subject, SubjectConfig, is_running, read_pid_file};
+use handover_harness::process::{Subject, SubjectConfig, is_running, notification, read_pid_file};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
@@ -56,24 +56,6 @@ fn reap_like_a_manager() {
     std::thread::spawn(|| while waitpid(Pid::from_raw(-1), Some(WaitPidFlag::__WALL)).is_ok() {});
 }
 
-/// Holds a request in flight on `generation`, so that it drains (and
-/// lives) after its successor is ready, until SIGUSR1 releases it.
-fn hold_request(subject: &mut Subject, generation: u64) -> std::thread::JoinHandle<()> {
-    let addr = subject.addresses.http;
-    let held = std::thread::spawn(move || {
-        let (status, body) = handover_harness::process::http_get(addr, "/hold").unwrap();
-        assert_eq!(
-            (status, body.contains(&format!("gen={generation}"))),
-            (200, true),
-            "{body}"
-        );
-    });
-    subject
-        .wait_for(|e| e.is("hold-request", generation))
-        .unwrap();
-    held
-}
-
 /// Each successor is the manager's child from its start; the old
 /// generation names it in the PID file as soon as it is ready, while it
 /// still drains (whoever reads the file then finds its own child); a
@@ -98,7 +80,7 @@ fn a_successor_started_as_the_managers_child_is_named_at_ready() {
     let me = std::process::id() as i32;
     for generation in 0..2 {
         let old = subject.pid_of(generation).unwrap();
-        let held = hold_request(&mut subject, generation);
+        let held = subject.hold_request(generation);
         let answer = subject.upgrade().unwrap();
         let pid = subject.pid_of(generation + 1).unwrap();
         assert!(answer.contains(&format!("pid={pid}")), "{answer}");
@@ -157,7 +139,7 @@ fn the_default_is_the_managers_child_only_when_the_manager_started_us() {
         let old = subject.pid_of(0).unwrap();
         // The old generation drains this request, and so lives, until
         // SIGUSR1: its successor's parent is read while both run.
-        let held = hold_request(&mut subject, 0);
+        let held = subject.hold_request(0);
         subject.upgrade().unwrap();
         let new = subject.pid_of(1).unwrap();
         let expected = if expected_parent_is_me {
@@ -170,20 +152,6 @@ fn the_default_is_the_managers_child_only_when_the_manager_started_us() {
         held.join().unwrap();
         subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
         subject.terminate().unwrap();
-    }
-}
-
-/// Reads notifications until one contains `needle`.
-fn notification(socket: &std::os::unix::net::UnixDatagram, needle: &str) -> String {
-    let mut buffer = [0u8; 4096];
-    loop {
-        let n = socket
-            .recv(&mut buffer)
-            .expect("a notification before the timeout");
-        let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
-        if message.contains(needle) {
-            return message;
-        }
     }
 }
 

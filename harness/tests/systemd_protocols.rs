@@ -8,24 +8,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use handover_harness::process::{Subject, SubjectConfig, http_get};
+use handover_harness::process::{Subject, SubjectConfig, http_get, notification};
 
 fn subject_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_handover-subject"))
-}
-
-/// Reads notifications until one contains `needle`; returns it.
-fn notification(socket: &UnixDatagram, needle: &str) -> String {
-    let mut buffer = [0u8; 4096];
-    loop {
-        let n = socket
-            .recv(&mut buffer)
-            .expect("a notification before the timeout");
-        let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
-        if message.contains(needle) {
-            return message;
-        }
-    }
 }
 
 fn notify_socket(address: &str, bind: impl FnOnce() -> std::io::Result<UnixDatagram>) {

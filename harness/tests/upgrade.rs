@@ -387,24 +387,6 @@ fn unix_socket_path_stays_when_a_starting_successor_is_stopped() {
     assert_served_by(&subject, 0);
 }
 
-/// Holds a request in flight on `generation`, so that it drains (and lives)
-/// after its successor is ready, until SIGUSR1 releases it.
-fn hold_request(subject: &mut Subject, generation: u64) -> std::thread::JoinHandle<()> {
-    let addr = subject.addresses.http;
-    let held = std::thread::spawn(move || {
-        let (status, body) = handover_harness::process::http_get(addr, "/hold").unwrap();
-        assert_eq!(
-            (status, body.contains(&format!("gen={generation}"))),
-            (200, true),
-            "{body}"
-        );
-    });
-    subject
-        .wait_for(|e| e.is("hold-request", generation))
-        .unwrap();
-    held
-}
-
 /// The environment of a process inside a systemd unit that systemd did not
 /// start itself (a wrapper script's child): its successors are its own,
 /// and a manager may read the PID file.
@@ -433,7 +415,7 @@ fn pid_file_names_the_successor_only_once_the_old_generation_has_exited() {
     assert_eq!(read_pid_file(&pid_file), Some(subject.first_pid()));
     for generation in 0..3 {
         let old = subject.pid_of(generation).unwrap();
-        let held = hold_request(&mut subject, generation);
+        let held = subject.hold_request(generation);
         let answer = subject.upgrade().unwrap();
         let pid = subject.pid_of(generation + 1).unwrap();
         assert!(answer.contains(&format!("pid={pid}")), "{answer}");
@@ -467,7 +449,7 @@ fn without_a_service_manager_the_pid_file_names_the_successor_at_ready() {
     })
     .unwrap();
     let old = subject.first_pid();
-    let held = hold_request(&mut subject, 0);
+    let held = subject.hold_request(0);
     subject.upgrade().unwrap();
     let new = subject.pid_of(1).unwrap();
     subject.wait_for(|e| e.is("exiting", 0)).unwrap();
@@ -533,7 +515,7 @@ fn old_generation_names_its_successor_only_after_the_reload_command_is_reaped() 
 #[test]
 fn an_upgrade_signal_while_draining_is_passed_to_the_successor() {
     let mut subject = Subject::start(&config()).unwrap();
-    let held = hold_request(&mut subject, 0);
+    let held = subject.hold_request(0);
     subject.upgrade().unwrap();
     subject.wait_for(|e| e.is("exiting", 0)).unwrap();
     subject.signal(subject.first_pid(), Signal::SIGHUP).unwrap();
