@@ -1002,7 +1002,10 @@ async fn echo_udp(socket: Arc<UdpSocket>, exit: impl std::future::Future<Output 
 }
 
 /// A control session counts as a connection to drain: the answer to the
-/// upgrade that ends this generation is written before it exits.
+/// upgrade that ends this generation is written before it exits, and a
+/// session accepted before the drain began gets its first answer (a client
+/// connects to ask something; closing it unanswered would be a dropped
+/// request, the drain's deadline bounds the wait).
 async fn accept_control(listener: Arc<TcpListener>, upgrader: Arc<Upgrader>, drain: Drain) {
     let exit = upgrader.exit();
     accept_until_exit(upgrader.generation(), listener, exit, |stream| {
@@ -1014,15 +1017,18 @@ async fn accept_control(listener: Arc<TcpListener>, upgrader: Arc<Upgrader>, dra
             tokio::pin!(draining);
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
+            let mut answered = false;
             loop {
-                // Once draining, finish the command being answered and close.
+                // Once draining, finish the command being answered (or the
+                // session's first) and close.
                 let line = tokio::select! {
                     line = lines.next_line() => match line {
                         Ok(Some(line)) => line,
                         _ => return,
                     },
-                    _ = &mut draining => return,
+                    _ = &mut draining, if answered => return,
                 };
+                answered = true;
                 let answer = match line.trim() {
                     "upgrade" => match upgrader.upgrade().await {
                         Ok(up) => format!(
