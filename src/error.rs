@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::exit_status::ExitStatus;
 use crate::kind::Kind;
-use crate::problem::DescriptorProblem;
+use crate::problem::{DescriptorProblem, HandshakeProblem, StateProblem};
 use crate::wire::WireError;
 
 /// A specialised `Result` for this crate.
@@ -119,8 +119,9 @@ pub enum Error {
     Handshake {
         /// Its process id.
         pid: i32,
-        /// What it did.
-        problem: String,
+        /// What it did; also the error's [`source`](std::error::Error::source).
+        #[source]
+        problem: HandshakeProblem,
     },
 
     /// The parent generation went away, or broke the framing, before it
@@ -134,7 +135,7 @@ pub enum Error {
         /// Bytes announced, if the length came.
         expected: Option<u64>,
         /// What happened.
-        problem: String,
+        problem: StateProblem,
     },
 
     /// Another upgrade is already running in this generation.
@@ -297,13 +298,13 @@ mod tests {
             },
             Error::Handshake {
                 pid: 1,
-                problem: "garbage".into(),
+                problem: HandshakeProblem::UnexpectedByte { byte: 0x41 },
             },
             Error::StateLost {
                 parent: 1,
                 received: 0,
                 expected: None,
-                problem: "went away".into(),
+                problem: StateProblem::ParentGone,
             },
             Error::InProgress,
             Error::ParentAlive { parent: 1 },

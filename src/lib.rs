@@ -125,7 +125,7 @@ pub use control::ControlSocket;
 pub use error::{Error, Result};
 pub use exit_status::ExitStatus;
 pub use kind::Kind;
-pub use problem::{DescriptorProblem, FoundObject, ReceiveError};
+pub use problem::{DescriptorProblem, FoundObject, HandshakeProblem, ReceiveError, StateProblem};
 pub use registry::NewSocket;
 pub use signal::{Signal, UnknownSignal};
 pub use upgrader::{ExitReason, Options, RolledBack, SuccessorParent, Upgraded, Upgrader, Verdict};

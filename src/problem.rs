@@ -1,7 +1,10 @@
-//! What can be wrong with an inherited descriptor, typed: the platform layer
+//! What can be wrong, typed: with an inherited descriptor (the platform layer
 //! finds these, [`Error::InheritedDescriptor`](crate::Error::InheritedDescriptor)
-//! carries them, so that a caller can match on the problem and a log line
-//! still reads as one sentence.
+//! carries them), with a successor's handshake
+//! ([`Error::Handshake`](crate::Error::Handshake)) and with the state a
+//! parent hands over ([`Error::StateLost`](crate::Error::StateLost)), so
+//! that a caller can match on the problem and a log line still reads as one
+//! sentence.
 //!
 //! Pure data with their messages; no system call happens here.
 
@@ -230,4 +233,56 @@ mod tests {
             "only 1 of 2 descriptors were waiting on it"
         );
     }
+}
+
+/// How a starting successor broke the handshake, carried by
+/// [`Error::Handshake`](crate::Error::Handshake).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeProblem {
+    /// It wrote something other than the one readiness byte on its link.
+    #[error("sent byte 0x{byte:02x} instead of the ready byte")]
+    UnexpectedByte {
+        /// The byte it sent.
+        byte: u8,
+    },
+
+    /// This process could not wait for it (someone else reaped it, or
+    /// `waitid(2)` failed): its pid may name another process by now, so
+    /// nothing was killed.
+    #[error("cannot wait for it: {}", io::Error::from_raw_os_error(*errno))]
+    Unwaitable {
+        /// The error number the wait failed with (`errno`).
+        errno: i32,
+    },
+}
+
+impl HandshakeProblem {
+    /// The problem of a failed wait, from its error.
+    pub(crate) fn unwaitable(error: &io::Error) -> HandshakeProblem {
+        HandshakeProblem::Unwaitable {
+            errno: error.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// Why the state a parent hands over did not all arrive, carried by
+/// [`Error::StateLost`](crate::Error::StateLost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateProblem {
+    /// The parent exited, or closed the link, before all of it came.
+    #[error("went away")]
+    ParentGone,
+
+    /// The parent announced more than the largest state a successor takes
+    /// (1 GiB): the framing is broken.
+    #[error(
+        "announced {announced} bytes, more than the {} allowed",
+        crate::state::MAX_STATE
+    )]
+    TooLarge {
+        /// The length it announced.
+        announced: u64,
+    },
 }

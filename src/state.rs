@@ -10,6 +10,8 @@
 
 use std::io::{self, Write};
 
+use crate::problem::StateProblem;
+
 /// The largest state handed over.
 pub const MAX_STATE: u64 = 1 << 30;
 
@@ -32,6 +34,8 @@ pub(crate) enum Status {
         received: u64,
         /// Bytes announced, if the length came.
         expected: Option<u64>,
+        /// What happened.
+        problem: StateProblem,
     },
 }
 
@@ -128,14 +132,14 @@ pub(crate) struct Inbox {
 impl Inbox {
     /// Takes in what it needs of `bytes`; `Ok((true, used))` once the state
     /// is complete, where the bytes after `used` are messages.
-    pub(crate) fn push(&mut self, bytes: &[u8]) -> Result<(bool, usize), String> {
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> Result<(bool, usize), StateProblem> {
         let before = bytes.len();
         let mut bytes = bytes;
         let complete = self.take(&mut bytes)?;
         Ok((complete, before - bytes.len()))
     }
 
-    fn take(&mut self, bytes: &mut &[u8]) -> Result<bool, String> {
+    fn take(&mut self, bytes: &mut &[u8]) -> Result<bool, StateProblem> {
         if self.expected.is_none() {
             let wanted = 8 - self.header.len();
             let take = wanted.min(bytes.len());
@@ -148,9 +152,7 @@ impl Inbox {
             length.copy_from_slice(&self.header);
             let length = u64::from_be_bytes(length);
             if length > MAX_STATE {
-                return Err(format!(
-                    "the parent announced {length} bytes of state, more than {MAX_STATE}"
-                ));
+                return Err(StateProblem::TooLarge { announced: length });
             }
             self.expected = Some(length);
             self.data.reserve(length as usize);
@@ -244,7 +246,19 @@ mod tests {
     fn an_absurd_length_is_refused() {
         let mut inbox = Inbox::default();
         let err = inbox.push(&u64::MAX.to_be_bytes()).unwrap_err();
-        assert!(err.contains("more than"), "{err}");
+        assert_eq!(
+            err,
+            StateProblem::TooLarge {
+                announced: u64::MAX
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "announced {} bytes, more than the 1073741824 allowed",
+                u64::MAX
+            )
+        );
     }
 
     #[test]

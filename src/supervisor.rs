@@ -24,6 +24,7 @@ use tokio::sync::{oneshot, watch};
 use crate::error::{Error, Result};
 use crate::exit_status::ExitStatus;
 use crate::machine::{Decision, Machine, Origin, Phase, Refusal};
+use crate::problem::{HandshakeProblem, StateProblem};
 use crate::registry::Registry;
 use crate::state::{self, Inbox, Outbox};
 use crate::sys::{self, SpawnRequest};
@@ -793,7 +794,7 @@ impl Supervisor {
                         }
                         Err(problem) => {
                             messages = &[];
-                            self.state_lost(&problem);
+                            self.state_lost(problem);
                         }
                     }
                 }
@@ -843,25 +844,29 @@ impl Supervisor {
         }
     }
 
-    fn state_lost(&mut self, problem: &str) {
+    fn state_lost(&mut self, problem: StateProblem) {
         if let Some(inbox) = self.inbox.take() {
             let (received, expected) = inbox.progress();
             tracing::warn!(
                 generation = self.config.generation,
                 received,
                 ?expected,
-                problem,
+                %problem,
                 "state lost"
             );
             self.channels
                 .state
                 .status
-                .send_replace(state::Status::Lost { received, expected });
+                .send_replace(state::Status::Lost {
+                    received,
+                    expected,
+                    problem,
+                });
         }
     }
 
     fn parent_gone(&mut self) {
-        self.state_lost("the parent went away");
+        self.state_lost(StateProblem::ParentGone);
         self.channels.parent_link = None;
         tracing::info!(
             generation = self.config.generation,
@@ -1021,7 +1026,7 @@ impl Supervisor {
         match read_link(&inflight.link) {
             LinkRead::Ready => self.ready_byte_read(),
             LinkRead::Unexpected(byte) => {
-                let problem = format!("sent byte 0x{byte:02x} instead of the ready byte");
+                let problem = HandshakeProblem::UnexpectedByte { byte };
                 self.fail_inflight(|pid| Error::Handshake { pid, problem });
             }
             LinkRead::Nothing => {}
@@ -1067,7 +1072,7 @@ impl Supervisor {
                 };
                 let error = Error::Handshake {
                     pid: inflight.process.raw_pid(),
-                    problem: format!("cannot wait for it: {err}"),
+                    problem: HandshakeProblem::unwaitable(&err),
                 };
                 self.finish(Err(error), inflight.waiter);
             }
@@ -1105,7 +1110,7 @@ impl Supervisor {
             Ok(Some(status)) => self.successor_exited(inflight, status, true),
             Err(err) => {
                 self.inflight = Some(inflight);
-                let problem = format!("cannot wait for it: {err}");
+                let problem = HandshakeProblem::unwaitable(&err);
                 self.fail_inflight(|pid| Error::Handshake { pid, problem });
             }
         }
@@ -1161,7 +1166,7 @@ impl Supervisor {
         match read_link(&inflight.link) {
             LinkRead::Ready => return self.ready_byte_read(),
             LinkRead::Unexpected(byte) => {
-                let problem = format!("sent byte 0x{byte:02x} instead of the ready byte");
+                let problem = HandshakeProblem::UnexpectedByte { byte };
                 return self.fail_inflight(|pid| Error::Handshake { pid, problem });
             }
             LinkRead::Nothing | LinkRead::Closed => {}

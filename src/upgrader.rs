@@ -706,11 +706,15 @@ impl Upgrader {
                 .await
                 .map_err(|_| Error::Exiting)?;
             match status {
-                state::Status::Lost { received, expected } => Err(Error::StateLost {
+                state::Status::Lost {
+                    received,
+                    expected,
+                    problem,
+                } => Err(Error::StateLost {
                     parent,
                     received,
                     expected,
-                    problem: "went away".into(),
+                    problem,
                 }),
                 _ => Ok(slot.data.lock().unwrap_or_else(|p| p.into_inner()).take()),
             }

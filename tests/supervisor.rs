@@ -10,7 +10,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::Duration;
 
-use common::{assert_serving, finish, starts, successor_script};
+use common::{assert_serving, finish, starts, successor_script, write_executable};
 use handover::{ExitReason, Options, Upgrader};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
@@ -235,31 +235,6 @@ fn ready_then_exiting_successor(
         ),
     );
     path
-}
-
-/// Writes a script and makes it executable, in a `sh` process rather than
-/// in this one: a descriptor open for writing here would be inherited by a
-/// process that another test's thread forks in that moment, and executing
-/// the script would then fail with ETXTBSY until that process execs.
-fn write_executable(path: &std::path::Path, text: &str) {
-    use std::io::Write;
-    let mut writer = std::process::Command::new("sh")
-        .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
-        .arg(path)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    writer
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    assert!(
-        writer.wait().unwrap().success(),
-        "writing {}",
-        path.display()
-    );
 }
 
 /// A successor that said it was ready but had already exited when the

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use common::{assert_serving, finish, starts, successor_script};
-use handover::{Error, ExitStatus, Kind, Options, Upgrader};
+use handover::{Error, ExitStatus, HandshakeProblem, Kind, Options, Upgrader};
 
 mod common;
 
@@ -69,6 +69,38 @@ async fn successor_exiting_zero_before_ready_is_a_failure_with_its_status() {
     // Still a serving generation: it can try again.
     let err = upgrader.upgrade().await.unwrap_err();
     assert_eq!(err.reason(), "successor_exited");
+}
+
+/// A successor that writes anything but the ready byte on its link broke
+/// the handshake: the upgrade fails with the byte it sent, the successor is
+/// killed and reaped, and this generation serves on.
+#[tokio::test]
+async fn a_wrong_byte_on_the_link_is_a_typed_handshake_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("successor");
+    common::write_executable(
+        &script,
+        "#!/bin/sh\nprintf X >&3\nexec cat <&3 >/dev/null\n",
+    );
+    let upgrader = upgrader(script.to_str().unwrap());
+    upgrader.ready().unwrap();
+    let err = upgrader.upgrade().await.unwrap_err();
+    assert_eq!(err.reason(), "handshake_broken", "{err}");
+    let Error::Handshake { pid, problem } = &err else {
+        panic!("expected a handshake error, got {err}");
+    };
+    assert_eq!(*problem, HandshakeProblem::UnexpectedByte { byte: b'X' });
+    assert!(
+        err.to_string()
+            .ends_with("sent byte 0x58 instead of the ready byte"),
+        "{err}"
+    );
+    assert_eq!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), None),
+        Err(nix::errno::Errno::ESRCH),
+        "the successor is killed and reaped"
+    );
+    common::assert_serving(&upgrader);
 }
 
 #[test]

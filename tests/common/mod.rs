@@ -4,7 +4,6 @@
 #![allow(dead_code)] // each test file uses its own part
 
 use std::future::Future;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use handover::Upgrader;
@@ -15,16 +14,14 @@ use handover::Upgrader;
 pub fn successor_script(dir: &Path) -> PathBuf {
     let path = dir.join("successor");
     let dir = dir.display();
-    std::fs::write(
+    write_executable(
         &path,
-        format!(
+        &format!(
             "#!/bin/sh\necho started >> '{dir}/starts'\n\
              [ -e '{dir}/fail' ] && exit 3\n\
              printf R >&3\nexec cat <&3 >/dev/null\n"
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     path
 }
 
@@ -61,4 +58,29 @@ pub fn finish(upgrader: Upgrader, successor: i32) {
         Ok(_) | Err(nix::errno::Errno::ECHILD) => {}
         Err(e) => panic!("cannot reap the successor: {e}"),
     }
+}
+
+/// Writes a script and makes it executable, in a `sh` process rather than
+/// in this one: a descriptor open for writing here would be inherited by a
+/// process that another test's thread forks in that moment, and executing
+/// the script would then fail with ETXTBSY until that process execs.
+pub fn write_executable(path: &std::path::Path, text: &str) {
+    use std::io::Write;
+    let mut writer = std::process::Command::new("sh")
+        .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writer
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    assert!(
+        writer.wait().unwrap().success(),
+        "writing {}",
+        path.display()
+    );
 }
