@@ -30,6 +30,8 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 #[cfg(feature = "http2")]
+mod late_frames;
+#[cfg(feature = "http2")]
 mod serve;
 #[cfg(feature = "tls")]
 mod tls;

@@ -279,3 +279,113 @@ async fn a_tls_handshake_under_way_at_drain_start_is_finished_and_served() {
     serving.await.unwrap().unwrap();
     assert_eq!(drain.wait().await, DrainOutcome::Complete);
 }
+
+/// One HTTP/2 frame, as bytes.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = (payload.len() as u32).to_be_bytes();
+    let mut frame = vec![length[1], length[2], length[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A `GET path` request's HEADERS frame (HPACK without the dynamic table).
+fn get(stream: u32, path: &str) -> Vec<u8> {
+    // :method GET, :scheme http, :path (name 4) and :authority (name 1) literal.
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, 0x01, b'x']);
+    frame(0x1, 0x5, stream, &block)
+}
+
+/// Reads one frame: type, flags, stream, payload; `None` at the end.
+async fn read_frame(client: &mut TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut header = [0u8; 9];
+    client.read_exact(&mut header).await.ok()?;
+    let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; length];
+    client.read_exact(&mut payload).await.ok()?;
+    Some((header[3], header[4], stream, payload))
+}
+
+/// The GOAWAY frames' error codes a client has seen.
+fn goaway_error(payload: &[u8]) -> u32 {
+    u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]])
+}
+
+/// A client that opens a stream after the final GOAWAY crossed its frames
+/// (gRPC's C-core clients do, with a WINDOW_UPDATE right after the
+/// stream's HEADERS) must not cost the streams in flight: h2 alone takes
+/// that WINDOW_UPDATE for a protocol error and cuts the connection (GOAWAY
+/// PROTOCOL_ERROR), RFC 9113 says it is ignored. Frame by frame, on the
+/// wire, against the real h2.
+#[tokio::test]
+async fn a_window_update_for_a_stream_opened_after_the_final_goaway_cuts_nothing() {
+    let drain = Drain::new(options());
+    let release = Arc::new(Notify::new());
+    let (mut client, accepted) = pair().await;
+    let serving = tokio::spawn(drain.serve_http(accepted, service(Arc::clone(&release))));
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(frame(0x4, 0, 0, &[]));
+    opening.extend(get(1, "/slow"));
+    opening.extend(get(3, "/"));
+    client.write_all(&opening).await.unwrap();
+    let mut errors = Vec::new();
+    // Stream 3 answered: the server has stream 1 too.
+    loop {
+        let (kind, flags, stream, payload) = read_frame(&mut client).await.expect("a frame");
+        match kind {
+            0x4 if flags & 1 == 0 => client.write_all(&frame(0x4, 1, 0, &[])).await.unwrap(),
+            0x0 if stream == 3 && flags & 1 != 0 => break,
+            0x7 => errors.push(goaway_error(&payload)),
+            _ => {}
+        }
+    }
+    drain.start();
+    // The first GOAWAY and the shutdown PING; its acknowledgement brings
+    // the final GOAWAY (last stream 3).
+    loop {
+        let (kind, flags, _, payload) = read_frame(&mut client).await.expect("a frame");
+        match kind {
+            0x6 if flags & 1 == 0 => client.write_all(&frame(0x6, 1, 0, &payload)).await.unwrap(),
+            0x7 => {
+                errors.push(goaway_error(&payload));
+                let last = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                if last == 3 {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    // Too late: stream 5 and its WINDOW_UPDATE, then a PING whose answer
+    // says the server has read them.
+    let mut late = get(5, "/");
+    late.extend(frame(0x8, 0, 5, &5u32.to_be_bytes()));
+    late.extend(frame(0x6, 0, 0, &[7; 8]));
+    client.write_all(&late).await.unwrap();
+    let mut answered = false;
+    let mut body = Vec::new();
+    while let Some((kind, flags, stream, payload)) = read_frame(&mut client).await {
+        match kind {
+            0x6 if flags & 1 != 0 && payload == [7; 8] => {
+                answered = true;
+                release.notify_waiters();
+            }
+            0x7 => errors.push(goaway_error(&payload)),
+            0x0 if stream == 1 => body.extend_from_slice(&payload),
+            _ => {}
+        }
+    }
+    assert_eq!(errors, [0, 0], "GOAWAY error codes (1: PROTOCOL_ERROR)");
+    assert!(
+        answered,
+        "the connection was cut before the PING was answered"
+    );
+    assert_eq!(body, b"done", "the stream in flight finishes");
+    // The server lingers until the client closes too.
+    drop(client);
+    serving.await.unwrap().unwrap();
+    assert_eq!(drain.wait().await, DrainOutcome::Complete);
+}

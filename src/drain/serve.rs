@@ -20,8 +20,9 @@ use hyper::service::Service;
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
 use super::{Activity, ConnectionGuard, Drain};
 
@@ -30,6 +31,9 @@ pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What a client sends first on an HTTP/2 connection with prior knowledge
 /// (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long a connection the server ends waits for the client's own close.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a connection served by [`Drain::serve_http`] (or
 /// [`Drain::serve_https`](crate::drain::Drain::serve_https)) ended in error.
@@ -230,7 +234,17 @@ impl Drain {
         };
         match protocol {
             Protocol::Http1 => self.http1(TokioIo::new(io), service, &activity).await,
-            Protocol::Http2 => self.http2(TokioIo::new(io), service).await,
+            // h2 takes a late WINDOW_UPDATE for a connection error: see
+            // `late_frames`.
+            Protocol::Http2 => {
+                let (back, returned) = tokio::sync::oneshot::channel();
+                let io = super::late_frames::LateWindowUpdates::new(io, back);
+                let result = self.http2(TokioIo::new(io), service).await;
+                if let Ok(io) = returned.await {
+                    self.linger(io).await;
+                }
+                result
+            }
         }
     }
 
@@ -270,6 +284,27 @@ impl Drain {
                 return Ok(Some((Rewind::new(io, seen), Protocol::Http2)));
             }
         }
+    }
+
+    /// Closes a connection the server ends without a reset: its FIN goes
+    /// out, then what the client still sends is read and dropped until it
+    /// closes too (at most [`LINGER`], and not past the drain's deadline).
+    /// Closed at once with bytes unread, the socket would answer RST, and
+    /// a client whose last write crossed the final GOAWAY would lose the
+    /// GOAWAY and the responses still unread in its buffer with it ("broken
+    /// pipe": gRPC's C-core clients failed a call in some upgrades so).
+    async fn linger<I>(&self, mut io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let _ = io.shutdown().await;
+        let mut until = Instant::now() + LINGER;
+        if self.is_draining() {
+            until = until.min(self.draining().await);
+        }
+        let mut sink = [0u8; 4096];
+        let drained = async { while let Ok(1..) = io.read(&mut sink).await {} };
+        let _ = tokio::time::timeout_at(until, drained).await;
     }
 
     /// Resolves once draining and `activity` has been quiet for the quiet
