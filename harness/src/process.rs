@@ -554,35 +554,38 @@ pub fn write_executable(path: &Path, bytes: &[u8]) -> io::Result<()> {
 impl Subject {
     /// Holds a `GET /hold` in flight on `generation` (the subject answers
     /// it only on SIGUSR1), so that this generation drains, and so lives,
-    /// after its successor is ready; the thread checks the answer came
-    /// from that generation.
-    pub fn hold_request(&mut self, generation: u64) -> std::thread::JoinHandle<()> {
+    /// after its successor is ready. The thread's result says whether the
+    /// answer came, and came from that generation.
+    pub fn hold_request(
+        &mut self,
+        generation: u64,
+    ) -> io::Result<std::thread::JoinHandle<Result<(), String>>> {
         let addr = self.addresses.http;
         let held = std::thread::spawn(move || {
-            let (status, body) = http_get(addr, "/hold").expect("an answer to /hold");
-            assert_eq!(
-                (status, body.contains(&format!("gen={generation}"))),
-                (200, true),
-                "{body}"
-            );
+            let (status, body) =
+                http_get(addr, "/hold").map_err(|e| format!("no answer to /hold: {e}"))?;
+            if status == 200 && body.contains(&format!("gen={generation}")) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "/hold answered {status} {body:?}, not by generation {generation}"
+                ))
+            }
         });
-        self.wait_for(|e| e.is("hold-request", generation))
-            .expect("the subject says it holds the request");
-        held
+        self.wait_for(|e| e.is("hold-request", generation))?;
+        Ok(held)
     }
 }
 
 /// Reads `sd_notify` datagrams from `socket` until one contains `needle`
 /// (its read timeout bounds the wait), and returns it.
-pub fn notification(socket: &std::os::unix::net::UnixDatagram, needle: &str) -> String {
+pub fn notification(socket: &std::os::unix::net::UnixDatagram, needle: &str) -> io::Result<String> {
     let mut buffer = [0u8; 4096];
     loop {
-        let n = socket
-            .recv(&mut buffer)
-            .expect("a notification before the timeout");
+        let n = socket.recv(&mut buffer)?;
         let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
         if message.contains(needle) {
-            return message;
+            return Ok(message);
         }
     }
 }

@@ -80,7 +80,7 @@ fn a_successor_started_as_the_managers_child_is_named_at_ready() {
     let me = std::process::id() as i32;
     for generation in 0..2 {
         let old = subject.pid_of(generation).unwrap();
-        let held = subject.hold_request(generation);
+        let held = subject.hold_request(generation).unwrap();
         let answer = subject.upgrade().unwrap();
         let pid = subject.pid_of(generation + 1).unwrap();
         assert!(answer.contains(&format!("pid={pid}")), "{answer}");
@@ -90,7 +90,7 @@ fn a_successor_started_as_the_managers_child_is_named_at_ready() {
         assert!(is_running(old));
         assert_eq!(read_pid_file(&pid_file), Some(pid));
         subject.signal(old, Signal::SIGUSR1).unwrap();
-        held.join().unwrap();
+        held.join().unwrap().unwrap();
         subject
             .wait_for(|e| e.is("parent-gone", generation + 1))
             .unwrap();
@@ -139,7 +139,7 @@ fn the_default_is_the_managers_child_only_when_the_manager_started_us() {
         let old = subject.pid_of(0).unwrap();
         // The old generation drains this request, and so lives, until
         // SIGUSR1: its successor's parent is read while both run.
-        let held = subject.hold_request(0);
+        let held = subject.hold_request(0).unwrap();
         subject.upgrade().unwrap();
         let new = subject.pid_of(1).unwrap();
         let expected = if expected_parent_is_me {
@@ -149,7 +149,7 @@ fn the_default_is_the_managers_child_only_when_the_manager_started_us() {
         };
         assert_eq!(parent_of(new), Some(expected), "MANAGERPID={manager}");
         subject.signal(old, Signal::SIGUSR1).unwrap();
-        held.join().unwrap();
+        held.join().unwrap().unwrap();
         subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
         subject.terminate().unwrap();
     }
@@ -187,15 +187,15 @@ fn a_successor_born_the_managers_child_names_itself_when_its_parent_dies_in_the_
     .unwrap();
     reap_like_a_manager();
     let old = subject.first_pid();
-    notification(&socket, "READY=1");
+    notification(&socket, "READY=1").unwrap();
     subject.upgrade().unwrap();
     let new = subject.pid_of(1).unwrap();
-    let ready = notification(&socket, "READY=1");
+    let ready = notification(&socket, "READY=1").unwrap();
     assert!(!ready.contains("MAINPID="), "{ready}");
     // Inside the window: the old generation is still the main process.
     assert_eq!(read_pid_file(&pid_file), Some(old));
     subject.signal(old, Signal::SIGKILL).unwrap();
-    let named = notification(&socket, "MAINPID=");
+    let named = notification(&socket, "MAINPID=").unwrap();
     assert!(named.contains(&format!("MAINPID={new}")), "{named}");
     subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
     assert_eq!(read_pid_file(&pid_file), Some(new));

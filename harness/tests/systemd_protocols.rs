@@ -29,26 +29,26 @@ fn notify_socket(address: &str, bind: impl FnOnce() -> std::io::Result<UnixDatag
     })
     .unwrap();
     let first = subject.first_pid();
-    let ready = notification(&socket, "READY=1");
+    let ready = notification(&socket, "READY=1").unwrap();
     assert!(ready.contains(&format!("MAINPID={first}")), "{ready}");
 
     // A failed upgrade: reloading, then ready again with the reason.
     std::fs::write(&faults, "1=crash-before-ready").unwrap();
     subject.upgrade().unwrap_err();
-    let reloading = notification(&socket, "RELOADING=1");
+    let reloading = notification(&socket, "RELOADING=1").unwrap();
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
-    let failed = notification(&socket, "READY=1");
+    let failed = notification(&socket, "READY=1").unwrap();
     assert!(failed.contains("upgrade failed"), "{failed}");
 
     // A good one: the successor announces itself as the main process.
     std::fs::write(&faults, "").unwrap();
     let successor = subject.upgrade_and_settle(0).unwrap();
-    notification(&socket, "RELOADING=1");
-    let ready = notification(&socket, "READY=1");
+    notification(&socket, "RELOADING=1").unwrap();
+    let ready = notification(&socket, "READY=1").unwrap();
     assert!(ready.contains(&format!("MAINPID={successor}")), "{ready}");
 
     subject.terminate().unwrap();
-    notification(&socket, "STOPPING=1");
+    notification(&socket, "STOPPING=1").unwrap();
 }
 
 #[test]
@@ -86,10 +86,10 @@ fn with_a_pid_file_readiness_names_no_main_pid() {
         ..SubjectConfig::default()
     })
     .unwrap();
-    let ready = notification(&socket, "READY=1");
+    let ready = notification(&socket, "READY=1").unwrap();
     assert!(!ready.contains("MAINPID="), "{ready}");
     subject.upgrade_and_settle(0).unwrap();
-    let ready = notification(&socket, "READY=1");
+    let ready = notification(&socket, "READY=1").unwrap();
     assert!(!ready.contains("MAINPID="), "{ready}");
 }
 
@@ -97,7 +97,7 @@ fn with_a_pid_file_readiness_names_no_main_pid() {
 fn notifications_until(socket: &UnixDatagram, needle: &str) -> Vec<String> {
     let mut seen = Vec::new();
     loop {
-        let message = notification(socket, "");
+        let message = notification(socket, "").unwrap();
         let done = message.contains(needle);
         seen.push(message);
         if done {
@@ -125,7 +125,7 @@ fn notified_subject(
         ..SubjectConfig::default()
     })
     .unwrap();
-    notification(&socket, "READY=1");
+    notification(&socket, "READY=1").unwrap();
     (socket, subject, dir)
 }
 
@@ -159,7 +159,7 @@ fn a_successor_stopped_during_init_does_not_say_stopping() {
     subject
         .signal(first, nix::sys::signal::Signal::SIGTERM)
         .unwrap();
-    notification(&socket, "STOPPING=1");
+    notification(&socket, "STOPPING=1").unwrap();
 }
 
 /// `Type=notify-reload`: systemd sends SIGHUP to the main process, which
@@ -178,8 +178,8 @@ fn a_reload_while_draining_is_answered() {
     subject
         .signal(first, nix::sys::signal::Signal::SIGHUP)
         .unwrap();
-    notification(&socket, "RELOADING=1");
-    let ready = notification(&socket, "READY=1");
+    notification(&socket, "RELOADING=1").unwrap();
+    let ready = notification(&socket, "READY=1").unwrap();
     assert!(ready.contains("generation 1"), "{ready}");
     subject.wait_for(|e| e.is("exiting", 0)).unwrap();
 
@@ -187,13 +187,13 @@ fn a_reload_while_draining_is_answered() {
     subject
         .signal(first, nix::sys::signal::Signal::SIGHUP)
         .unwrap();
-    let reloading = notification(&socket, "RELOADING=1");
+    let reloading = notification(&socket, "RELOADING=1").unwrap();
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
     subject
         .signal(first, nix::sys::signal::Signal::SIGUSR1)
         .unwrap();
     held.join().unwrap().unwrap();
-    let ready = notification(&socket, "READY=1");
+    let ready = notification(&socket, "READY=1").unwrap();
     assert!(ready.contains("generation 2"), "{ready}");
     subject.wait_for(|e| e.is("parent-gone", 2)).unwrap();
 }

@@ -438,7 +438,7 @@ fn pid_file_names_the_successor_only_once_the_old_generation_has_exited() {
     assert_eq!(read_pid_file(&pid_file), Some(subject.first_pid()));
     for generation in 0..3 {
         let old = subject.pid_of(generation).unwrap();
-        let held = subject.hold_request(generation);
+        let held = subject.hold_request(generation).unwrap();
         let answer = subject.upgrade().unwrap();
         let pid = subject.pid_of(generation + 1).unwrap();
         assert!(answer.contains(&format!("pid={pid}")), "{answer}");
@@ -449,7 +449,7 @@ fn pid_file_names_the_successor_only_once_the_old_generation_has_exited() {
         assert_eq!(read_pid_file(&pid_file), Some(old));
 
         subject.signal(old, Signal::SIGUSR1).unwrap();
-        held.join().unwrap();
+        held.join().unwrap().unwrap();
         subject
             .wait_for(|e| e.is("parent-gone", generation + 1))
             .unwrap();
@@ -472,7 +472,7 @@ fn without_a_service_manager_the_pid_file_names_the_successor_at_ready() {
     })
     .unwrap();
     let old = subject.first_pid();
-    let held = subject.hold_request(0);
+    let held = subject.hold_request(0).unwrap();
     subject.upgrade().unwrap();
     let new = subject.pid_of(1).unwrap();
     subject.wait_for(|e| e.is("exiting", 0)).unwrap();
@@ -482,7 +482,7 @@ fn without_a_service_manager_the_pid_file_names_the_successor_at_ready() {
     // holds it until the draining one is gone, then upgrades.
     subject.signal(new, Signal::SIGHUP).unwrap();
     subject.signal(old, Signal::SIGUSR1).unwrap();
-    held.join().unwrap();
+    held.join().unwrap().unwrap();
     subject.wait_for(|e| e.is("ready", 2)).unwrap();
     subject.wait_for(|e| e.is("parent-gone", 2)).unwrap();
     assert_eq!(read_pid_file(&pid_file), subject.pid_of(2).ok());
@@ -538,7 +538,7 @@ fn old_generation_names_its_successor_only_after_the_reload_command_is_reaped() 
 #[test]
 fn an_upgrade_signal_while_draining_is_passed_to_the_successor() {
     let mut subject = Subject::start(&config()).unwrap();
-    let held = subject.hold_request(0);
+    let held = subject.hold_request(0).unwrap();
     subject.upgrade().unwrap();
     subject.wait_for(|e| e.is("exiting", 0)).unwrap();
     subject.signal(subject.first_pid(), Signal::SIGHUP).unwrap();
@@ -547,7 +547,7 @@ fn an_upgrade_signal_while_draining_is_passed_to_the_successor() {
     subject
         .signal(subject.first_pid(), Signal::SIGUSR1)
         .unwrap();
-    held.join().unwrap();
+    held.join().unwrap().unwrap();
     subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
     subject.wait_for(|e| e.is("ready", 2)).unwrap();
     subject.wait_for(|e| e.is("parent-gone", 2)).unwrap();
