@@ -131,7 +131,7 @@ const WAIT_AT_EXIT: Duration = Duration::from_secs(5);
 /// the file must not change between this process's last act and the
 /// kernel's handing the successor to systemd while systemd has yet to
 /// handle that end: usually long done after a drain, but not after an
-/// instant one on a loaded machine (seen under `ci/systemd.sh`).
+/// instant one on a loaded machine (seen under a real systemd, `harness/tests/systemd.rs`).
 pub(crate) fn wait_at_exit_for(sender: ProcessId) {
     let mut wait_for = WAIT_FOR.lock().unwrap_or_else(|p| p.into_inner());
     wait_for.retain(|process| !crate::sys::is_reaped(*process));

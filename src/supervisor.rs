@@ -526,7 +526,7 @@ impl Supervisor {
         // With a PID file, systemd learns of the new main process from it
         // when the old one exits; else from MAINPID=, which makes systemd
         // SIGKILL on every later stop when the process it names is not its
-        // child yet (found under a real systemd: ci/systemd.sh).
+        // child yet (found under a real systemd: harness/tests/systemd.rs).
         // A successor started as the manager's child is named by its
         // parent when the upgrade commits (`name_successor`), not at ready:
         // within a rollback window the parent stays the main process.

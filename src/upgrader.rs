@@ -490,7 +490,7 @@ impl Upgrader {
             && config_has_no_pid_file
             && successor_parent != SuccessorParent::Manager
         {
-            // Found under a real systemd (ci/systemd.sh): with successors of
+            // Found under a real systemd (harness/tests/systemd.rs): with successors of
             // our own, MAINPID= alone does not carry a service across
             // upgrades; PIDFile= does. (Successors started as systemd's
             // children are named with MAINPID= when they serve.)

@@ -306,7 +306,7 @@ fn first_ephemeral_port() -> Option<u16> {
 
 /// The ports [`free_addr`] chooses from: 20,000 to 10,000 below the first
 /// ephemeral one (12768..22768 with Linux's default 32768), apart from the
-/// 10,000 just below it that `ci/systemd.sh` takes its services' ports
+/// 10,000 just below it that the systemd proof (`handover_harness::systemd`) takes its services' ports
 /// from; none under 1024.
 fn ports_below_ephemeral(first: u16) -> Option<std::ops::Range<u16>> {
     let start = first.saturating_sub(20_000).max(1024);

@@ -12,6 +12,7 @@ pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod subject;
+pub mod systemd;
 pub mod tls;
 
 /// How many descriptors this process has open, counted portably from

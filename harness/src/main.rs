@@ -72,7 +72,7 @@ enum Command {
     Load(LoadArgs),
 }
 
-const LOAD_ABOUT: &str = "Puts an HTTP/1.1 server under strict load until SIGTERM, SIGINT, --stop-file or --duration, then prints what it saw; for scripts that upgrade a server and must know whether a request was lost (ci/systemd.sh).
+const LOAD_ABOUT: &str = "Puts an HTTP/1.1 server under strict load until SIGTERM, SIGINT, --stop-file or --duration, then prints what it saw; for scripts that upgrade a server and must know whether a request was lost; the same clients count failed requests in the chaos harness and the systemd proof.
 
 The clients never retry: every request sent that did not get a 200 whose body contains --expect-body is a failure, by class: refused, reset, timeout (no answer in 10 s), wrong (another status or body), other. A connection the server closes while no request is on it is no failure (nothing was lost): the client opens a new one, as a pooled client does.
 

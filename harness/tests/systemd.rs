@@ -1,32 +1,33 @@
-//! The example service under a real systemd: `ci/systemd.sh` runs the unit
-//! files of `examples/systemd/` in a private `systemd --user` manager (and
-//! the example behind `systemd-socket-activate`), reloads them under load and
-//! stops them. One test per manager, the installed systemd (252 on Debian
-//! 12) and bookworm-backports' 254, each running the script for its suite
-//! alone: the test harness runs them at the same time, which halves the
-//! wall time (the script keeps their ports, work folders, cgroups and
-//! managers apart). Each fails on any `FAIL` line. Cases that cannot run here
-//! (no root, no cgroup access, no systemd >= 253) are `SKIPPED` by the
-//! script; their lines, and the `finding:` lines, are written straight to
-//! the terminal so that a skip shows in the test output even when it passes.
+//! The example service under a real systemd: `handover_harness::systemd`
+//! runs the unit files of `examples/systemd/` in a private `systemd --user`
+//! manager (and the example behind `systemd-socket-activate`), reloads them
+//! under strict load and stops them; `ci/systemd-bootstrap.sh` does only
+//! the privileged part (packages, the unpacked 254, the manager's mount
+//! namespace). One test per manager, the installed systemd (252 on Debian
+//! 12) and bookworm-backports' 254: the test harness runs them at the same
+//! time, which halves the wall time (their ports, work folders, cgroups and
+//! managers are apart). Each fails on any `FAIL` case. Cases that cannot
+//! run here (no root, no cgroup access, no systemd >= 253) are `SKIPPED`;
+//! their lines, and the `finding:` lines, are written straight to the
+//! terminal so that a skip shows in the test output even when it passes.
 //!
 //! The example and the `handover` client are the release builds (`cargo
 //! build --release --example http_server --bin handover`), or the binaries
-//! named by `HANDOVER_SYSTEMD_BINARY` and `HANDOVER_SYSTEMD_CLI`; the load
-//! generator is this crate's `handover-harness load`.
+//! named by `HANDOVER_SYSTEMD_BINARY` and `HANDOVER_SYSTEMD_CLI`. Knobs:
+//! `SYSTEMD_SUITES` ("system backports"), `SYSTEMD_CASES` (comma-separated
+//! case names, e.g. `pidfile,notify`), `SYSTEMD_RELOADS` (20),
+//! `SYSTEMD_FINDING_RELOADS` (5), `SYSTEMD_KEEP` (keep the logs),
+//! `SYSTEMD_SERVICE_ENV` (more `Environment=` for every unit) and
+//! `SYSTEMD_OWN_CHILDREN` (with `HANDOVER_SUCCESSOR_PARENT=own` there).
 #![cfg(feature = "chaos")]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-
-/// The whole script is bounded inside; this only guards against a hang.
-const DEADLINE: Duration = Duration::from_secs(20 * 60);
+use handover_harness::systemd::{self, Config, Suite};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -89,17 +90,14 @@ fn build() -> (PathBuf, PathBuf) {
     (executable("http_server"), executable("handover"))
 }
 
-/// Copies of the example, the client and this crate's `handover-harness`
-/// (the load generator), taken now: the script runs for minutes, and a
-/// build of another checkout into the same target directory may replace
-/// the originals meanwhile.
+/// Copies of the example and the client, taken now: a suite runs for
+/// minutes, and a build of another checkout into the same target directory
+/// may replace the originals meanwhile.
 fn snapshot((example, cli): &(PathBuf, PathBuf)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("a temporary folder");
-    let harness = Path::new(env!("CARGO_BIN_EXE_handover-harness"));
     for (from, name) in [
         (example.as_path(), "http_server"),
         (cli.as_path(), "handover"),
-        (harness, "handover-harness"),
     ] {
         handover_harness::process::copy_executable(from, &dir.path().join(name))
             .unwrap_or_else(|e| panic!("a copy of {}: {e}", from.display()));
@@ -110,98 +108,74 @@ fn snapshot((example, cli): &(PathBuf, PathBuf)) -> tempfile::TempDir {
 /// The installed systemd (252 on Debian 12), and `systemd-socket-activate`.
 #[test]
 fn example_service_under_the_installed_systemd() {
-    under_systemd("system", "backports");
+    under_systemd(Suite::System, Suite::Backports);
 }
 
 /// bookworm-backports' systemd 254 (unpacked, not installed), for
 /// `Type=notify-reload`.
 #[test]
 fn example_service_under_bookworm_backports_systemd() {
-    under_systemd("backports", "system");
+    under_systemd(Suite::Backports, Suite::System);
 }
 
-/// Runs `ci/systemd.sh` for one suite (`SYSTEMD_SUITES`), telling it that
-/// `other` runs at the same time; unless `SYSTEMD_SUITES` is set and leaves
-/// this suite out.
-fn under_systemd(suite: &str, other: &str) {
-    if !cfg!(target_os = "linux") {
-        shout("systemd: every case: SKIPPED (systemd runs on Linux only)");
-        return;
-    }
+/// Runs one suite (`SYSTEMD_SUITES`; both by default), telling it that
+/// `other` runs at the same time; unless `SYSTEMD_SUITES` leaves it out.
+fn under_systemd(suite: Suite, other: Suite) {
     let asked = std::env::var("SYSTEMD_SUITES").unwrap_or_else(|_| "system backports".into());
-    if !asked.split_whitespace().any(|word| word == suite) {
+    let asked_for = |suite: Suite| asked.split_whitespace().any(|word| word == suite.name());
+    if !asked_for(suite) {
         shout(&format!(
-            "systemd: the {suite} suite: not run (SYSTEMD_SUITES={asked})"
+            "systemd: the {} suite: not run (SYSTEMD_SUITES={asked})",
+            suite.name()
         ));
         return;
     }
-    let others: Vec<&str> = asked
-        .split_whitespace()
-        .filter(|word| *word == other)
-        .collect();
     let snapshot = snapshot(binaries());
-    let [binary, cli, load] =
-        ["http_server", "handover", "handover-harness"].map(|name| snapshot.path().join(name));
-    let log = tempfile::NamedTempFile::new().expect("a temporary file");
-    let mut child = Command::new("bash")
-        .arg(repo().join("ci/systemd.sh"))
-        .arg(&binary)
-        .arg(&cli)
-        .arg(&load)
-        .env("SYSTEMD_SUITES", suite)
-        .env("SYSTEMD_OTHER_SUITES", others.join(" "))
-        .current_dir(repo())
-        .stdin(Stdio::null())
-        .stdout(log.reopen().expect("the log"))
-        .stderr(log.reopen().expect("the log"))
-        .spawn()
-        .expect("bash runs");
-    // Wait for the script's exit; a watchdog sends SIGTERM (the script's trap
-    // tears its managers down) only if it is still running at the deadline.
-    let started = Instant::now();
-    let pid = Pid::from_raw(child.id() as i32);
-    let (done, finished) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        let expired = finished.recv_timeout(DEADLINE).is_err();
-        if expired {
-            let _ = kill(pid, Signal::SIGTERM);
-        }
-        expired
-    });
-    let exit = child.wait().expect("wait for the script");
-    let _ = done.send(());
-    let status = if watchdog.join().unwrap_or(false) {
-        None
-    } else {
-        Some(exit)
+    let number = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
     };
-    let output = std::fs::read_to_string(log.path()).expect("the script's output");
+    let config = Config {
+        repo: repo(),
+        backports_dir: repo().join("target/systemd-backports"),
+        example: snapshot.path().join("http_server"),
+        cli: snapshot.path().join("handover"),
+        suite,
+        elsewhere: if asked_for(other) {
+            vec![other]
+        } else {
+            Vec::new()
+        },
+        cases: std::env::var("SYSTEMD_CASES")
+            .ok()
+            .map(|cases| cases.split(',').map(|c| c.trim().to_owned()).collect()),
+        reloads: number("SYSTEMD_RELOADS", 20),
+        finding_reloads: number("SYSTEMD_FINDING_RELOADS", 5),
+        service_env: std::env::var("SYSTEMD_SERVICE_ENV").unwrap_or_default(),
+        own_children: std::env::var_os("SYSTEMD_OWN_CHILDREN").is_some(),
+        keep: std::env::var_os("SYSTEMD_KEEP").is_some(),
+    };
+    let started = Instant::now();
+    let report = systemd::run(&config);
+    let output = report.output.join("\n");
     // Shown on failure by the harness; the case lines are shouted anyway.
     println!("{output}");
-
-    let lines: Vec<&str> = output
-        .lines()
-        .filter(|line| line.starts_with("systemd: "))
-        .collect();
     shout(&format!(
-        "ci/systemd.sh, suite {suite}, with {} ({:.0?}):",
+        "systemd, suite {}, with {} ({:.0?}):",
+        suite.name(),
         binaries().0.display(),
         started.elapsed()
     ));
-    for line in &lines {
+    for line in report
+        .output
+        .iter()
+        .filter(|line| line.starts_with("systemd: "))
+    {
         shout(&format!("  {line}"));
     }
-    let status = status.unwrap_or_else(|| panic!("ci/systemd.sh ran past {DEADLINE:?}\n{output}"));
-    let failed: Vec<&&str> = lines
-        .iter()
-        .filter(|line| line.contains(": FAIL"))
-        .collect();
+    let failed = report.failed();
     assert!(failed.is_empty(), "failed: {failed:#?}\n\n{output}");
-    assert!(status.success(), "ci/systemd.sh: {status}\n\n{output}");
-    assert!(
-        lines
-            .iter()
-            .any(|line| line.contains(": PASS") || line.contains(": SKIPPED")),
-        "ci/systemd.sh reported no case\n\n{output}"
-    );
+    assert!(!report.results.is_empty(), "no case reported\n\n{output}");
 }
