@@ -86,7 +86,9 @@ pub struct Config {
     /// Suites run at the same time elsewhere: a case they cover is not
     /// reported skipped here.
     pub elsewhere: Vec<Suite>,
-    /// Only these cases (names as printed; `None`: all).
+    /// Only these groups of cases (`None`: all): `pidfile`, `notify`,
+    /// `notify-reload`, `socket-activation` (each with its variants and
+    /// findings) and `systemd-socket-activate`.
     pub cases: Option<Vec<String>>,
     /// Reloads per case (back-to-back: this many pairs' worth, in pairs).
     pub reloads: usize,
@@ -116,7 +118,7 @@ pub enum Verdict {
 /// One case's line: `systemd: <case> (systemd <version>): PASS`.
 #[derive(Debug, Clone)]
 pub struct CaseResult {
-    /// The case, as `SYSTEMD_CASES` names it (with its variant).
+    /// The case, with its variant (`pidfile, back-to-back reloads`).
     pub name: String,
     /// The manager's version.
     pub version: String,
@@ -442,203 +444,24 @@ impl Run<'_> {
         backports_elsewhere: bool,
         report: &mut Report,
     ) {
-        let reloads = self.config.reloads;
-        let findings = self.config.finding_reloads;
-        let case = |kind, name: &str, unit: &str, count| Spec {
-            kind,
-            name: name.to_owned(),
-            unit: unit.to_owned(),
-            count,
-            socket: None,
-            back_to_back: false,
-        };
-        let b2b = |spec: Spec| Spec {
-            back_to_back: true,
-            ..spec
-        };
-        use Kind::{Case, Finding};
-        let mut specs: Vec<(Spec, &str, Edit)> = Vec::new();
-        if self.wanted("pidfile") {
-            let source = "http-server-pidfile.service";
-            specs.push((case(Case, "pidfile", source, reloads), source, Edit::None));
-            specs.push((
-                case(
-                    Finding,
-                    "pidfile, KillMode=process",
-                    "pidfile-killmode-process.service",
-                    findings,
+        if self.wanted("notify-reload") && major < 253 && !backports_elsewhere {
+            report.report(
+                "notify-reload",
+                &manager.version,
+                Verdict::Skipped(
+                    "Type=notify-reload needs systemd >= 253; the backports suite was not asked for"
+                        .into(),
                 ),
-                source,
-                Edit::KillModeProcess,
-            ));
-            // The second reload of each pair while the first one's old
-            // generation drains: MainPID moved to the successor when it
-            // served (MAINPID=, which NotifyAccess= lets the old generation
-            // send), so the second `kill -HUP $MAINPID` reaches the serving
-            // generation.
-            specs.push((
-                b2b(case(
-                    Case,
-                    "pidfile, back-to-back reloads",
-                    "pidfile-back-to-back.service",
-                    reloads,
-                )),
-                source,
-                Edit::None,
-            ));
-            // Without NotifyAccess=, systemd learns of the new main process
-            // only when a reload command ends or the old one exits: a
-            // second reload can signal a generation that is exiting (and
-            // be lost). Recorded.
-            specs.push((
-                b2b(case(
-                    Finding,
-                    "pidfile without NotifyAccess=, back-to-back reloads",
-                    "pidfile-no-notify-back-to-back.service",
-                    findings,
-                )),
-                source,
-                Edit::Without("NotifyAccess="),
-            ));
-        }
-        if self.wanted("notify") {
-            let source = "http-server-notify.service";
-            specs.push((case(Case, "notify", source, reloads), source, Edit::None));
-            // `systemctl reload` that reports the upgrade's outcome.
-            specs.push((
-                case(
-                    Case,
-                    "notify, ExecReload=handover upgrade",
-                    "notify-handover-upgrade.service",
-                    reloads,
-                ),
-                source,
-                Edit::HandoverUpgrade,
-            ));
-            specs.push((
-                b2b(case(
-                    Case,
-                    "notify, back-to-back reloads",
-                    "notify-back-to-back.service",
-                    reloads,
-                )),
-                source,
-                Edit::None,
-            ));
-            // A hardened unit: RestrictNamespaces= makes clone3 fail with
-            // ENOSYS (seccomp cannot look into its arguments), and
-            // successors are started with clone(2) instead, still as
-            // systemd's children.
-            specs.push((
-                case(
-                    Case,
-                    "notify, RestrictNamespaces=yes",
-                    "notify-restrict-namespaces.service",
-                    findings,
-                ),
-                source,
-                Edit::RestrictNamespaces,
-            ));
-            specs.push((
-                case(
-                    Finding,
-                    "notify, KillMode=process",
-                    "notify-killmode-process.service",
-                    findings,
-                ),
-                source,
-                Edit::KillModeProcess,
-            ));
-            // systemd learns the new main process from MAINPID= alone.
-            specs.push((
-                case(
-                    Finding,
-                    "notify, MAINPID= only (no PIDFile=)",
-                    "notify-mainpid.service",
-                    findings,
-                ),
-                source,
-                Edit::Without("PIDFile="),
-            ));
-        }
-        if self.wanted("notify-reload") {
-            let source = "http-server-notify-reload.service";
-            if major >= 253 {
-                specs.push((
-                    case(Case, "notify-reload", source, reloads),
-                    source,
-                    Edit::None,
-                ));
-                specs.push((
-                    b2b(case(
-                        Case,
-                        "notify-reload, back-to-back reloads",
-                        "notify-reload-back-to-back.service",
-                        reloads,
-                    )),
-                    source,
-                    Edit::None,
-                ));
-                specs.push((
-                    case(
-                        Finding,
-                        "notify-reload, KillMode=process",
-                        "notify-reload-killmode-process.service",
-                        findings,
-                    ),
-                    source,
-                    Edit::KillModeProcess,
-                ));
-                specs.push((
-                    case(
-                        Finding,
-                        "notify-reload, MAINPID= only (no PIDFile=)",
-                        "notify-reload-mainpid.service",
-                        findings,
-                    ),
-                    source,
-                    Edit::Without("PIDFile="),
-                ));
-            } else if !backports_elsewhere {
-                report.report(
-                    "notify-reload",
-                    &manager.version,
-                    Verdict::Skipped(
-                        "Type=notify-reload needs systemd >= 253; the backports suite was not asked for"
-                            .into(),
-                    ),
-                );
-            }
-        }
-        if self.wanted("socket-activation") {
-            let mut named = case(
-                Case,
-                "socket-activation",
-                "http-server-socket.service",
-                reloads,
             );
-            named.socket = Some(("http-server.socket".into(), Edit::None));
-            specs.push((named, "http-server-socket.service", Edit::None));
-            // The same socket unit without FileDescriptorName=: systemd
-            // names the socket after the unit, and the example must still
-            // take it.
-            let mut unnamed = case(
-                Case,
-                "socket-activation, no FileDescriptorName=",
-                "unnamed-socket.service",
-                findings,
-            );
-            unnamed.socket = Some(("unnamed.socket".into(), Edit::UnnamedSocket));
-            specs.push((
-                unnamed,
-                "http-server-socket.service",
-                Edit::UnnamedSocketService,
-            ));
         }
-        for (spec, source, edit) in specs {
+        let specs: Vec<&Spec> = CASES
+            .iter()
+            .filter(|spec| self.wanted(spec.group) && major >= spec.needs)
+            .collect();
+        for spec in specs {
             let port = self.ports.free();
             let installed = manager
-                .install(self.config, source, &spec.unit, port, &edit)
+                .install(self.config, spec.source, spec.unit, port, &spec.edit)
                 .and_then(|()| match &spec.socket {
                     Some((socket, edit)) => {
                         manager.install(self.config, "http-server.socket", socket, port, edit)
@@ -646,12 +469,12 @@ impl Run<'_> {
                     None => Ok(()),
                 });
             if let Err(e) = installed {
-                report.report(&spec.name, &manager.version, Verdict::Fail);
+                report.report(spec.name, &manager.version, Verdict::Fail);
                 report.detail(format!("install {}: {e}", spec.unit));
                 continue;
             }
-            let outcome = ManagedCase::new(self, manager, &spec, port).run();
-            outcome.report(&spec, manager, report);
+            let outcome = ManagedCase::new(self, manager, spec, port).run();
+            outcome.report(spec, manager, report);
             if spec.name == "notify, RestrictNamespaces=yes" {
                 let log = manager.dir.join("notify-restrict-namespaces.log");
                 if !read(&log).contains("successor started with clone(2)") {
@@ -836,14 +659,204 @@ enum Kind {
 /// A managed case.
 #[derive(Debug, Clone)]
 struct Spec {
+    /// The name `SYSTEMD_CASES` selects it by.
+    group: &'static str,
     kind: Kind,
-    name: String,
-    unit: String,
-    count: usize,
+    name: &'static str,
+    /// The unit installed, made from `source` with `edit`.
+    unit: &'static str,
+    source: &'static str,
+    edit: Edit,
     /// The socket unit that activates it, and its variant.
-    socket: Option<(String, Edit)>,
+    socket: Option<(&'static str, Edit)>,
+    /// Reloads in pairs, the second while the old generation drains.
     back_to_back: bool,
+    /// [`Config::reloads`] reloads, or [`Config::finding_reloads`].
+    all_reloads: bool,
+    /// The oldest systemd that has what it needs.
+    needs: u32,
 }
+
+impl Spec {
+    const fn new(group: &'static str, kind: Kind, name: &'static str) -> Spec {
+        Spec {
+            group,
+            kind,
+            name,
+            unit: "",
+            source: "",
+            edit: Edit::None,
+            socket: None,
+            back_to_back: false,
+            all_reloads: matches!(kind, Kind::Case),
+            needs: 0,
+        }
+    }
+
+    /// The example unit `source` as is, under its own name.
+    const fn of(self, source: &'static str) -> Spec {
+        Spec {
+            source,
+            unit: source,
+            ..self
+        }
+    }
+
+    /// A variant of `source`, installed as `unit`.
+    const fn variant(self, source: &'static str, unit: &'static str, edit: Edit) -> Spec {
+        Spec {
+            source,
+            unit,
+            edit,
+            ..self
+        }
+    }
+
+    const fn back_to_back(self) -> Spec {
+        Spec {
+            back_to_back: true,
+            ..self
+        }
+    }
+
+    const fn few_reloads(self) -> Spec {
+        Spec {
+            all_reloads: false,
+            ..self
+        }
+    }
+
+    const fn socket(self, socket: &'static str, edit: Edit) -> Spec {
+        Spec {
+            socket: Some((socket, edit)),
+            ..self
+        }
+    }
+
+    const fn needs(self, version: u32) -> Spec {
+        Spec {
+            needs: version,
+            ..self
+        }
+    }
+}
+
+const PIDFILE: &str = "http-server-pidfile.service";
+const NOTIFY: &str = "http-server-notify.service";
+const NOTIFY_RELOAD: &str = "http-server-notify-reload.service";
+const SOCKET_SERVICE: &str = "http-server-socket.service";
+
+/// Every managed case and finding, in the order they run.
+const CASES: &[Spec] = {
+    use Edit::{HandoverUpgrade, KillModeProcess, RestrictNamespaces, Without};
+    use Kind::{Case, Finding};
+    &[
+        Spec::new("pidfile", Case, "pidfile").of(PIDFILE),
+        Spec::new("pidfile", Finding, "pidfile, KillMode=process").variant(
+            PIDFILE,
+            "pidfile-killmode-process.service",
+            KillModeProcess,
+        ),
+        // The second reload of each pair while the first one's old
+        // generation drains: MainPID moved to the successor when it served
+        // (MAINPID=, which NotifyAccess= lets the old generation send), so
+        // the second `kill -HUP $MAINPID` reaches the serving generation.
+        Spec::new("pidfile", Case, "pidfile, back-to-back reloads")
+            .variant(PIDFILE, "pidfile-back-to-back.service", Edit::None)
+            .back_to_back(),
+        // Without NotifyAccess=, systemd learns of the new main process only
+        // when a reload command ends or the old one exits: a second reload
+        // can signal a generation that is exiting (and be lost). Recorded.
+        Spec::new(
+            "pidfile",
+            Finding,
+            "pidfile without NotifyAccess=, back-to-back reloads",
+        )
+        .variant(
+            PIDFILE,
+            "pidfile-no-notify-back-to-back.service",
+            Without("NotifyAccess="),
+        )
+        .back_to_back(),
+        Spec::new("notify", Case, "notify").of(NOTIFY),
+        // `systemctl reload` that reports the upgrade's outcome.
+        Spec::new("notify", Case, "notify, ExecReload=handover upgrade").variant(
+            NOTIFY,
+            "notify-handover-upgrade.service",
+            HandoverUpgrade,
+        ),
+        Spec::new("notify", Case, "notify, back-to-back reloads")
+            .variant(NOTIFY, "notify-back-to-back.service", Edit::None)
+            .back_to_back(),
+        // A hardened unit: RestrictNamespaces= makes clone3 fail with ENOSYS
+        // (seccomp cannot look into its arguments), and successors are
+        // started with clone(2) instead, still as systemd's children.
+        Spec::new("notify", Case, "notify, RestrictNamespaces=yes")
+            .variant(
+                NOTIFY,
+                "notify-restrict-namespaces.service",
+                RestrictNamespaces,
+            )
+            .few_reloads(),
+        Spec::new("notify", Finding, "notify, KillMode=process").variant(
+            NOTIFY,
+            "notify-killmode-process.service",
+            KillModeProcess,
+        ),
+        // systemd learns the new main process from MAINPID= alone.
+        Spec::new("notify", Finding, "notify, MAINPID= only (no PIDFile=)").variant(
+            NOTIFY,
+            "notify-mainpid.service",
+            Without("PIDFile="),
+        ),
+        Spec::new("notify-reload", Case, "notify-reload")
+            .of(NOTIFY_RELOAD)
+            .needs(253),
+        Spec::new("notify-reload", Case, "notify-reload, back-to-back reloads")
+            .variant(
+                NOTIFY_RELOAD,
+                "notify-reload-back-to-back.service",
+                Edit::None,
+            )
+            .back_to_back()
+            .needs(253),
+        Spec::new("notify-reload", Finding, "notify-reload, KillMode=process")
+            .variant(
+                NOTIFY_RELOAD,
+                "notify-reload-killmode-process.service",
+                KillModeProcess,
+            )
+            .needs(253),
+        Spec::new(
+            "notify-reload",
+            Finding,
+            "notify-reload, MAINPID= only (no PIDFile=)",
+        )
+        .variant(
+            NOTIFY_RELOAD,
+            "notify-reload-mainpid.service",
+            Without("PIDFile="),
+        )
+        .needs(253),
+        Spec::new("socket-activation", Case, "socket-activation")
+            .of(SOCKET_SERVICE)
+            .socket("http-server.socket", Edit::None),
+        // The same socket unit without FileDescriptorName=: systemd names
+        // the socket after the unit, and the example must still take it.
+        Spec::new(
+            "socket-activation",
+            Case,
+            "socket-activation, no FileDescriptorName=",
+        )
+        .variant(
+            SOCKET_SERVICE,
+            "unnamed-socket.service",
+            Edit::UnnamedSocketService,
+        )
+        .socket("unnamed.socket", Edit::UnnamedSocket)
+        .few_reloads(),
+    ]
+};
 
 /// A change to an example unit for a variant.
 #[derive(Debug, Clone, Copy)]
@@ -1249,7 +1262,7 @@ impl Outcome {
                 self.stop_how
             )),
             Kind::Case => report.report(
-                &spec.name,
+                spec.name,
                 &manager.version,
                 if clean { Verdict::Pass } else { Verdict::Fail },
             ),
@@ -1273,7 +1286,7 @@ impl Outcome {
             report.detail("manager, about the stop:");
             report.detail(indent(&self.stop_lines.join("\n")));
         }
-        let log = manager.dir.join(format!("{}.log", stem(&spec.unit)));
+        let log = manager.dir.join(format!("{}.log", stem(spec.unit)));
         report.detail(format!("service log ({}), last lines:", log.display()));
         report.detail(indent(&tail_lines(&read(&log), 8)));
     }
@@ -1298,6 +1311,8 @@ struct ManagedCase<'a> {
     manager: &'a Manager,
     spec: &'a Spec,
     port: u16,
+    /// Reloads to make.
+    count: usize,
     own_children: bool,
     pid_file: PathBuf,
     service_log: PathBuf,
@@ -1313,11 +1328,16 @@ struct ManagedCase<'a> {
 
 impl<'a> ManagedCase<'a> {
     fn new(run: &Run<'_>, manager: &'a Manager, spec: &'a Spec, port: u16) -> ManagedCase<'a> {
-        let stem = stem(&spec.unit);
+        let stem = stem(spec.unit);
         ManagedCase {
             manager,
             spec,
             port,
+            count: if spec.all_reloads {
+                run.config.reloads
+            } else {
+                run.config.finding_reloads
+            },
             own_children: run.config.own_children,
             pid_file: manager.dir.join("rt").join(format!("{stem}.pid")),
             service_log: manager.dir.join(format!("{stem}.log")),
@@ -1331,7 +1351,7 @@ impl<'a> ManagedCase<'a> {
     fn main_now(&self) -> Main {
         let mut props = self
             .manager
-            .show(&self.spec.unit, &["MainPID", "ActiveState", "SubState"]);
+            .show(self.spec.unit, &["MainPID", "ActiveState", "SubState"]);
         Main {
             pid: props
                 .get("MainPID")
@@ -1365,7 +1385,7 @@ impl<'a> ManagedCase<'a> {
     /// Waits until the unit's cgroup holds only the main process (the old
     /// generation has drained and left). Bounded: 30 s.
     fn wait_one_process(&self) -> Result<(), String> {
-        let control_group = self.manager.property(&self.spec.unit, "ControlGroup");
+        let control_group = self.manager.property(self.spec.unit, "ControlGroup");
         until(SETTLE, || {
             (self.manager.cgroup_procs(&control_group).len() <= 1).then_some(())
         })
@@ -1389,13 +1409,13 @@ impl<'a> ManagedCase<'a> {
 
     fn run(mut self) -> Outcome {
         let manager = self.manager;
-        let unit = self.spec.unit.clone();
+        let unit = self.spec.unit;
         let case_offset = manager.log_size();
         let mut reload_fail = Vec::new();
         if let Err(e) = manager.ctl(&["daemon-reload"]) {
             reload_fail.push(e);
         }
-        let started = match self.spec.socket.as_ref().map(|(socket, _)| socket) {
+        let started = match self.spec.socket.map(|(socket, _)| socket) {
             Some(socket) => manager.ctl(&["start", socket]).and_then(|_| {
                 // The first connection activates the service.
                 let body = get(self.port, Duration::from_secs(5)).unwrap_or_default();
@@ -1405,7 +1425,7 @@ impl<'a> ManagedCase<'a> {
                     Err(format!("the first GET through {socket} answered '{body}'"))
                 }
             }),
-            None => manager.ctl(&["start", &unit]).map(drop),
+            None => manager.ctl(&["start", unit]).map(drop),
         }
         .and_then(|()| {
             self.wait_new_main(0)
@@ -1418,8 +1438,8 @@ impl<'a> ManagedCase<'a> {
                 why += &format!("\nservice log: {log}");
             }
             reload_fail.push(why);
-            let mut stop = vec!["stop", unit.as_str()];
-            stop.extend(self.spec.socket.as_ref().map(|(socket, _)| socket.as_str()));
+            let mut stop = vec!["stop", unit];
+            stop.extend(self.spec.socket.map(|(socket, _)| socket));
             let _ = manager.ctl(&stop);
             return Outcome {
                 reload_fail,
@@ -1437,10 +1457,10 @@ impl<'a> ManagedCase<'a> {
         // Stop: SIGTERM, and the service drains and exits; not SIGKILL.
         let mut stop_fail = Vec::new();
         let last = self.main.pid;
-        let control_group = manager.property(&unit, "ControlGroup");
+        let control_group = manager.property(unit, "ControlGroup");
         let offset = manager.log_size();
         let t0 = Instant::now();
-        if let Err(e) = manager.ctl(&["stop", &unit]) {
+        if let Err(e) = manager.ctl(&["stop", unit]) {
             stop_fail.push(e);
         }
         let stop_ms = t0.elapsed().as_millis();
@@ -1452,7 +1472,7 @@ impl<'a> ManagedCase<'a> {
         {
             stop_fail.push(format!("pid {last} still alive 10 s after the stop"));
         }
-        let result = manager.property(&unit, "Result");
+        let result = manager.property(unit, "Result");
         // The manager's lines about the stop reach its log through a pty:
         // wait for its last one (the unit's state change to dead/failed).
         let state_line = format!("{unit}: Changed ");
@@ -1468,7 +1488,7 @@ impl<'a> ManagedCase<'a> {
         let (stop_how, stop_lines) = self.stop_evidence(offset);
         // (Connections still queued on the socket would start the service again.)
         if let Some((socket, _)) = &self.spec.socket {
-            let _ = manager.ctl(&["stop", socket, &unit]);
+            let _ = manager.ctl(&["stop", socket, unit]);
         }
         // Nothing of the service may outlive its stop (an untracked
         // generation would, with KillMode=process): kill what is left, by
@@ -1492,7 +1512,7 @@ impl<'a> ManagedCase<'a> {
         let alien = manager
             .log_since(case_offset)
             .lines()
-            .filter(|l| l.contains(unit.as_str()) && l.contains("which is not our child"))
+            .filter(|l| l.contains(unit) && l.contains("which is not our child"))
             .count();
         if alien > 0 {
             reload_fail.push(format!(
@@ -1558,12 +1578,12 @@ impl<'a> ManagedCase<'a> {
     }
 
     fn reload_one_by_one(&mut self, load: &Load) -> Result<(), String> {
-        let unit = self.spec.unit.clone();
-        for i in 1..=self.spec.count {
+        let unit = self.spec.unit;
+        for i in 1..=self.count {
             let old = self.main.pid;
             let t0 = Instant::now();
             self.manager
-                .ctl(&["reload", &unit])
+                .ctl(&["reload", unit])
                 .map_err(|e| format!("reload {i}: {e}"))?;
             self.wait_new_main(old)
                 .map_err(|e| format!("reload {i}: {e}"))?;
@@ -1603,8 +1623,8 @@ impl<'a> ManagedCase<'a> {
     /// checked all the same but does not count, and another is tried, up
     /// to twice as many pairs in all.
     fn back_to_back(&mut self, load: &Load) -> Result<(), String> {
-        let unit = self.spec.unit.clone();
-        let pairs = (self.spec.count / 2).max(1);
+        let unit = self.spec.unit;
+        let pairs = (self.count / 2).max(1);
         let mut done = 0;
         let mut tried = 0;
         while done < pairs {
@@ -1621,7 +1641,7 @@ impl<'a> ManagedCase<'a> {
                 .ok_or_else(|| format!("pair {tried}: GET / answered '{body}', no generation"))?;
             let t0 = Instant::now();
             self.manager
-                .ctl(&["reload", &unit])
+                .ctl(&["reload", unit])
                 .map_err(|e| format!("pair {tried}: first reload: {e}"))?;
             let body = get_generation(self.port, generation + 1);
             if generation_of(&body) != Some(generation + 1) {
@@ -1631,7 +1651,7 @@ impl<'a> ManagedCase<'a> {
                 ));
             }
             let back_to_back = kill(Pid::from_raw(old), None).is_ok();
-            self.manager.ctl(&["reload", &unit]).map_err(|e| {
+            self.manager.ctl(&["reload", unit]).map_err(|e| {
                 format!(
                     "pair {tried}: second reload ({}): {e}",
                     if back_to_back {
@@ -1686,7 +1706,7 @@ impl<'a> ManagedCase<'a> {
     /// own log (the example logs "stopping" when SIGTERM asks it to stop,
     /// then "exiting") and the manager's debug log from byte `offset` on.
     fn stop_evidence(&self, offset: u64) -> (StopHow, Vec<String>) {
-        let unit = self.spec.unit.as_str();
+        let unit = self.spec.unit;
         let log = self.manager.log_since(offset);
         let about: Vec<&str> = log.lines().filter(|l| l.contains(unit)).collect();
         let killed = about.iter().any(|l| {
@@ -2012,6 +2032,30 @@ mod tests {
                    2026-12-01T05:00:02.000000Z  INFO http_server: exiting generation=3 reason=Stopped\n";
         assert_eq!(drain_times(log), "2, median 1200 ms, min 1050 ms");
         assert_eq!(drain_times(""), "none");
+    }
+
+    #[test]
+    fn every_case_has_a_unit_of_its_own_made_from_an_example() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/systemd");
+        let mut units = std::collections::HashSet::new();
+        for spec in CASES {
+            assert!(
+                units.insert(spec.unit),
+                "{}: unit {} twice",
+                spec.name,
+                spec.unit
+            );
+            assert!(spec.unit.ends_with(".service"), "{}", spec.name);
+            assert!(
+                examples.join(spec.source).is_file(),
+                "{}: no {}",
+                spec.name,
+                spec.source
+            );
+            if let Some((socket, _)) = spec.socket {
+                assert!(units.insert(socket), "{}: socket {socket} twice", spec.name);
+            }
+        }
     }
 
     #[test]

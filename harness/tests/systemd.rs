@@ -15,7 +15,7 @@
 //! build --release --example http_server --bin handover`), or the binaries
 //! named by `HANDOVER_SYSTEMD_BINARY` and `HANDOVER_SYSTEMD_CLI`. Knobs:
 //! `SYSTEMD_SUITES` ("system backports"), `SYSTEMD_CASES` (comma-separated
-//! case names, e.g. `pidfile,notify`), `SYSTEMD_RELOADS` (20),
+//! groups, e.g. `pidfile,notify`: see [`Config::cases`]), `SYSTEMD_RELOADS` (20),
 //! `SYSTEMD_FINDING_RELOADS` (5), `SYSTEMD_KEEP` (keep the logs),
 //! `SYSTEMD_SERVICE_ENV` (more `Environment=` for every unit) and
 //! `SYSTEMD_OWN_CHILDREN` (with `HANDOVER_SUCCESSOR_PARENT=own` there).
