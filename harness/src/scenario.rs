@@ -286,8 +286,8 @@ pub struct Expectations {
     /// steady p99, for each of HTTP/2 and TLS (h2c, tls-http1, tls-h2)
     /// that ran.
     pub p99_ratio_max: Option<f64>,
-    /// The last generation's TLS handshakes per second within this many
-    /// percent of the first generation's.
+    /// The last generation's TLS handshakes per second at most this many
+    /// percent below the first generation's (faster is never a problem).
     pub tls_rate_within_pct: Option<f64>,
 }
 
