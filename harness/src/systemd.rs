@@ -306,9 +306,9 @@ impl Run<'_> {
     fn systemd(&self) -> Result<Systemd, String> {
         match self.config.suite {
             Suite::System => {
-                let exec = first_executable(&["/lib/systemd/systemd", "/usr/lib/systemd/systemd"])
+                let exec = first_executable(["/lib/systemd/systemd", "/usr/lib/systemd/systemd"])
                     .ok_or("no /lib/systemd/systemd")?;
-                let ctl = first_executable(&["/bin/systemctl", "/usr/bin/systemctl"])
+                let ctl = first_executable(["/bin/systemctl", "/usr/bin/systemctl"])
                     .ok_or("no systemctl")?;
                 let version = version_of(&ctl, None);
                 Ok(Systemd {
@@ -322,20 +322,10 @@ impl Run<'_> {
             Suite::Backports => {
                 let dir = self.config.backports_dir.to_string_lossy().into_owned();
                 let root = PathBuf::from(self.bootstrap(&["backports", &dir])?);
-                let under = |paths: &[&str]| {
-                    first_executable(
-                        &paths
-                            .iter()
-                            .map(|p| root.join(p).to_string_lossy().into_owned())
-                            .collect::<Vec<_>>()
-                            .iter()
-                            .map(String::as_str)
-                            .collect::<Vec<_>>(),
-                    )
-                };
-                let exec = under(&["lib/systemd/systemd", "usr/lib/systemd/systemd"])
+                let under = |paths: [&str; 2]| first_executable(paths.map(|p| root.join(p)));
+                let exec = under(["lib/systemd/systemd", "usr/lib/systemd/systemd"])
                     .ok_or("no systemd in the unpacked bookworm-backports")?;
-                let ctl = under(&["bin/systemctl", "usr/bin/systemctl"])
+                let ctl = under(["bin/systemctl", "usr/bin/systemctl"])
                     .ok_or("no systemctl in the unpacked bookworm-backports")?;
                 // libsystemd-shared, under the architecture's folder
                 // (usr/lib/x86_64-linux-gnu/systemd on amd64).
@@ -499,7 +489,7 @@ impl Run<'_> {
         name: &str,
         fdname: Option<&str>,
     ) {
-        let Some(tool) = first_executable(&[
+        let Some(tool) = first_executable([
             "/usr/bin/systemd-socket-activate",
             "/bin/systemd-socket-activate",
             "/lib/systemd/systemd-socket-activate",
@@ -876,43 +866,41 @@ enum Edit {
 }
 
 impl Edit {
+    /// The unit file `text` with this change (`cli`: the `handover`
+    /// client, for [`Edit::HandoverUpgrade`]).
     fn apply(self, text: &str, cli: &Path) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        for line in text.lines() {
-            let _ = match self {
+        let edit = |line: &str| -> Vec<String> {
+            match self {
                 Edit::KillModeProcess if line == "[Service]" => {
-                    writeln!(out, "{line}\nKillMode=process")
+                    vec![line.into(), "KillMode=process".into()]
                 }
                 Edit::RestrictNamespaces if line == "[Service]" => {
-                    writeln!(out, "{line}\nRestrictNamespaces=yes")
+                    vec![line.into(), "RestrictNamespaces=yes".into()]
                 }
-                Edit::Without(key) if line.starts_with(key) => Ok(()),
-                Edit::UnnamedSocket if line.starts_with("FileDescriptorName=") => Ok(()),
+                Edit::Without(key) if line.starts_with(key) => Vec::new(),
+                Edit::UnnamedSocket if line.starts_with("FileDescriptorName=") => Vec::new(),
                 Edit::UnnamedSocket if line.starts_with("Service=") => {
-                    writeln!(out, "Service=unnamed-socket.service")
+                    vec!["Service=unnamed-socket.service".into()]
                 }
                 Edit::UnnamedSocketService => {
-                    writeln!(
-                        out,
-                        "{}",
-                        line.replace("http-server.socket", "unnamed.socket")
-                    )
+                    vec![line.replace("http-server.socket", "unnamed.socket")]
                 }
                 Edit::HandoverUpgrade if line.starts_with("ExecStart=") => {
-                    writeln!(out, "{line} --control-socket %t/%N.sock")
+                    vec![format!("{line} --control-socket %t/%N.sock")]
                 }
                 Edit::HandoverUpgrade if line.starts_with("ExecReload=") => {
-                    writeln!(
-                        out,
+                    vec![format!(
                         "ExecReload={} upgrade --socket %t/%N.sock",
                         cli.display()
-                    )
+                    )]
                 }
-                _ => writeln!(out, "{line}"),
-            };
-        }
-        out
+                _ => vec![line.into()],
+            }
+        };
+        text.lines()
+            .flat_map(edit)
+            .map(|line| line + "\n")
+            .collect()
     }
 }
 
@@ -1938,11 +1926,12 @@ impl Ports {
     }
 }
 
-fn first_executable(paths: &[&str]) -> Option<PathBuf> {
+/// The first of `paths` that is an executable file.
+fn first_executable<P: Into<PathBuf>>(paths: impl IntoIterator<Item = P>) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     paths
-        .iter()
-        .map(PathBuf::from)
+        .into_iter()
+        .map(Into::into)
         .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
