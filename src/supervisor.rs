@@ -1196,6 +1196,16 @@ impl Supervisor {
         let next = self
             .machine
             .upgrade_finished(outcome.is_ok(), !window.is_zero());
+        // An upgrade signal held while this upgrade ran goes to the
+        // successor now, before `exit()` resolves: from then on the service
+        // may drain and return from `main` at once, and the process would
+        // take the request with it while this thread was still on its way
+        // to pass it on (seen on a loaded machine: the held signal lost, no
+        // next upgrade). Its count was settled when it was held, so the
+        // exit hook does not wait for it.
+        if next == Some(Decision::Forward) {
+            self.forward_upgrade("held while the upgrade ran");
+        }
         match &outcome {
             Ok(upgraded) if self.machine.phase() == Phase::Window => {
                 tracing::info!(
@@ -1243,14 +1253,10 @@ impl Supervisor {
         if let Some(waiter) = waiter {
             let _ = waiter.send(outcome);
         }
-        // An upgrade signal that came while this one ran.
-        match next {
-            Some(Decision::Start) => {
-                tracing::info!(generation, "a held upgrade request runs now");
-                self.start_upgrade(None);
-            }
-            Some(Decision::Forward) => self.forward_upgrade("held while the upgrade ran"),
-            _ => {}
+        // An upgrade signal that came while this one ran, which failed.
+        if next == Some(Decision::Start) {
+            tracing::info!(generation, "a held upgrade request runs now");
+            self.start_upgrade(None);
         }
     }
 

@@ -591,17 +591,23 @@ fn an_upgrade_signal_in_the_last_moments_is_passed_on() {
 #[test]
 fn an_upgrade_signal_during_an_upgrade_is_not_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let faults = dir.path().join("faults");
-    std::fs::write(&faults, "1=slow-init:1000").unwrap();
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let mut subject = Subject::start(&SubjectConfig {
-        faults_file: Some(faults),
+        faults: Some("1=gate-before-start".into()),
+        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
         ..config()
     })
     .unwrap();
     subject.signal(subject.first_pid(), Signal::SIGHUP).unwrap();
-    subject.wait_for(|e| e.is("started", 1)).unwrap();
-    // Generation 1 takes a second to start: generation 0 is upgrading.
+    // Generation 1 waits at the gate, so generation 0 is upgrading until
+    // the gate opens. (A generation 1 that merely took a second to start
+    // left this to timing: a test thread held up that long on a loaded
+    // machine signalled generation 0 after it had exited, and the signal
+    // was lost with it, as any signal to an ended process is.)
+    subject.wait_for(|e| e.is("gated", 1)).unwrap();
     subject.signal(subject.first_pid(), Signal::SIGHUP).unwrap();
+    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
     subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
     subject.wait_for(|e| e.is("parent-gone", 2)).unwrap();
     assert_served_by(&subject, 2);
