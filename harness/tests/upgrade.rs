@@ -565,22 +565,31 @@ fn an_upgrade_signal_in_the_last_moments_is_passed_on() {
     let gate = dir.path().join("gate");
     nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let pid_file = dir.path().join("subject.pid");
+    // Generation 2 waits at the same gate: generation 1 cannot hand over
+    // (and exit) before the test has looked at it. Without it, generation 1
+    // upgraded as soon as its parent had gone, and on a loaded machine the
+    // PID file (and generation 1's own `parent-gone` line, printed by a task
+    // of a process on its way out) could already be the next generation's.
     let mut subject = Subject::start(&SubjectConfig {
-        faults: Some("0=linger-after-exit".into()),
+        faults: Some("0=linger-after-exit,2=gate-before-start".into()),
         env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
         pid_file: Some(pid_file.clone()),
         ..config()
     })
     .unwrap();
+    let open_gate = || drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
     let first = subject.first_pid();
     subject.upgrade().unwrap();
     subject.wait_for(|e| e.is("lingering", 0)).unwrap();
     subject.signal(first, Signal::SIGHUP).unwrap();
     // Let generation 0 exit.
-    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    open_gate();
     subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
-    // It exited on its own (and named its successor), not by SIGHUP.
+    // The signal was passed on: generation 1 upgrades once its parent is gone.
+    subject.wait_for(|e| e.is("gated", 2)).unwrap();
+    // Generation 0 exited on its own (and named its successor), not by SIGHUP.
     assert_eq!(read_pid_file(&pid_file), Some(subject.pid_of(1).unwrap()));
+    open_gate();
     subject.wait_for(|e| e.is("ready", 2)).unwrap();
     subject.wait_for(|e| e.is("parent-gone", 2)).unwrap();
     assert_served_by(&subject, 2);
