@@ -159,13 +159,18 @@ impl Server {
         Pid::from_raw(field(&ready, "pid").unwrap().parse().unwrap())
     }
 
-    /// SIGHUP to the serving generation; returns once its successor serves.
+    /// SIGHUP to the serving generation; returns once its successor serves
+    /// and the old generation has heard so (it drains). Not before: a
+    /// successor stopped between its ready byte and the old generation
+    /// reading it fails that upgrade, and the old generation serves on.
     async fn upgrade(&mut self) {
-        let pid = self.pid_of(self.generation).await;
+        let previous = self.generation;
+        let pid = self.pid_of(previous).await;
         kill(pid, Signal::SIGHUP).unwrap();
         self.generation += 1;
         let next = self.generation;
         self.wait(|line| is(line, "serving", next)).await;
+        self.wait(|line| is(line, "draining", previous)).await;
     }
 
     /// Stops the serving generation and waits until every generation has
