@@ -28,7 +28,7 @@ use axum::Router;
 use axum::extract::{ConnectInfo, Query};
 use axum::response::Response;
 use axum::routing::get;
-use handover::drain::{Drain, DrainOptions, WebSocket, WebSocketUpgrade};
+use handover::drain::{Drain, DrainOptions, TicketKeys, WebSocket, WebSocketUpgrade};
 use handover::{ExitReason, Options, Signal, Upgrader};
 
 struct Args {
@@ -140,7 +140,19 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
     // Loaded before ready(): a certificate that does not load fails this
     // generation's start, and the old generation serves on with its own.
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(handover::drain::tls_acceptor(cert, key)?),
+        (Some(cert), Some(key)) => {
+            // Session-ticket keys go from generation to generation, so
+            // clients resume their TLS sessions across an upgrade.
+            let tickets = match upgrader.inherited_state().await? {
+                Some(bytes) => TicketKeys::from_bytes(&bytes)?,
+                None => TicketKeys::new()?,
+            };
+            let handed_on = tickets.clone();
+            upgrader.set_state_provider(move || handed_on.to_bytes());
+            Some(handover::drain::tls_acceptor_with_tickets(
+                cert, key, &tickets,
+            )?)
+        }
         _ => None,
     };
 

@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use handover::drain::{Drain, DrainOptions};
+use handover::drain::{Drain, DrainOptions, TicketKeys};
 use handover::{ExitReason, Options, Signal, Upgrader};
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::server::{NamedService, ServerStreamingService, UnaryService};
@@ -372,7 +372,19 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
     // The certificate is loaded before ready(): one that does not load
     // fails this generation's start, and the old one serves on.
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(handover::drain::tls_acceptor(cert, key)?),
+        (Some(cert), Some(key)) => {
+            // Session-ticket keys go from generation to generation, so
+            // clients resume their TLS sessions across an upgrade.
+            let tickets = match upgrader.inherited_state().await? {
+                Some(bytes) => TicketKeys::from_bytes(&bytes)?,
+                None => TicketKeys::new()?,
+            };
+            let handed_on = tickets.clone();
+            upgrader.set_state_provider(move || handed_on.to_bytes());
+            Some(handover::drain::tls_acceptor_with_tickets(
+                cert, key, &tickets,
+            )?)
+        }
         _ => None,
     };
 

@@ -34,6 +34,8 @@ mod late_frames;
 #[cfg(feature = "http2")]
 mod serve;
 #[cfg(feature = "tls")]
+mod tickets;
+#[cfg(feature = "tls")]
 mod tls;
 #[cfg(feature = "websocket")]
 mod websocket;
@@ -41,7 +43,9 @@ mod websocket;
 #[cfg(feature = "http2")]
 pub use serve::ConnectionError;
 #[cfg(feature = "tls")]
-pub use tls::{TlsError, tls_acceptor};
+pub use tickets::TicketKeys;
+#[cfg(feature = "tls")]
+pub use tls::{TlsError, tls_acceptor, tls_acceptor_with_tickets};
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use tokio_rustls::TlsAcceptor;

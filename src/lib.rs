@@ -79,7 +79,7 @@
 //! | --- | --- | --- | --- |
 //! | `hyper` | on | `Drain::serve_http1`: one HTTP/1.1 connection, drained without losing a request | `hyper` 1 (server, http1), `hyper-util` |
 //! | `http2` | off | `Drain::serve_http` (HTTP/1.1 and h2c on one entry point, HTTP/2 drained with GOAWAY), `Drain::serve` (an accept loop for any tower service: axum's `Router`, tonic's `Routes`), `drain::ConnectionError`; implies `hyper` | hyper's `http2` (`h2`), `tower-service` |
-//! | `tls` | off | `Drain::serve_https`, `Drain::serve_tls`, `drain::tls_acceptor`, `drain::TlsAcceptor`, `drain::TlsError` (rustls with the ring provider; ALPN `h2`, `http/1.1`); implies `http2` | `rustls`, `tokio-rustls` (ring, TLS 1.2 and 1.3) |
+//! | `tls` | off | `Drain::serve_https`, `Drain::serve_tls`, `drain::tls_acceptor`, `drain::TlsAcceptor`, `drain::TlsError`, `drain::tls_acceptor_with_tickets` and `drain::TicketKeys` (session-ticket keys a successor inherits: sessions resume across upgrades) (rustls with the ring provider; ALPN `h2`, `http/1.1`); implies `http2` | `rustls`, `tokio-rustls` (ring, TLS 1.2 and 1.3), `ring` |
 //! | `axum` | off | `ConnectInfo<SocketAddr>` in the extensions of requests served by `Drain::serve`, as axum's extractor expects; implies `http2` | `axum` 0.8 without default features |
 //! | `websocket` | off | `drain::WebSocketUpgrade`, `drain::WebSocket`, `drain::WebSocketRejection`: axum WebSockets that say 1001 "going away" when the drain starts; implies `axum` | axum's `ws` (`tokio-tungstenite`), `futures-util` |
 //!

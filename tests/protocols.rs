@@ -624,6 +624,77 @@ async fn a_bad_certificate_fails_the_upgrade_and_the_old_generation_serves_on() 
     server.stop().await;
 }
 
+/// A client with a TLS session from the old generation resumes it with the
+/// new one (an abbreviated handshake, no certificate sent), over TLS 1.3
+/// and TLS 1.2: the example hands its session-ticket keys to its successor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_resume_across_an_upgrade() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let pki = pki();
+    let (cert, key) = (pki.cert.to_str().unwrap(), pki.key.to_str().unwrap());
+    let mut server = Server::start("axum", &["--tls-cert", cert, "--tls-key", key]).await;
+    let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
+    let connectors = versions.map(|version| resuming_connector(&pki, version));
+    for connector in &connectors {
+        assert_eq!(tls_hello(connector, server.addr).await, (Full, 0));
+        assert_eq!(tls_hello(connector, server.addr).await, (Resumed, 0));
+    }
+    server.upgrade().await;
+    for (connector, version) in connectors.iter().zip(versions) {
+        assert_eq!(
+            tls_hello(connector, server.addr).await,
+            (Resumed, 1),
+            "{:?}: a session of generation 0 resumes with generation 1",
+            version.version
+        );
+    }
+    server.stop().await;
+}
+
+/// A TLS client of one protocol version that keeps its sessions (rustls's
+/// default in-memory store) to resume them.
+fn resuming_connector(
+    pki: &Pki,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[version])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// One `GET /` over a new TLS connection, read to the end (the session
+/// tickets come after the handshake): how the handshake went, and which
+/// generation answered.
+async fn tls_hello(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+) -> (rustls::HandshakeKind, u64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let kind = tls.get_ref().1.handshake_kind().unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let generation = answer
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("generation="))
+        .unwrap_or_else(|| panic!("no generation in {answer:?}"));
+    (kind, generation.parse().unwrap())
+}
+
 /// WebSocket echo across upgrades: each open socket gets close 1001 when
 /// its generation drains, and the client reconnects to the new one. A
 /// message is failed if its connection ends any other way (a reset, an EOF

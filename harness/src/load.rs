@@ -120,6 +120,9 @@ pub struct Handshake {
     pub us: u32,
     /// The generation that answered the connection's first request, if any did.
     pub generation: Option<u64>,
+    /// It resumed a session (an abbreviated handshake) rather than making a
+    /// full one.
+    pub resumed: bool,
 }
 
 /// What a sample or a client speaks.
@@ -332,6 +335,7 @@ impl LoadReport {
             at_ms: handshake.started.duration_since(epoch).as_millis() as u32,
             us: handshake.us,
             generation: None,
+            resumed: handshake.resumed,
         });
         Some(self.handshakes.len() - 1)
     }
@@ -575,12 +579,14 @@ impl Target {
             .await
             .map_err(|e| (FailureClass::Tls, format!("TLS handshake: {e}")))?;
         let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         Ok(Opened {
             port,
             io: Box::new(stream),
             handshake: Some(PendingHandshake {
                 started,
                 us: started.elapsed().as_micros().min(u32::MAX as u128) as u32,
+                resumed,
             }),
             alpn,
         })
@@ -605,6 +611,7 @@ struct Opened {
 struct PendingHandshake {
     started: Instant,
     us: u32,
+    resumed: bool,
 }
 
 /// Puts each answer on the timeline and the live counters.

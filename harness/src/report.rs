@@ -115,6 +115,44 @@ pub struct ScenarioReport {
     pub ws_going_away: u64,
     /// TLS handshakes by the generation that served them.
     pub tls_handshakes: Vec<HandshakeRate>,
+    /// TLS handshakes with generations after the first that answered one
+    /// (all of them, upgrades or not), and how many of those resumed a
+    /// session.
+    pub tls_later: TlsResumption,
+}
+
+/// TLS handshakes, and how many of them resumed a session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TlsResumption {
+    /// Handshakes.
+    pub handshakes: u64,
+    /// Of which resumed (abbreviated, no certificate).
+    pub resumed: u64,
+}
+
+impl TlsResumption {
+    /// Handshakes with a generation after the first generation that
+    /// answered one.
+    fn later(handshakes: &[Handshake]) -> TlsResumption {
+        let first = handshakes.iter().filter_map(|h| h.generation).min();
+        let later = handshakes
+            .iter()
+            .filter(|h| h.generation.is_some() && h.generation > first);
+        let (mut count, mut resumed) = (0, 0);
+        for handshake in later {
+            count += 1;
+            resumed += u64::from(handshake.resumed);
+        }
+        TlsResumption {
+            handshakes: count,
+            resumed,
+        }
+    }
+
+    /// Full handshakes: no session resumed.
+    pub fn full(&self) -> u64 {
+        self.handshakes - self.resumed
+    }
 }
 
 /// One protocol's part of a run.
@@ -148,6 +186,8 @@ pub struct HandshakeRate {
     pub per_second: f64,
     /// Median handshake time.
     pub p50_us: u32,
+    /// How many of them resumed a session.
+    pub resumed: u64,
 }
 
 impl ScenarioReport {
@@ -222,6 +262,7 @@ impl ScenarioReport {
             grpc_replies: load.grpc_replies,
             ws_going_away: load.ws_going_away,
             tls_handshakes: handshake_rates(&load.handshakes, &upgrade_times),
+            tls_later: TlsResumption::later(&load.handshakes),
         }
     }
 
@@ -368,6 +409,7 @@ fn handshake_rates(handshakes: &[Handshake], upgrades: &[u32]) -> Vec<HandshakeR
                     0.0
                 },
                 p50_us: percentile(&times, 50).unwrap_or(0),
+                resumed: handshakes.iter().filter(|h| h.resumed).count() as u64,
             }
         })
         .collect()
@@ -513,20 +555,30 @@ pub fn table(reports: &[ScenarioReport]) -> String {
         {
             let _ = writeln!(
                 out,
-                "    TLS handshakes/s: generation {} {:.0} ({}, p50 {:.2} ms), generation {} {:.0} ({}, p50 {:.2} ms){}",
+                "    TLS handshakes/s: generation {} {:.0} ({}, {} resumed, p50 {:.2} ms), generation {} {:.0} ({}, {} resumed, p50 {:.2} ms){}",
                 first.generation,
                 first.per_second,
                 first.count,
+                first.resumed,
                 f64::from(first.p50_us) / 1000.0,
                 last.generation,
                 last.per_second,
                 last.count,
+                last.resumed,
                 f64::from(last.p50_us) / 1000.0,
                 r.handshake_rate_ratio()
                     .map_or(String::new(), |ratio| format!(
                         ": {:+.1}%",
                         (ratio - 1.0) * 100.0
                     ))
+            );
+        }
+        if r.tls_later.handshakes > 0 {
+            let _ = writeln!(
+                out,
+                "    TLS handshakes with later generations: {}, of which full (no session resumed) {}",
+                r.tls_later.handshakes,
+                r.tls_later.full()
             );
         }
         for problem in &r.problems {
@@ -706,6 +758,7 @@ mod tests {
             at_ms,
             us: 1000,
             generation: Some(generation),
+            resumed: at_ms % 20 == 0,
         };
         // Generation 0 from 0 to 1000 ms, an upgrade at 1500, generation 1
         // from 1100 to 3000: the first 200 ms and 1000..=2000 are left out.
@@ -715,6 +768,7 @@ mod tests {
             at_ms: 2500,
             us: 1000,
             generation: None,
+            resumed: false,
         });
         let rates = handshake_rates(&handshakes, &[1500]);
         assert_eq!(rates.len(), 2);
@@ -724,6 +778,17 @@ mod tests {
         // 2010..=3000: 100 over 990 ms; the one no answer followed is left out.
         assert_eq!((rates[1].generation, rates[1].count), (1, 100));
         assert_eq!(rates[1].p50_us, 1000);
+        // Every other one resumed (the even tens of ms).
+        assert_eq!((rates[0].resumed, rates[1].resumed), (40, 50));
+        // Later: generation 1's 191, of which 96 resumed; none without
+        // a generation.
+        assert_eq!(
+            TlsResumption::later(&handshakes),
+            TlsResumption {
+                handshakes: 191,
+                resumed: 96
+            }
+        );
     }
 
     #[test]

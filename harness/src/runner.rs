@@ -780,6 +780,27 @@ impl Run<'_> {
         );
         report.with_crashed = with_crashed;
         report.stderr_tail = stderr_tail;
+        if let Some(most) = expect.tls_full_after_first_max {
+            let later = report.tls_later;
+            let problem = if later.handshakes == 0 {
+                Some(
+                    "no TLS handshake with a later generation to tell whether sessions resume"
+                        .into(),
+                )
+            } else if later.full() > most {
+                Some(format!(
+                    "{} of {} TLS handshakes with later generations were full, at most {most} expected: sessions did not resume across upgrades",
+                    later.full(),
+                    later.handshakes
+                ))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                report.problems.push(problem);
+                report.passed = false;
+            }
+        }
         let mut late = Vec::new();
         let p99_ratio_max = expect.p99_ratio_max.filter(|_| self.timing_gates);
         let tls_rate_within_pct = expect.tls_rate_within_pct.filter(|_| self.timing_gates);

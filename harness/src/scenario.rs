@@ -289,6 +289,13 @@ pub struct Expectations {
     /// The last generation's TLS handshakes per second at most this many
     /// percent below the first generation's (faster is never a problem).
     pub tls_rate_within_pct: Option<f64>,
+    /// At most this many full TLS handshakes (no session resumed) with
+    /// generations after the first. Each client keeps its sessions and the
+    /// subject hands its session-ticket keys on, so a client resumes with a
+    /// new generation the session it had with the old one; without the
+    /// keys, each client's first handshake with each new generation is a
+    /// full one.
+    pub tls_full_after_first_max: Option<u64>,
 }
 
 impl Default for Expectations {
@@ -303,6 +310,7 @@ impl Default for Expectations {
             min_dropped: 0,
             p99_ratio_max: None,
             tls_rate_within_pct: None,
+            tls_full_after_first_max: None,
         }
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::fault::{Fault, Faults};
 use bytes::Bytes;
-use handover::drain::{Drain, DrainOptions};
+use handover::drain::{Drain, DrainOptions, TicketKeys};
 use handover::{ExitReason, Options, Signal, Upgrader, Verdict};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -292,6 +292,44 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
     }
 }
 
+/// The state handed on: the TLS session-ticket keys (a 4-byte big-endian
+/// length, then the keys; length 0 without TLS), then the pattern.
+fn join_state(tickets: Option<&TicketKeys>, pattern: Vec<u8>) -> Vec<u8> {
+    let keys = tickets.map(TicketKeys::to_bytes).unwrap_or_default();
+    let mut state = Vec::with_capacity(4 + keys.len() + pattern.len());
+    state.extend_from_slice(&(keys.len() as u32).to_be_bytes());
+    state.extend_from_slice(&keys);
+    state.extend(pattern);
+    state
+}
+
+/// [`join_state`]'s parts: the ticket keys, if any, and the pattern. No
+/// state at all (a parent that handed none) is no keys and no pattern.
+fn split_state(
+    state: Vec<u8>,
+) -> Result<(Option<TicketKeys>, Vec<u8>), Box<dyn std::error::Error>> {
+    if state.is_empty() {
+        return Ok((None, state));
+    }
+    let (len, rest) = state
+        .split_first_chunk::<4>()
+        .ok_or("the state handed over is shorter than its 4-byte header")?;
+    let len = u32::from_be_bytes(*len) as usize;
+    if rest.len() < len {
+        return Err(format!(
+            "the state handed over names {len} bytes of ticket keys, has {}",
+            rest.len()
+        )
+        .into());
+    }
+    let (keys, pattern) = rest.split_at(len);
+    let keys = match len {
+        0 => None,
+        _ => Some(TicketKeys::from_bytes(keys)?),
+    };
+    Ok((keys, pattern.to_vec()))
+}
+
 /// The state generation `generation` hands over: `bytes` bytes that depend
 /// on the generation, so that a successor can check it got its parent's.
 fn state_pattern(generation: u64, bytes: usize) -> Vec<u8> {
@@ -327,13 +365,10 @@ async fn serve(
     let tcp = TcpListener::from_std(upgrader.tcp_listener("tcp", args.tcp)?)?;
     let control = TcpListener::from_std(upgrader.tcp_listener("control", args.control)?)?;
     let udp = UdpSocket::from_std(upgrader.udp_socket("udp", args.udp)?)?;
-    let tls = match &args.tls {
-        Some((cert, key)) => Some((
-            TcpListener::from_std(upgrader.tcp_listener("tls", args.tls_addr)?)?,
-            // Before ready(): a certificate that does not load fails the
-            // upgrade, and the old generation serves on with its own.
-            handover::drain::tls_acceptor(cert, key)?,
-        )),
+    let tls_listener = match &args.tls {
+        Some(_) => Some(TcpListener::from_std(
+            upgrader.tcp_listener("tls", args.tls_addr)?,
+        )?),
         None => None,
     };
     let grpc = match args.grpc {
@@ -355,11 +390,6 @@ async fn serve(
         None => None,
     };
 
-    if args.state_bytes > 0 {
-        let bytes = args.state_bytes;
-        upgrader.set_state_provider(move || state_pattern(generation, bytes));
-    }
-
     let control_socket = match &args.control_socket {
         Some(path) => Some(upgrader.control_socket(path)?),
         None => None,
@@ -376,14 +406,38 @@ async fn serve(
     }
 
     fault.before_ready().await;
+    // The state comes before ready(): the parent hands it over meanwhile.
+    let (inherited_tickets, state) = match upgrader.has_parent() {
+        true => split_state(upgrader.inherited_state().await?.unwrap_or_default())?,
+        false => (None, Vec::new()),
+    };
     if upgrader.has_parent() {
-        // The state comes before ready(): the parent hands it over meanwhile.
-        let state = upgrader.inherited_state().await?.unwrap_or_default();
         let intact = generation > 0 && state == state_pattern(generation - 1, state.len());
         event(format_args!(
             "state gen={generation} bytes={} intact={intact}",
             state.len()
         ));
+    }
+    // Sessions resume across upgrades: the TLS ticket keys go on.
+    let tickets = match (&args.tls, inherited_tickets) {
+        (None, _) => None,
+        (Some(_), Some(keys)) => Some(keys),
+        (Some(_), None) => Some(TicketKeys::new()?),
+    };
+    // Before ready(): a certificate that does not load fails the upgrade,
+    // and the old generation serves on with its own.
+    let tls = match (tls_listener, &args.tls, &tickets) {
+        (Some(listener), Some((cert, key)), Some(tickets)) => Some((
+            listener,
+            handover::drain::tls_acceptor_with_tickets(cert, key, tickets)?,
+        )),
+        _ => None,
+    };
+    if args.state_bytes > 0 || tickets.is_some() {
+        let bytes = args.state_bytes;
+        upgrader.set_state_provider(move || {
+            join_state(tickets.as_ref(), state_pattern(generation, bytes))
+        });
     }
     upgrader.ready()?;
     // Awaited before exiting, so that every accepted request is answered.

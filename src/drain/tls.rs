@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::serve::{BoxError, ConnectionError, Protocol, log_end};
+use super::tickets::{TicketKeys, VERSION as TICKET_KEYS_VERSION};
 use super::{ConnectionGuard, Drain};
 
 /// Why [`tls_acceptor`] could not make a TLS configuration; says which file.
@@ -65,6 +66,19 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    /// The bytes given to [`TicketKeys::from_bytes`] are not ticket keys in
+    /// its encoding (another version wrote them, another state, a handoff
+    /// cut short).
+    #[error("the TLS ticket keys handed over do not decode: {len} bytes, version byte {version:?} (expected {expected})", expected = TICKET_KEYS_VERSION)]
+    TicketKeys {
+        /// How many bytes there were.
+        len: usize,
+        /// Their first byte, the encoding's version.
+        version: Option<u8>,
+    },
+    /// The system's random source failed while making ticket keys.
+    #[error("the system's random source failed while making TLS ticket keys")]
+    Random,
 }
 
 /// A TLS acceptor for the certificate chain and private key in these PEM
@@ -72,6 +86,9 @@ pub enum TlsError {
 /// 1.3, with rustls's ring provider. Load it before
 /// [`Upgrader::ready`](crate::Upgrader::ready): an error then makes the
 /// upgrade fail and the old generation serve on.
+///
+/// Sessions resume within this generation only: see
+/// [`tls_acceptor_with_tickets`] to resume them across upgrades.
 ///
 /// # Errors
 /// [`TlsError::Certificate`] if the certificate file cannot be read or
@@ -84,7 +101,31 @@ pub fn tls_acceptor(
     certificate: impl AsRef<Path>,
     key: impl AsRef<Path>,
 ) -> Result<TlsAcceptor, TlsError> {
-    let (certificate, key) = (certificate.as_ref(), key.as_ref());
+    Ok(TlsAcceptor::from(Arc::new(server_config(
+        certificate.as_ref(),
+        key.as_ref(),
+    )?)))
+}
+
+/// [`tls_acceptor`] whose session tickets are sealed with `tickets`: hand
+/// the keys to each successor in the state handoff, and clients that come
+/// back after an upgrade resume their sessions (an abbreviated handshake)
+/// instead of making a full one with the new generation.
+///
+/// # Errors
+/// As [`tls_acceptor`].
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub fn tls_acceptor_with_tickets(
+    certificate: impl AsRef<Path>,
+    key: impl AsRef<Path>,
+    tickets: &TicketKeys,
+) -> Result<TlsAcceptor, TlsError> {
+    let mut config = server_config(certificate.as_ref(), key.as_ref())?;
+    tickets.install(&mut config);
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+fn server_config(certificate: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
     let chain = CertificateDer::pem_file_iter(certificate)
         .and_then(|sections| sections.collect::<Result<Vec<_>, _>>())
         .map_err(|source| TlsError::Certificate {
@@ -113,7 +154,7 @@ pub fn tls_acceptor(
             .with_single_cert(chain, private_key)
             .map_err(config_error)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(config)
 }
 
 impl Drain {
