@@ -160,9 +160,11 @@ impl Server {
     }
 
     /// SIGHUP to the serving generation; returns once its successor serves
-    /// and the old generation has heard so (it drains). Not before: a
-    /// successor stopped between its ready byte and the old generation
-    /// reading it fails that upgrade, and the old generation serves on.
+    /// and the old generation has heard it is ready (the library's line;
+    /// the example's own "draining" is not said by `--stock-shutdown`).
+    /// Not before: a successor stopped between its ready byte and the old
+    /// generation reading it fails that upgrade, and the old generation
+    /// serves on.
     async fn upgrade(&mut self) {
         let previous = self.generation;
         let pid = self.pid_of(previous).await;
@@ -170,7 +172,8 @@ impl Server {
         self.generation += 1;
         let next = self.generation;
         self.wait(|line| is(line, "serving", next)).await;
-        self.wait(|line| is(line, "draining", previous)).await;
+        self.wait(|line| is(line, "successor ready: this generation exits", previous))
+            .await;
     }
 
     /// Stops the serving generation and waits until every generation has
