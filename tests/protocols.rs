@@ -643,6 +643,9 @@ async fn tls_sessions_resume_across_an_upgrade() {
         assert_eq!(tls_hello(connector, server.addr).await, (Resumed, 0));
     }
     server.upgrade().await;
+    // Generation 0's accept loop has ended (its "draining" line comes after
+    // it): a new connection reaches generation 1.
+    server.wait(|line| is(line, "draining", 0)).await;
     for (connector, version) in connectors.iter().zip(versions) {
         assert_eq!(
             tls_hello(connector, server.addr).await,

@@ -273,20 +273,19 @@ async fn a_panicking_state_provider_fails_only_its_upgrade() {
 /// test opens its gate, after the upgrade succeeded).
 #[tokio::test]
 async fn a_successor_alive_when_heard_was_ready_even_if_it_dies_next() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let gate = dir.path().join("gate");
     nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let script = dir.path().join("successor");
-    std::fs::write(
+    // Written by a child process: no descriptor of it open for writing
+    // leaks into a sibling test's fork (ETXTBSY at exec).
+    common::write_executable(
         &script,
-        format!(
+        &format!(
             "#!/bin/sh\nprintf R >&3\nread _ < '{}'\nexit 5\n",
             gate.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let upgrader = upgrader(script.to_str().unwrap());
     upgrader.ready().unwrap();
 

@@ -50,6 +50,12 @@ pub enum Fault {
     /// wait until a writer opens the FIFO named by [`GATE_VAR`]: a test can
     /// act while a successor has not yet read anything its parent sent it.
     GateBeforeStart,
+    /// With the library started and the listeners taken, just before
+    /// `ready()`: announce `event=init-gated` and wait at the FIFO named by
+    /// [`GATE_VAR`], like `gate-before-start`. A test can act while a
+    /// successor is in its init for as long as it needs (what
+    /// `slow-init:MS` can only make likely).
+    GateBeforeReady,
     /// Once its work is done and its `Upgrader` dropped, announce
     /// `event=lingering` and wait, like `gate-before-start`, before the
     /// process exits: a test can signal a generation in its last moments.
@@ -78,6 +84,7 @@ impl FromStr for Fault {
             "crash-after-ready" => Fault::CrashAfterReady,
             "hang-before-start" => Fault::HangBeforeStart,
             "gate-before-start" => Fault::GateBeforeStart,
+            "gate-before-ready" => Fault::GateBeforeReady,
             "linger-after-exit" => Fault::LingerAfterExit,
             "sighup-reloads" => Fault::SighupReloads,
             other => {
@@ -134,7 +141,7 @@ impl Fault {
     }
 
     /// Plays the part of the fault that comes between listeners and `ready()`.
-    pub async fn before_ready(self) {
+    pub async fn before_ready(self, generation: u64) {
         match self {
             Fault::CrashBeforeReady => std::process::exit(4),
             Fault::Panic => panic!("fault: panic during init"),
@@ -142,6 +149,16 @@ impl Fault {
             Fault::Abort => std::process::abort(),
             Fault::Hang => std::future::pending().await,
             Fault::SlowInit(duration) => tokio::time::sleep(duration).await,
+            Fault::GateBeforeReady => {
+                println!(
+                    "event=init-gated gen={generation} pid={}",
+                    std::process::id()
+                );
+                if let Some(path) = std::env::var_os(GATE_VAR) {
+                    // Opening a FIFO for reading blocks until a writer opens it.
+                    let _ = tokio::task::spawn_blocking(move || std::fs::File::open(path)).await;
+                }
+            }
             Fault::None
             | Fault::CrashBeforeListen
             | Fault::CrashAfterReady

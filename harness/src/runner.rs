@@ -51,6 +51,10 @@ struct Run<'a> {
     original: PathBuf,
     executable: PathBuf,
     faults_file: PathBuf,
+    /// The faults as last written to `faults_file`.
+    faults: std::collections::BTreeMap<String, String>,
+    /// The FIFO a `gate-before-ready` generation waits on (`SUBJECT_GATE`).
+    gate: PathBuf,
     started: Instant,
     upgrades: Vec<UpgradeRecord>,
     problems: Vec<String>,
@@ -77,6 +81,9 @@ fn start<'a>(scenario: &'a Scenario, options: &RunOptions) -> Result<Run<'a>, St
     let faults_file = dir.path().join("faults");
     std::fs::write(&faults_file, faults_text(&scenario.subject.faults))
         .map_err(|e| e.to_string())?;
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU)
+        .map_err(|e| format!("{}: {e}", gate.display()))?;
     let settings = &scenario.subject;
     let mut args = options.subject_args.clone();
     args.extend([
@@ -115,10 +122,13 @@ fn start<'a>(scenario: &'a Scenario, options: &RunOptions) -> Result<Run<'a>, St
         // The report says what failed; the subject's own log would only
         // repeat it (and a scenario's faults make it log errors on purpose,
         // such as a rollback). SUBJECT_LOG=warn shows it.
-        env: vec![(
-            "SUBJECT_LOG".into(),
-            std::env::var("SUBJECT_LOG").unwrap_or_else(|_| "off".into()),
-        )],
+        env: vec![
+            (
+                "SUBJECT_LOG".into(),
+                std::env::var("SUBJECT_LOG").unwrap_or_else(|_| "off".into()),
+            ),
+            (crate::fault::GATE_VAR.into(), gate.display().to_string()),
+        ],
         // A generation's stderr (a panic's message, a log line) belongs in
         // the report of a scenario that fails, not across the table.
         stderr: Some(dir.path().join("subject.stderr")),
@@ -132,6 +142,8 @@ fn start<'a>(scenario: &'a Scenario, options: &RunOptions) -> Result<Run<'a>, St
         original: options.subject.clone(),
         executable,
         faults_file,
+        faults: scenario.subject.faults.clone(),
+        gate,
         started: Instant::now(),
         upgrades: Vec::new(),
         problems: Vec::new(),
@@ -344,6 +356,7 @@ impl Run<'_> {
             Action::SetFaults { faults } => {
                 std::fs::write(&self.faults_file, faults_text(faults))
                     .map_err(|e| e.to_string())?;
+                self.faults = faults.clone();
             }
             Action::ReplaceBinary { with } => self.replace_binary(with)?,
             Action::SlowRequests { count, ms } => {
@@ -423,20 +436,42 @@ impl Run<'_> {
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
         let at = self.elapsed_ms();
-        let answers: Vec<String> = std::thread::scope(|scope| {
-            let asks: Vec<_> = streams
-                .into_iter()
-                .map(|stream| {
-                    scope.spawn(move || {
-                        answer_on(stream, "upgrade")
-                            .unwrap_or_else(|e| format!("err reason=io {e}"))
-                    })
-                })
-                .collect();
-            asks.into_iter()
-                .map(|a| a.join().unwrap_or_default())
-                .collect()
+        // A successor held at the gate keeps the upgrade under way until
+        // every other request has been answered; it is let go then.
+        let next = self.generation.load(Ordering::Relaxed) + 1;
+        let gated = self
+            .faults
+            .get(&next.to_string())
+            .is_some_and(|fault| fault == "gate-before-ready");
+        let (sender, arriving) = std::sync::mpsc::channel();
+        let answers: Result<Vec<String>, String> = std::thread::scope(|scope| {
+            for stream in streams {
+                let sender = sender.clone();
+                scope.spawn(move || {
+                    let answer = answer_on(stream, "upgrade")
+                        .unwrap_or_else(|e| format!("err reason=io {e}"));
+                    let _ = sender.send(answer);
+                });
+            }
+            drop(sender);
+            let mut answers = Vec::with_capacity(count);
+            if gated {
+                answers.extend(
+                    (1..count)
+                        .map_while(|_| arriving.recv_timeout(crate::process::EVENT_TIMEOUT).ok()),
+                );
+                self.subject
+                    .wait_for(|e| e.is("init-gated", next))
+                    .map_err(|e| e.to_string())?;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&self.gate)
+                    .map_err(|e| format!("{}: {e}", self.gate.display()))?;
+            }
+            answers.extend(arriving.iter());
+            Ok(answers)
         });
+        let answers = answers?;
         let ok: Vec<&String> = answers.iter().filter(|a| a.starts_with("ok ")).collect();
         let refused = answers
             .iter()

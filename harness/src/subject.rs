@@ -405,7 +405,7 @@ async fn serve(
         });
     }
 
-    fault.before_ready().await;
+    fault.before_ready(generation).await;
     // The state comes before ready(): the parent hands it over meanwhile.
     let (inherited_tickets, state) = match upgrader.has_parent() {
         true => split_state(upgrader.inherited_state().await?.unwrap_or_default())?,

@@ -44,16 +44,23 @@ fn assert_echoes(mut stream: impl Read + Write, message: &[u8]) {
 
 #[test]
 fn successor_serves_when_the_old_generation_is_killed_during_its_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let mut subject = Subject::start(&SubjectConfig {
-        faults: Some("1=slow-init:1500".into()),
+        faults: Some("1=gate-before-ready".into()),
+        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
         ..config()
     })
     .unwrap();
     let first = subject.first_pid();
     subject.signal(first, Signal::SIGHUP).unwrap();
-    subject.wait_for(|e| e.is("started", 1)).unwrap();
+    // Generation 1 is in its init (the library started, not ready) until
+    // the gate opens.
+    subject.wait_for(|e| e.is("init-gated", 1)).unwrap();
     subject.signal(first, Signal::SIGKILL).unwrap();
     subject.wait_exit(first).unwrap();
+    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
 
     subject.wait_for(|e| e.is("ready", 1)).unwrap();
     assert_served_by(&subject, 1);
@@ -95,17 +102,23 @@ fn successor_gets_its_listeners_when_the_parent_dies_before_it_starts() {
 
 #[test]
 fn upgrade_signal_before_ready_is_held_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let mut subject = Subject::start(&SubjectConfig {
-        faults: Some("1=slow-init:500".into()),
+        faults: Some("1=gate-before-ready".into()),
+        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
         ..config()
     })
     .unwrap();
     subject.signal(subject.first_pid(), Signal::SIGHUP).unwrap();
-    let second = subject.wait_for(|e| e.is("started", 1)).unwrap().pid;
+    // Generation 1 is in its init until the gate opens.
+    let second = subject.wait_for(|e| e.is("init-gated", 1)).unwrap().pid;
     // Before it is ready: SIGHUP's default action would kill it.
     for _ in 0..3 {
         subject.signal(second, Signal::SIGHUP).unwrap();
     }
+    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
     subject.wait_for(|e| e.is("ready", 1)).unwrap();
     // Held, not lost: once its parent is gone, it upgrades once.
     subject.wait_for(|e| e.is("ready", 2)).unwrap();
@@ -177,7 +190,7 @@ fn hands_over_tcp_udp_and_unix_listeners() {
 #[case::panic_during_init("panic", "exited with code 101")]
 #[case::exit_zero_before_ready("exit-zero", "exited with code 0")]
 #[case::abort_during_init("abort", "killed by SIGABRT")]
-#[case::init_timeout("hang", "was not ready within 500ms")]
+#[case::init_timeout("hang", "was not ready within 5s")]
 fn failed_init_keeps_the_parent_serving(#[case] fault: &str, #[case] detail: &str) {
     let dir = tempfile::tempdir().unwrap();
     let faults = dir.path().join("faults");
@@ -189,8 +202,11 @@ fn failed_init_keeps_the_parent_serving(#[case] fault: &str, #[case] detail: &st
         args: vec![
             "--quiet-period-ms".into(),
             "100".into(),
+            // Long enough for a good successor (the one after the fault,
+            // and the faulty ones up to their fault) to start a debug build
+            // on a loaded machine; "hang" waits it out.
             "--upgrade-timeout-ms".into(),
-            "500".into(),
+            "5000".into(),
         ],
         ..config()
     })
@@ -268,8 +284,14 @@ fn unusable_executable_fails_cleanly_then_a_good_one_succeeds(
 
 #[test]
 fn concurrent_upgrades_exactly_one_proceeds() {
+    // Generation 1 waits at a gate, so the upgrade is under way for as long
+    // as the test wants: every request but the first comes during it.
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let mut subject = Subject::start(&SubjectConfig {
-        faults: Some("1=slow-init:300".into()),
+        faults: Some("1=gate-before-start".into()),
+        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
         ..config()
     })
     .unwrap();
@@ -277,20 +299,32 @@ fn concurrent_upgrades_exactly_one_proceeds() {
     let connections: Vec<TcpStream> = (0..8)
         .map(|_| TcpStream::connect(subject.addresses.control).unwrap())
         .collect();
+    let (sender, arriving) = std::sync::mpsc::channel();
     let answers: Vec<String> = std::thread::scope(|scope| {
-        let asks: Vec<_> = connections
-            .into_iter()
-            .map(|mut stream| {
-                scope.spawn(move || {
-                    stream.write_all(b"upgrade\n").unwrap();
-                    let mut answer = String::new();
-                    std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut answer)
-                        .unwrap();
-                    answer.trim().to_owned()
-                })
+        for mut stream in connections {
+            let sender = sender.clone();
+            scope.spawn(move || {
+                stream.write_all(b"upgrade\n").unwrap();
+                let mut answer = String::new();
+                std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut answer)
+                    .unwrap();
+                let _ = sender.send(answer.trim().to_owned());
+            });
+        }
+        drop(sender);
+        // Seven answers while generation 1 is held: the one request that
+        // started the upgrade waits for its end.
+        let mut answers: Vec<String> = (0..7)
+            .map_while(|_| {
+                arriving
+                    .recv_timeout(handover_harness::process::EVENT_TIMEOUT)
+                    .ok()
             })
             .collect();
-        asks.into_iter().map(|ask| ask.join().unwrap()).collect()
+        subject.wait_for(|e| e.is("gated", 1)).unwrap();
+        drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+        answers.extend(arriving.iter());
+        answers
     });
     let succeeded = answers.iter().filter(|a| a.starts_with("ok ")).count();
     let refused = answers
