@@ -553,7 +553,12 @@ impl Supervisor {
             // The successor serves; a service manager that stops the whole
             // service stops it too, and that must not bring us back.
             self.commit("stop() closed the rollback window");
-            return;
+            if self.machine.phase() != Phase::Serving {
+                return;
+            }
+            // The successor had died a moment before (`commit` found it
+            // gone and rolled back): this generation serves again, and the
+            // stop is for it.
         }
         if matches!(self.machine.phase(), Phase::Exiting | Phase::Stopping) {
             // Leaving already; its successor (if any) serves.

@@ -355,3 +355,51 @@ async fn a_stop_that_panics_still_stops() {
     let reason = tokio::time::timeout(Duration::from_secs(20), upgrader.exit()).await;
     assert_eq!(reason, Ok(ExitReason::Stopped));
 }
+
+/// A stop in the rollback window closes the window. If the successor died
+/// just before (its end seen only as the stop closes the window: here the
+/// supervisor is held, by its log writer, until the successor is a zombie),
+/// this generation rolls back, and the stop is still for it: `exit()`
+/// resolves `Stopped`. (`systemctl stop` signals both generations; the old
+/// one must not come back and serve on until the manager's SIGKILL.)
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_stop_in_the_window_just_after_the_successor_died_still_stops() {
+    use handover::{Signal, Verdict};
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let dir = tempfile::tempdir().unwrap();
+    let successor = Arc::new(Mutex::new(None::<i32>));
+    let _turn = Turn::take({
+        let successor = Arc::clone(&successor);
+        move |seen| {
+            let pid = *lock(&successor);
+            if let (Some(pid), "stop signal") = (pid, seen.message.as_str()) {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+                waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT).unwrap();
+            }
+        }
+    });
+    let upgrader = Upgrader::new(
+        Options::default()
+            .executable(successor_script(dir.path()))
+            .upgrade_signal(None)
+            .stop_signals([Signal::SIGUSR2])
+            .rollback_window(Duration::from_secs(60))
+            .upgrade_timeout(Duration::from_secs(10)),
+    )
+    .unwrap();
+    upgrader.ready().unwrap();
+    let upgraded = upgrader.upgrade().await.unwrap();
+    *lock(&successor) = Some(upgraded.pid);
+
+    nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGUSR2).unwrap();
+    // Within the window the verdict is open; the stop settles it.
+    let verdict = tokio::time::timeout(Duration::from_secs(20), upgrader.verdict()).await;
+    assert_eq!(
+        verdict,
+        Ok(Verdict::Exit(ExitReason::Stopped)),
+        "the stop in the window must stop this generation, rolled back or not"
+    );
+    assert_eq!(upgrader.exit().await, ExitReason::Stopped);
+}
