@@ -72,6 +72,9 @@ pub(crate) struct Machine {
     phase: Phase,
     parent_alive: bool,
     signal_held: bool,
+    /// A request was passed on to the successor while its window was open:
+    /// if that successor dies within the window, it comes back here.
+    forwarded_in_window: bool,
 }
 
 impl Machine {
@@ -80,6 +83,7 @@ impl Machine {
             phase: Phase::Initializing,
             parent_alive: has_parent,
             signal_held: false,
+            forwarded_in_window: false,
         }
     }
 
@@ -103,7 +107,11 @@ impl Machine {
             }
             (Some(refusal), Origin::Call) => Decision::Refuse(refusal),
             (Some(_), Origin::Signal) => match self.phase {
-                Phase::Window | Phase::Exiting => Decision::Forward,
+                Phase::Window => {
+                    self.forwarded_in_window = true;
+                    Decision::Forward
+                }
+                Phase::Exiting => Decision::Forward,
                 Phase::Stopping => Decision::Refuse(Refusal::Exiting),
                 // Initializing, a parent still alive, an upgrade running.
                 _ => {
@@ -145,7 +153,9 @@ impl Machine {
             } else {
                 Phase::Exiting
             };
-            std::mem::take(&mut self.signal_held).then_some(Decision::Forward)
+            let forward = std::mem::take(&mut self.signal_held);
+            self.forwarded_in_window = forward && window;
+            forward.then_some(Decision::Forward)
         } else {
             self.phase = Phase::Serving;
             self.take_held().then_some(Decision::Start)
@@ -159,18 +169,24 @@ impl Machine {
         let open = self.phase == Phase::Window;
         if open {
             self.phase = Phase::Exiting;
+            // What was passed on stays with the successor, which serves.
+            self.forwarded_in_window = false;
         }
         open
     }
 
     /// The ready successor exited. Within the window, this generation
-    /// serves again (`true`); after it, nothing changes.
-    pub(crate) fn successor_lost(&mut self) -> bool {
-        let open = self.phase == Phase::Window;
-        if open {
-            self.phase = Phase::Serving;
+    /// serves again: `Some(start)`, where `start` says that an upgrade
+    /// request passed on to that successor during the window must start an
+    /// upgrade here now (it is not lost with the successor). After the
+    /// window, nothing changes: `None`.
+    pub(crate) fn successor_lost(&mut self) -> Option<bool> {
+        if self.phase != Phase::Window {
+            return None;
         }
-        open
+        self.phase = Phase::Serving;
+        self.signal_held |= std::mem::take(&mut self.forwarded_in_window);
+        Some(self.take_held())
     }
 
     /// Whether this generation is the one that serves, and so speaks for
@@ -273,7 +289,7 @@ mod tests {
                         again
                     }
                     Event::Commit => { machine.commit(); false }
-                    Event::SuccessorLost => { machine.successor_lost(); false }
+                    Event::SuccessorLost => machine.successor_lost() == Some(true),
                     Event::Stop => { machine.stop(); running = false; false }
                 };
                 if started {
@@ -299,6 +315,9 @@ mod tests {
             let mut running = false;
             // Signals accepted and not yet acted on.
             let mut pending = 0usize;
+            // Signals passed on to a successor in its window: acted on
+            // only once the window closes with it serving.
+            let mut forwarded_in_window = 0usize;
             for event in events {
                 let decision = match event {
                     Event::Call => Some(machine.request_upgrade(Origin::Call)),
@@ -315,15 +334,25 @@ mod tests {
                     Event::Finished(..) => None,
                     Event::Commit => {
                         machine.commit();
+                        forwarded_in_window = 0;
                         None
                     }
                     Event::SuccessorLost => {
-                        machine.successor_lost();
-                        None
+                        // A request passed on in the window comes back.
+                        pending += std::mem::take(&mut forwarded_in_window);
+                        match machine.successor_lost() {
+                            Some(true) => Some(Decision::Start),
+                            Some(false) => None,
+                            // The window had closed: the successor kept it.
+                            None => None,
+                        }
                     }
                     Event::Stop => {
                         machine.stop();
                         running = false;
+                        // A stop in the window commits it: the successor
+                        // keeps what it was passed.
+                        forwarded_in_window = 0;
                         if machine.phase() == Phase::Stopping {
                             pending = 0;
                         }
@@ -334,6 +363,9 @@ mod tests {
                     Some(Decision::Start) => {
                         running = true;
                         pending = 0;
+                    }
+                    Some(Decision::Forward) if machine.phase() == Phase::Window => {
+                        forwarded_in_window += std::mem::take(&mut pending);
                     }
                     Some(Decision::Forward) => pending = 0,
                     Some(Decision::Refuse(_)) if event_is_signal(event) => {
@@ -386,7 +418,10 @@ mod tests {
                         if successor_serves {
                             successor_serves = false;
                             let back = machine.successor_lost();
-                            prop_assert_eq!(back, window_open, "took back over iff the window was open");
+                            prop_assert_eq!(back.is_some(), window_open, "took back over iff the window was open");
+                            if back == Some(true) {
+                                running = true;
+                            }
                             window_open = false;
                         }
                     }
@@ -549,11 +584,40 @@ mod tests {
             Decision::Refuse(Refusal::WindowOpen)
         );
         // Signals go to the successor, which serves.
-        assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Forward);
-        assert!(machine.successor_lost());
+        assert_eq!(machine.successor_lost(), Some(false));
         assert_eq!(machine.phase(), Phase::Serving);
         assert!(machine.serves());
         assert_eq!(machine.request_upgrade(Origin::Call), Decision::Start);
+    }
+
+    #[test]
+    fn a_request_passed_on_in_the_window_comes_back_if_the_successor_dies() {
+        for held_during_the_upgrade in [false, true] {
+            let mut machine = Machine::new(false);
+            machine.ready().unwrap();
+            assert_eq!(machine.request_upgrade(Origin::Call), Decision::Start);
+            let forwarded = if held_during_the_upgrade {
+                assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Hold);
+                machine.upgrade_finished(true, true)
+            } else {
+                assert_eq!(machine.upgrade_finished(true, true), None);
+                Some(machine.request_upgrade(Origin::Signal))
+            };
+            assert_eq!(forwarded, Some(Decision::Forward));
+            // The successor dies within the window: the request starts an
+            // upgrade here.
+            assert_eq!(machine.successor_lost(), Some(true));
+            assert_eq!(machine.phase(), Phase::Upgrading);
+        }
+        // A window that closed leaves the request with the successor.
+        let mut machine = Machine::new(false);
+        machine.ready().unwrap();
+        machine.request_upgrade(Origin::Call);
+        machine.upgrade_finished(true, true);
+        assert_eq!(machine.request_upgrade(Origin::Signal), Decision::Forward);
+        assert!(machine.commit());
+        assert_eq!(machine.successor_lost(), None);
+        assert_eq!(machine.phase(), Phase::Exiting);
     }
 
     #[test]
@@ -565,7 +629,7 @@ mod tests {
             machine.upgrade_finished(true, true);
             close(&mut machine);
             assert_eq!(machine.phase(), Phase::Exiting);
-            assert!(!machine.successor_lost());
+            assert_eq!(machine.successor_lost(), None);
             assert_eq!(machine.phase(), Phase::Exiting);
         }
         // Without a window, there is nothing to give back.
@@ -573,7 +637,7 @@ mod tests {
         machine.ready().unwrap();
         machine.request_upgrade(Origin::Call);
         machine.upgrade_finished(true, false);
-        assert!(!machine.successor_lost());
+        assert_eq!(machine.successor_lost(), None);
         assert_eq!(machine.phase(), Phase::Exiting);
     }
 }

@@ -553,11 +553,12 @@ impl Supervisor {
             // The successor serves; a service manager that stops the whole
             // service stops it too, and that must not bring us back.
             self.commit("stop() closed the rollback window");
-            if self.machine.phase() != Phase::Serving {
+            if self.machine.phase() == Phase::Exiting {
                 return;
             }
             // The successor had died a moment before (`commit` found it
-            // gone and rolled back): this generation serves again, and the
+            // gone and rolled back): this generation serves again (or has
+            // started the upgrade passed on to that successor), and the
             // stop is for it.
         }
         if matches!(self.machine.phase(), Phase::Exiting | Phase::Stopping) {
@@ -646,9 +647,9 @@ impl Supervisor {
         let Some(window) = self.window.take() else {
             return;
         };
-        if !self.machine.successor_lost() {
+        let Some(start_passed_on) = self.machine.successor_lost() else {
             return;
-        }
+        };
         let generation = self.config.generation;
         let rolled_back = RolledBack {
             pid: pid.as_raw(),
@@ -672,6 +673,16 @@ impl Supervisor {
         self.channels
             .verdict
             .send_replace(Some(Verdict::RolledBack(rolled_back)));
+        if start_passed_on {
+            // An upgrade request passed on to the successor during the
+            // window died with it: it is this generation's again, and runs
+            // now (the binary on disk may be a fixed one).
+            tracing::info!(
+                generation,
+                "an upgrade request passed on to the dead successor runs here"
+            );
+            self.start_upgrade(None);
+        }
     }
 
     /// The upgrade signal, or a request the parent passed on (`from` says

@@ -56,6 +56,10 @@ pub enum Fault {
     /// successor is in its init for as long as it needs (what
     /// `slow-init:MS` can only make likely).
     GateBeforeReady,
+    /// After `ready()`, serve until a writer opens the FIFO named by
+    /// [`GATE_VAR`], then exit with code 5: a release that dies when the
+    /// test says, within its parent's rollback window.
+    CrashAtGate,
     /// Once its work is done and its `Upgrader` dropped, announce
     /// `event=lingering` and wait, like `gate-before-start`, before the
     /// process exits: a test can signal a generation in its last moments.
@@ -85,6 +89,7 @@ impl FromStr for Fault {
             "hang-before-start" => Fault::HangBeforeStart,
             "gate-before-start" => Fault::GateBeforeStart,
             "gate-before-ready" => Fault::GateBeforeReady,
+            "crash-at-gate" => Fault::CrashAtGate,
             "linger-after-exit" => Fault::LingerAfterExit,
             "sighup-reloads" => Fault::SighupReloads,
             other => {
@@ -165,6 +170,7 @@ impl Fault {
             | Fault::CrashAfterReadyIn(_)
             | Fault::HangBeforeStart
             | Fault::GateBeforeStart
+            | Fault::CrashAtGate
             | Fault::LingerAfterExit
             | Fault::SighupReloads => {}
         }
@@ -186,8 +192,18 @@ impl Fault {
 
     /// Plays the part of the fault that comes after `ready()`.
     pub fn after_ready(self) {
-        if self == Fault::CrashAfterReady {
-            std::process::exit(5);
+        match self {
+            Fault::CrashAfterReady => std::process::exit(5),
+            Fault::CrashAtGate => {
+                if let Some(path) = std::env::var_os(GATE_VAR) {
+                    std::thread::spawn(move || {
+                        // Opening a FIFO for reading blocks until a writer opens it.
+                        let _ = std::fs::File::open(path);
+                        std::process::exit(5);
+                    });
+                }
+            }
+            _ => {}
         }
     }
 }

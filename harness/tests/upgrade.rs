@@ -971,3 +971,53 @@ fn a_closed_link_does_not_kill_a_parent_with_default_sigpipe() {
     assert_served_by(&subject, 0);
     assert!(is_running(subject.first_pid()));
 }
+
+/// An upgrade signal that comes while the rollback window is open goes to
+/// the successor, which serves; if that successor then dies within the
+/// window, the request is not lost with it: the generation that rolls back
+/// runs it (the binary on disk may be the fixed one).
+#[test]
+fn an_upgrade_passed_on_in_the_window_survives_the_successors_death() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let (faults, log) = (dir.path().join("faults"), dir.path().join("stderr"));
+    std::fs::write(&faults, "1=crash-at-gate").unwrap();
+    let mut args = config().args;
+    args.extend(["--rollback-window-ms".into(), "60000".into()]);
+    let mut subject = Subject::start(&SubjectConfig {
+        args,
+        faults_file: Some(faults.clone()),
+        env: vec![
+            ("SUBJECT_GATE".into(), gate.display().to_string()),
+            ("SUBJECT_LOG".into(), "handover=info".into()),
+        ],
+        stderr: Some(log.clone()),
+        ..config()
+    })
+    .unwrap();
+    let first = subject.first_pid();
+    subject.signal(first, Signal::SIGHUP).unwrap();
+    let doomed = subject.wait_for(|e| e.is("ready", 1)).unwrap().pid;
+    // Generation 0's window is open: this request goes to generation 1.
+    subject.signal(first, Signal::SIGHUP).unwrap();
+    let passed_on =
+        handover_harness::systemd::until(handover_harness::process::EVENT_TIMEOUT, || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("upgrade request passed on to the successor")
+                .then_some(())
+        });
+    assert!(
+        passed_on.is_some(),
+        "generation 0 never passed the request on"
+    );
+    // The next generation 1 is a good one; this one dies now.
+    std::fs::write(&faults, "").unwrap();
+    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    subject.wait_for(|e| e.is("rolled-back", 0)).unwrap();
+    let next = subject
+        .wait_for(|e| e.is("ready", 1) && e.pid != doomed)
+        .unwrap();
+    assert_ne!(next.pid, first);
+}
