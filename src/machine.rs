@@ -191,12 +191,14 @@ impl Machine {
 
     /// Whether this generation is the one that serves, and so speaks for
     /// the service: to its manager (`STOPPING=1`) and for its Unix socket
-    /// paths (a final stop removes them). Not while it starts and its
-    /// parent, which still serves, lives; not once its successor is ready.
+    /// paths (a final stop removes them). Not while its parent lives: the
+    /// parent still serves while this one starts, and once this one is
+    /// ready the parent may be in its rollback window, ready to serve
+    /// again if this one ends (a successor stopped then must not take the
+    /// paths from under it). Not once its successor is ready.
     pub(crate) fn serves(&self) -> bool {
         match self.phase {
-            Phase::Initializing => !self.parent_alive,
-            Phase::Serving | Phase::Upgrading => true,
+            Phase::Initializing | Phase::Serving | Phase::Upgrading => !self.parent_alive,
             Phase::Window | Phase::Exiting | Phase::Stopping => false,
         }
     }
@@ -537,7 +539,12 @@ mod tests {
         assert!(machine.serves(), "starting, parent gone: the only one");
         let mut machine = Machine::new(true);
         machine.ready().unwrap();
-        assert!(machine.serves(), "ready: the parent is leaving");
+        assert!(
+            !machine.serves(),
+            "ready, the parent alive: it may roll back"
+        );
+        machine.parent_gone();
+        assert!(machine.serves(), "ready, the parent gone");
         assert!(Machine::new(false).serves(), "generation 0");
         let mut machine = Machine::new(false);
         machine.ready().unwrap();

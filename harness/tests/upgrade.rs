@@ -444,6 +444,38 @@ fn unix_socket_path_stays_when_a_starting_successor_is_stopped() {
     assert_served_by(&subject, 0);
 }
 
+/// A successor stopped while its parent's rollback window is open leaves
+/// the path alone too: its parent rolls back and serves it again.
+#[test]
+fn unix_socket_path_stays_when_a_successor_in_its_parents_window_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("service.sock");
+    let mut subject = Subject::start(&SubjectConfig {
+        unix: Some(path.clone()),
+        args: [
+            config().args,
+            vec![
+                "--library-stop-signals".into(),
+                "true".into(),
+                "--rollback-window-ms".into(),
+                "60000".into(),
+            ],
+        ]
+        .concat(),
+        ..config()
+    })
+    .unwrap();
+    let first = subject.first_pid();
+    subject.signal(first, Signal::SIGHUP).unwrap();
+    let second = subject.wait_for(|e| e.is("ready", 1)).unwrap().pid;
+    subject.signal(second, Signal::SIGTERM).unwrap();
+    subject.wait_for(|e| e.is("rolled-back", 0)).unwrap();
+
+    assert!(path.exists(), "the successor removed its parent's path");
+    assert_echoes(UnixStream::connect(&path).unwrap(), b"ping");
+    assert_served_by(&subject, 0);
+}
+
 /// The environment of a process inside a systemd unit that systemd did not
 /// start itself (a wrapper script's child): its successors are its own,
 /// and a manager may read the PID file.
