@@ -143,12 +143,7 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
         (Some(cert), Some(key)) => {
             // Session-ticket keys go from generation to generation, so
             // clients resume their TLS sessions across an upgrade.
-            let tickets = match upgrader.inherited_state().await? {
-                Some(bytes) => TicketKeys::from_bytes(&bytes)?,
-                None => TicketKeys::new()?,
-            };
-            let handed_on = tickets.clone();
-            upgrader.set_state_provider(move || handed_on.to_bytes());
+            let tickets = TicketKeys::inherit(&upgrader).await?;
             Some(handover::drain::tls_acceptor_with_tickets(
                 cert, key, &tickets,
             )?)

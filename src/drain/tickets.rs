@@ -45,25 +45,27 @@ const MAX_TICKET: usize = 16 * 1024;
 /// resume their sessions across an upgrade instead of making a full
 /// handshake with the new generation.
 ///
-/// Make them once ([`TicketKeys::new`]), hand them on with the state
-/// ([`to_bytes`](Self::to_bytes) in the state provider,
-/// [`from_bytes`](Self::from_bytes) in the successor), and give them to
-/// the acceptor ([`tls_acceptor_with_tickets`](super::tls_acceptor_with_tickets),
-/// or [`install`](Self::install) on a `ServerConfig` of your own):
+/// Take them from the parent or make them, and hand them on
+/// ([`TicketKeys::inherit`] does both through the state handoff), then give
+/// them to the acceptor
+/// ([`tls_acceptor_with_tickets`](super::tls_acceptor_with_tickets), or
+/// [`install`](Self::install) on a `ServerConfig` of your own):
 ///
 /// ```no_run
 /// # async fn f(upgrader: &handover::Upgrader) -> Result<(), Box<dyn std::error::Error>> {
 /// use handover::drain::{TicketKeys, tls_acceptor_with_tickets};
 ///
-/// let tickets = match upgrader.inherited_state().await? {
-///     Some(bytes) => TicketKeys::from_bytes(&bytes)?,
-///     None => TicketKeys::new()?,
-/// };
-/// let handed_on = tickets.clone();
-/// upgrader.set_state_provider(move || handed_on.to_bytes());
+/// // Before ready(): the parent's keys (or new ones), handed on in turn.
+/// let tickets = TicketKeys::inherit(upgrader).await?;
 /// let acceptor = tls_acceptor_with_tickets("cert.pem", "key.pem", &tickets)?;
 /// # Ok(()) }
 /// ```
+///
+/// [`inherit`](Self::inherit) takes the state handoff for the keys. A
+/// service that hands on state of its own frames the keys' bytes
+/// ([`to_bytes`](Self::to_bytes), at most 113) with its own in its state
+/// provider, and gives them back to [`from_bytes`](Self::from_bytes) in
+/// the successor.
 ///
 /// Clones share the keys (and their rotation). `Debug` shows no secret.
 #[derive(Clone)]
@@ -212,6 +214,47 @@ impl TicketKeys {
             previous: (!previous.is_empty()).then(|| Key::decode(previous)),
         };
         Ok(TicketKeys::from_keys(keys, SystemRandom::new()))
+    }
+
+    /// The keys this generation's parent handed on in the state, or new
+    /// ones for the first generation, handed on in turn to each successor
+    /// (this sets the [state provider](crate::Upgrader::set_state_provider)):
+    /// the whole of resumption across upgrades, for a service that hands on
+    /// no state of its own. Call it before
+    /// [`ready`](crate::Upgrader::ready).
+    ///
+    /// A state that is not ticket keys (a predecessor that handed on
+    /// something else) or that did not come whole (the parent died while
+    /// sending it) is no error: this generation starts with new keys, at
+    /// the cost of one full handshake per returning client, and says so in
+    /// a warning.
+    ///
+    /// # Errors
+    /// [`TlsError::Random`] if new keys are needed and the system's random
+    /// source fails.
+    pub async fn inherit(upgrader: &crate::Upgrader) -> Result<TicketKeys, TlsError> {
+        let generation = upgrader.generation();
+        let keys = match upgrader.inherited_state().await {
+            Ok(Some(bytes)) => TicketKeys::from_bytes(&bytes).map_err(|error| error.to_string()),
+            Ok(None) if upgrader.has_parent() => Err("the parent handed on no state".into()),
+            Ok(None) => return TicketKeys::new().map(|keys| keys.handed_on_by(upgrader)),
+            Err(error) => Err(error.to_string()),
+        };
+        let keys = match keys {
+            Ok(keys) => keys,
+            Err(why) => {
+                tracing::warn!(generation, %why, "TLS ticket keys not inherited: new ones, so returning clients make a full handshake once");
+                TicketKeys::new()?
+            }
+        };
+        Ok(keys.handed_on_by(upgrader))
+    }
+
+    /// Makes `upgrader` hand these keys on to each successor.
+    fn handed_on_by(self, upgrader: &crate::Upgrader) -> TicketKeys {
+        let handed_on = self.clone();
+        upgrader.set_state_provider(move || handed_on.to_bytes());
+        self
     }
 
     /// Makes `config` seal and open session tickets with these keys (TLS
