@@ -369,7 +369,7 @@ async fn a_stop_in_the_window_just_after_the_successor_died_still_stops() {
     use nix::sys::wait::{Id, WaitPidFlag, waitid};
     let dir = tempfile::tempdir().unwrap();
     let successor = Arc::new(Mutex::new(None::<i32>));
-    let _turn = Turn::take({
+    let turn = Turn::take({
         let successor = Arc::clone(&successor);
         move |seen| {
             let pid = *lock(&successor);
@@ -394,12 +394,12 @@ async fn a_stop_in_the_window_just_after_the_successor_died_still_stops() {
     *lock(&successor) = Some(upgraded.pid);
 
     nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGUSR2).unwrap();
-    // Within the window the verdict is open; the stop settles it.
-    let verdict = tokio::time::timeout(Duration::from_secs(20), upgrader.verdict()).await;
-    assert_eq!(
-        verdict,
-        Ok(Verdict::Exit(ExitReason::Stopped)),
-        "the stop in the window must stop this generation, rolled back or not"
-    );
-    assert_eq!(upgrader.exit().await, ExitReason::Stopped);
+    // The stop rolls back (the successor is dead) and then stops: it says
+    // "stopping". (Lost, it said nothing more, and this generation served
+    // on with the verdict `RolledBack`.)
+    turn.wait_for(|seen| seen.message == "stopping");
+    // The rollback reset `exit`; the stop sets it.
+    let reason = tokio::time::timeout(Duration::from_secs(20), upgrader.exit()).await;
+    assert_eq!(reason, Ok(ExitReason::Stopped));
+    assert_eq!(upgrader.verdict().await, Verdict::Exit(ExitReason::Stopped));
 }
