@@ -92,6 +92,11 @@ impl Outbox {
         self.messages.push(message);
     }
 
+    /// Whether a message is queued and not yet all written.
+    pub(crate) fn message_pending(&self) -> bool {
+        !self.messages.is_empty() && self.pending()
+    }
+
     /// Whether anything is left to write.
     pub(crate) fn pending(&self) -> bool {
         self.sent < self.header.len() + self.data.len() + self.messages.len()

@@ -775,6 +775,7 @@ impl Supervisor {
 
     fn write_to_successor(&mut self) {
         let Some(successor) = &mut self.successor else {
+            forward_unsent(false);
             return;
         };
         if let Err(error) = successor
@@ -790,6 +791,9 @@ impl Supervisor {
             // Nothing more can be sent to it.
             successor.outbox = Outbox::sent();
         }
+        // A request passed on waits behind the rest of the state: the exit
+        // hook must not end the process before it is written.
+        forward_unsent(successor.outbox.message_pending());
     }
 
     fn on_parent_link(&mut self) {
@@ -1058,6 +1062,7 @@ impl Supervisor {
                 pidfile::forget_at_exit(pid.as_raw());
                 // Its link is closed by the kernel; ours may go now.
                 self.successor = None;
+                forward_unsent(false);
                 if self.window.is_some() {
                     self.roll_back(pid, status);
                 } else {
@@ -1379,6 +1384,20 @@ static SETTLE_PID: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
 /// How long the exit waits for the supervisor to pass a signal on.
 const SETTLE_AT_EXIT: Duration = Duration::from_secs(1);
 
+/// A request passed on to the ready successor is queued on its link behind
+/// bytes not yet written (a large state it is still reading): the exit
+/// hook waits (boundedly) for it to go.
+static FORWARD_UNSENT: Mutex<bool> = Mutex::new(false);
+static FORWARD_UNSENT_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+
+fn forward_unsent(unsent: bool) {
+    let mut current = FORWARD_UNSENT.lock().unwrap_or_else(|p| p.into_inner());
+    if *current != unsent {
+        *current = unsent;
+        FORWARD_UNSENT_CHANGED.notify_all();
+    }
+}
+
 fn signals_handled(count: u64) {
     let mut handled = SIGNALS_HANDLED.lock().unwrap_or_else(|p| p.into_inner());
     *handled = (*handled).max(count);
@@ -1387,9 +1406,11 @@ fn signals_handled(count: u64) {
 
 /// At the exit of a generation whose successor is ready: an upgrade signal
 /// whose handler ran but which the supervisor thread has not yet passed on
-/// would die with the process. Waits (boundedly) until it has. One that
-/// comes after this, in the last microseconds of `exit`, is lost: nothing
-/// of this process runs any more to pass it on.
+/// would die with the process, and so would one passed on but still queued
+/// on the link behind the rest of the state. Waits (boundedly, a second in
+/// all) until it has gone. One that comes after this, in the last
+/// microseconds of `exit`, is lost: nothing of this process runs any more
+/// to pass it on.
 extern "C" fn settle_at_exit() {
     // Only in the process that registered it, not in a child forked from it
     // that calls exit(3).
@@ -1406,6 +1427,18 @@ extern "C" fn settle_at_exit() {
             }
             handled = SIGNALS_HANDLED_CHANGED
                 .wait_timeout(handled, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(handled);
+        let mut unsent = FORWARD_UNSENT.lock().unwrap_or_else(|p| p.into_inner());
+        while *unsent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            unsent = FORWARD_UNSENT_CHANGED
+                .wait_timeout(unsent, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }

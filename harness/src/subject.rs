@@ -46,6 +46,10 @@ struct Args {
     /// (`Options::stop_signals`) from its first instruction, not only
     /// once it serves.
     library_stop_signals: bool,
+    /// Call `ready()` before taking the state (which the docs advise
+    /// against): the state then reads on while this generation serves,
+    /// and the state event comes after `ready`.
+    ready_before_state: bool,
     /// A lower RLIMIT_NOFILE (soft limit), so that a test can run the
     /// service out of descriptors.
     max_open_files: Option<u64>,
@@ -100,6 +104,7 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
         quiet_period: Duration::from_millis(500),
         rollback_window: Duration::ZERO,
         library_stop_signals: false,
+        ready_before_state: false,
         max_open_files: None,
         inheritable_pipe: false,
         sigpipe_default: false,
@@ -150,6 +155,10 @@ fn parse_args(words: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             "--library-stop-signals" => {
                 args.library_stop_signals =
+                    value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
+            }
+            "--ready-before-state" => {
+                args.ready_before_state =
                     value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
             }
             "--inheritable-pipe" => {
@@ -292,6 +301,16 @@ pub fn main(words: impl Iterator<Item = String>) -> ExitCode {
     }
 }
 
+/// Says how much state came from the parent, and whether it is the
+/// parent's pattern.
+fn state_event(generation: u64, state: &[u8]) {
+    let intact = generation > 0 && state == state_pattern(generation - 1, state.len());
+    event(format_args!(
+        "state gen={generation} bytes={} intact={intact}",
+        state.len()
+    ));
+}
+
 /// The state handed on: the TLS session-ticket keys (a 4-byte big-endian
 /// length, then the keys; length 0 without TLS), then the pattern.
 fn join_state(tickets: Option<&TicketKeys>, pattern: Vec<u8>) -> Vec<u8> {
@@ -407,16 +426,13 @@ async fn serve(
 
     fault.before_ready(generation).await;
     // The state comes before ready(): the parent hands it over meanwhile.
-    let (inherited_tickets, state) = match upgrader.has_parent() {
+    let early = upgrader.has_parent() && !args.ready_before_state;
+    let (inherited_tickets, state) = match early {
         true => split_state(upgrader.inherited_state().await?.unwrap_or_default())?,
         false => (None, Vec::new()),
     };
-    if upgrader.has_parent() {
-        let intact = generation > 0 && state == state_pattern(generation - 1, state.len());
-        event(format_args!(
-            "state gen={generation} bytes={} intact={intact}",
-            state.len()
-        ));
+    if early {
+        state_event(generation, &state);
     }
     // Sessions resume across upgrades: the TLS ticket keys go on.
     let tickets = match (&args.tls, inherited_tickets) {
@@ -460,6 +476,21 @@ async fn serve(
         control.local_addr()?
     ));
     fault.after_ready();
+    if upgrader.has_parent() && args.ready_before_state {
+        let late = Arc::clone(&upgrader);
+        tokio::spawn(async move {
+            match late.inherited_state().await {
+                Ok(state) => match split_state(state.unwrap_or_default()) {
+                    Ok((_, state)) => state_event(generation, &state),
+                    Err(error) => event(format_args!("state gen={generation} error={error:?}")),
+                },
+                Err(error) => event(format_args!(
+                    "state gen={generation} error={:?}",
+                    error.reason()
+                )),
+            }
+        });
+    }
 
     let identity: Bytes = format!("pid={} gen={generation}\n", std::process::id()).into();
     tokio::spawn(stop_on_signals(Arc::clone(&upgrader)));

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use handover_harness::process::{Subject, SubjectConfig};
+use nix::sys::signal::Signal;
 
 fn subject(state_bytes: usize, faults: Option<PathBuf>, timeout_ms: u64) -> Subject {
     Subject::start(&SubjectConfig {
@@ -72,4 +73,40 @@ fn a_successor_that_never_reads_times_out_and_the_parent_serves_on() {
     std::fs::write(&faults, "").unwrap();
     subject.upgrade_and_settle(0).unwrap();
     assert_serves(&subject, 1);
+}
+
+/// A successor that calls `ready()` before it has all of a large state
+/// (the docs advise against it; nothing stops it) while an upgrade signal
+/// was held during the upgrade: the request passed on waits on the link
+/// behind the rest of the state, and the old generation's exit waits for
+/// it to go (boundedly), so the successor runs it once its parent is gone.
+#[test]
+fn a_request_passed_on_behind_a_large_state_is_not_lost_at_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let mut subject = Subject::start(&SubjectConfig {
+        binary: PathBuf::from(env!("CARGO_BIN_EXE_handover-subject")),
+        args: vec![
+            "--state-bytes".into(),
+            (32 * 1024 * 1024).to_string(),
+            "--ready-before-state".into(),
+            "true".into(),
+        ],
+        faults: Some("1=gate-before-start".into()),
+        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        ..SubjectConfig::default()
+    })
+    .unwrap();
+    let first = subject.first_pid();
+    subject.signal(first, Signal::SIGHUP).unwrap();
+    subject.wait_for(|e| e.is("gated", 1)).unwrap();
+    // Held while the upgrade runs, passed on when it succeeds.
+    subject.signal(first, Signal::SIGHUP).unwrap();
+    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    subject.wait_for(|e| e.is("ready", 1)).unwrap();
+    subject.wait_exit(first).unwrap();
+    let state = subject.wait_for(|e| e.is("state", 1)).unwrap();
+    assert_eq!(state.fields["intact"], "true", "{state:?}");
+    subject.wait_for(|e| e.is("ready", 2)).unwrap();
 }
