@@ -898,14 +898,17 @@ impl Supervisor {
         // without exiting (a signal) could not, so do it now if we serve.
         // Born the manager's child, we may also tell it MAINPID= (one of
         // our own parent's children learns of its death on the link before
-        // the kernel has handed it to the manager: not then).
+        // the kernel has handed it to the manager: not then). The machine
+        // hears of it first: a generation serves only once its parent is
+        // gone.
+        let start_held = self.machine.parent_gone();
         if self.machine.phase() != Phase::Initializing && self.machine.serves() {
             self.take_over_pid_file();
             if self.config.born_sibling {
                 self.systemd.main_pid(sys::pid());
             }
         }
-        if self.machine.parent_gone() {
+        if start_held {
             self.start_upgrade(None);
         }
     }
