@@ -1422,30 +1422,40 @@ extern "C" fn settle_at_exit() {
     }
     let _ = std::panic::catch_unwind(|| {
         let deadline = Instant::now() + SETTLE_AT_EXIT;
-        let mut handled = SIGNALS_HANDLED.lock().unwrap_or_else(|p| p.into_inner());
-        while *handled < sys::upgrade_signals() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            handled = SIGNALS_HANDLED_CHANGED
-                .wait_timeout(handled, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        drop(handled);
-        let mut unsent = FORWARD_UNSENT.lock().unwrap_or_else(|p| p.into_inner());
-        while *unsent {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            unsent = FORWARD_UNSENT_CHANGED
-                .wait_timeout(unsent, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let handled = wait_until(&SIGNALS_HANDLED, &SIGNALS_HANDLED_CHANGED, deadline, |n| {
+            *n >= sys::upgrade_signals()
+        });
+        if handled {
+            wait_until(
+                &FORWARD_UNSENT,
+                &FORWARD_UNSENT_CHANGED,
+                deadline,
+                |unsent| !*unsent,
+            );
         }
     });
+}
+
+/// Waits on `changed` until `done` holds for `value` or `deadline` has
+/// passed; whether it holds.
+fn wait_until<T>(
+    value: &Mutex<T>,
+    changed: &std::sync::Condvar,
+    deadline: Instant,
+    done: impl Fn(&T) -> bool,
+) -> bool {
+    let mut value = value.lock().unwrap_or_else(|p| p.into_inner());
+    while !done(&value) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        value = changed
+            .wait_timeout(value, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    true
 }
 
 /// The registry lock: a panic while it was held left nothing half-done that
