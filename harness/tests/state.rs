@@ -89,7 +89,7 @@ fn a_request_passed_on_behind_a_large_state_is_not_lost_at_exit() {
         binary: PathBuf::from(env!("CARGO_BIN_EXE_handover-subject")),
         args: vec![
             "--state-bytes".into(),
-            (32 * 1024 * 1024).to_string(),
+            (8 * 1024 * 1024).to_string(),
             "--ready-before-state".into(),
             "true".into(),
         ],
