@@ -347,12 +347,8 @@ mod tests {
                     Event::SuccessorLost => {
                         // A request passed on in the window comes back.
                         pending += std::mem::take(&mut forwarded_in_window);
-                        match machine.successor_lost() {
-                            Some(true) => Some(Decision::Start),
-                            Some(false) => None,
-                            // The window had closed: the successor kept it.
-                            None => None,
-                        }
+                        // (`None`: the window had closed; the successor kept it.)
+                        (machine.successor_lost() == Some(true)).then_some(Decision::Start)
                     }
                     Event::Stop => {
                         machine.stop();

@@ -73,6 +73,38 @@ pub enum Fault {
 /// The FIFO a `gate-before-start` generation waits on.
 pub const GATE_VAR: &str = "SUBJECT_GATE";
 
+/// The FIFO the gate faults wait at (`gate-before-start`,
+/// `gate-before-ready`, `crash-at-gate`, `linger-after-exit`): give the
+/// subject [`env`](Self::env), and [`open`](Self::open) it to let the
+/// waiting generation go on.
+#[derive(Debug)]
+pub struct Gate {
+    path: std::path::PathBuf,
+}
+
+impl Gate {
+    /// A new FIFO `gate` in `dir`.
+    pub fn new(dir: &std::path::Path) -> std::io::Result<Gate> {
+        let path = dir.join("gate");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU)?;
+        Ok(Gate { path })
+    }
+
+    /// The subject's environment variable that names it.
+    pub fn env(&self) -> (String, String) {
+        (GATE_VAR.into(), self.path.display().to_string())
+    }
+
+    /// Lets the generation waiting at it go on: opens it for writing,
+    /// which waits until that generation has opened it for reading.
+    pub fn open(&self) -> std::io::Result<()> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map(drop)
+    }
+}
+
 impl FromStr for Fault {
     type Err = String;
 

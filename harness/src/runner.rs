@@ -53,8 +53,8 @@ struct Run<'a> {
     faults_file: PathBuf,
     /// The faults as last written to `faults_file`.
     faults: std::collections::BTreeMap<String, String>,
-    /// The FIFO a `gate-before-ready` generation waits on (`SUBJECT_GATE`).
-    gate: PathBuf,
+    /// The FIFO a `gate-before-ready` generation waits on.
+    gate: crate::fault::Gate,
     started: Instant,
     upgrades: Vec<UpgradeRecord>,
     problems: Vec<String>,
@@ -81,9 +81,7 @@ fn start<'a>(scenario: &'a Scenario, options: &RunOptions) -> Result<Run<'a>, St
     let faults_file = dir.path().join("faults");
     std::fs::write(&faults_file, faults_text(&scenario.subject.faults))
         .map_err(|e| e.to_string())?;
-    let gate = dir.path().join("gate");
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU)
-        .map_err(|e| format!("{}: {e}", gate.display()))?;
+    let gate = crate::fault::Gate::new(dir.path()).map_err(|e| format!("the gate FIFO: {e}"))?;
     let settings = &scenario.subject;
     let mut args = options.subject_args.clone();
     args.extend([
@@ -127,7 +125,7 @@ fn start<'a>(scenario: &'a Scenario, options: &RunOptions) -> Result<Run<'a>, St
                 "SUBJECT_LOG".into(),
                 std::env::var("SUBJECT_LOG").unwrap_or_else(|_| "off".into()),
             ),
-            (crate::fault::GATE_VAR.into(), gate.display().to_string()),
+            gate.env(),
         ],
         // A generation's stderr (a panic's message, a log line) belongs in
         // the report of a scenario that fails, not across the table.
@@ -463,10 +461,9 @@ impl Run<'_> {
                 self.subject
                     .wait_for(|e| e.is("init-gated", next))
                     .map_err(|e| e.to_string())?;
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&self.gate)
-                    .map_err(|e| format!("{}: {e}", self.gate.display()))?;
+                self.gate
+                    .open()
+                    .map_err(|e| format!("opening the gate: {e}"))?;
             }
             answers.extend(arriving.iter());
             Ok(answers)

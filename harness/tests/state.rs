@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use handover_harness::fault::Gate;
 use handover_harness::process::{Subject, SubjectConfig};
 use nix::sys::signal::Signal;
 
@@ -83,8 +84,7 @@ fn a_successor_that_never_reads_times_out_and_the_parent_serves_on() {
 #[test]
 fn a_request_passed_on_behind_a_large_state_is_not_lost_at_exit() {
     let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("gate");
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let gate = Gate::new(dir.path()).unwrap();
     let mut subject = Subject::start(&SubjectConfig {
         binary: PathBuf::from(env!("CARGO_BIN_EXE_handover-subject")),
         args: vec![
@@ -94,7 +94,7 @@ fn a_request_passed_on_behind_a_large_state_is_not_lost_at_exit() {
             "true".into(),
         ],
         faults: Some("1=gate-before-start".into()),
-        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        env: vec![gate.env()],
         ..SubjectConfig::default()
     })
     .unwrap();
@@ -103,7 +103,7 @@ fn a_request_passed_on_behind_a_large_state_is_not_lost_at_exit() {
     subject.wait_for(|e| e.is("gated", 1)).unwrap();
     // Held while the upgrade runs, passed on when it succeeds.
     subject.signal(first, Signal::SIGHUP).unwrap();
-    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    gate.open().unwrap();
     subject.wait_for(|e| e.is("ready", 1)).unwrap();
     subject.wait_exit(first).unwrap();
     let state = subject.wait_for(|e| e.is("state", 1)).unwrap();

@@ -9,6 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
 
+use handover_harness::fault::Gate;
 use handover_harness::load::{HttpLoad, Mode};
 use handover_harness::process::{Subject, SubjectConfig, is_running, read_pid_file};
 use nix::sys::signal::Signal;
@@ -45,11 +46,10 @@ fn assert_echoes(mut stream: impl Read + Write, message: &[u8]) {
 #[test]
 fn successor_serves_when_the_old_generation_is_killed_during_its_init() {
     let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("gate");
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let gate = Gate::new(dir.path()).unwrap();
     let mut subject = Subject::start(&SubjectConfig {
         faults: Some("1=gate-before-ready".into()),
-        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        env: vec![gate.env()],
         ..config()
     })
     .unwrap();
@@ -60,7 +60,7 @@ fn successor_serves_when_the_old_generation_is_killed_during_its_init() {
     subject.wait_for(|e| e.is("init-gated", 1)).unwrap();
     subject.signal(first, Signal::SIGKILL).unwrap();
     subject.wait_exit(first).unwrap();
-    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    gate.open().unwrap();
 
     subject.wait_for(|e| e.is("ready", 1)).unwrap();
     assert_served_by(&subject, 1);
@@ -74,11 +74,10 @@ fn successor_serves_when_the_old_generation_is_killed_during_its_init() {
 #[test]
 fn successor_gets_its_listeners_when_the_parent_dies_before_it_starts() {
     let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("gate");
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let gate = Gate::new(dir.path()).unwrap();
     let mut subject = Subject::start(&SubjectConfig {
         faults: Some("1=gate-before-start".into()),
-        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        env: vec![gate.env()],
         ..config()
     })
     .unwrap();
@@ -88,7 +87,7 @@ fn successor_gets_its_listeners_when_the_parent_dies_before_it_starts() {
     subject.signal(first, Signal::SIGKILL).unwrap();
     subject.wait_exit(first).unwrap();
     // Open the gate: the successor starts its library only now.
-    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    gate.open().unwrap();
 
     subject.wait_for(|e| e.is("ready", 1)).unwrap();
     assert_served_by(&subject, 1);
@@ -103,11 +102,10 @@ fn successor_gets_its_listeners_when_the_parent_dies_before_it_starts() {
 #[test]
 fn upgrade_signal_before_ready_is_held_not_fatal() {
     let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("gate");
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let gate = Gate::new(dir.path()).unwrap();
     let mut subject = Subject::start(&SubjectConfig {
         faults: Some("1=gate-before-ready".into()),
-        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        env: vec![gate.env()],
         ..config()
     })
     .unwrap();
@@ -118,7 +116,7 @@ fn upgrade_signal_before_ready_is_held_not_fatal() {
     for _ in 0..3 {
         subject.signal(second, Signal::SIGHUP).unwrap();
     }
-    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    gate.open().unwrap();
     subject.wait_for(|e| e.is("ready", 1)).unwrap();
     // Held, not lost: once its parent is gone, it upgrades once.
     subject.wait_for(|e| e.is("ready", 2)).unwrap();
@@ -287,11 +285,10 @@ fn concurrent_upgrades_exactly_one_proceeds() {
     // Generation 1 waits at a gate, so the upgrade is under way for as long
     // as the test wants: every request but the first comes during it.
     let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("gate");
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let gate = Gate::new(dir.path()).unwrap();
     let mut subject = Subject::start(&SubjectConfig {
         faults: Some("1=gate-before-start".into()),
-        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        env: vec![gate.env()],
         ..config()
     })
     .unwrap();
@@ -322,7 +319,7 @@ fn concurrent_upgrades_exactly_one_proceeds() {
             })
             .collect();
         subject.wait_for(|e| e.is("gated", 1)).unwrap();
-        drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+        gate.open().unwrap();
         answers.extend(arriving.iter());
         answers
     });
@@ -628,8 +625,7 @@ fn an_upgrade_signal_while_draining_is_passed_to_the_successor() {
 #[test]
 fn an_upgrade_signal_in_the_last_moments_is_passed_on() {
     let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("gate");
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let gate = Gate::new(dir.path()).unwrap();
     let pid_file = dir.path().join("subject.pid");
     // Generation 2 waits at the same gate: generation 1 cannot hand over
     // (and exit) before the test has looked at it. Without it, generation 1
@@ -638,12 +634,12 @@ fn an_upgrade_signal_in_the_last_moments_is_passed_on() {
     // of a process on its way out) could already be the next generation's.
     let mut subject = Subject::start(&SubjectConfig {
         faults: Some("0=linger-after-exit,2=gate-before-start".into()),
-        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        env: vec![gate.env()],
         pid_file: Some(pid_file.clone()),
         ..config()
     })
     .unwrap();
-    let open_gate = || drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    let open_gate = || gate.open().unwrap();
     let first = subject.first_pid();
     subject.upgrade().unwrap();
     subject.wait_for(|e| e.is("lingering", 0)).unwrap();
@@ -666,11 +662,10 @@ fn an_upgrade_signal_in_the_last_moments_is_passed_on() {
 #[test]
 fn an_upgrade_signal_during_an_upgrade_is_not_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("gate");
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let gate = Gate::new(dir.path()).unwrap();
     let mut subject = Subject::start(&SubjectConfig {
         faults: Some("1=gate-before-start".into()),
-        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        env: vec![gate.env()],
         ..config()
     })
     .unwrap();
@@ -682,7 +677,7 @@ fn an_upgrade_signal_during_an_upgrade_is_not_lost() {
     // was lost with it, as any signal to an ended process is.)
     subject.wait_for(|e| e.is("gated", 1)).unwrap();
     subject.signal(subject.first_pid(), Signal::SIGHUP).unwrap();
-    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    gate.open().unwrap();
     subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
     subject.wait_for(|e| e.is("parent-gone", 2)).unwrap();
     assert_served_by(&subject, 2);
@@ -864,8 +859,7 @@ fn open_descriptors(info: &str) -> Vec<i32> {
 #[test]
 fn a_successor_starts_with_only_stdio_and_its_link() {
     let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("gate");
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let gate = Gate::new(dir.path()).unwrap();
     let mut subject = Subject::start(&SubjectConfig {
         binary: PathBuf::from("/bin/bash"),
         args: vec![
@@ -878,7 +872,7 @@ fn a_successor_starts_with_only_stdio_and_its_link() {
             "true".into(),
         ],
         faults: Some("1=gate-before-start".into()),
-        env: vec![("SUBJECT_GATE".into(), gate.display().to_string())],
+        env: vec![gate.env()],
         ..config()
     })
     .unwrap();
@@ -890,7 +884,7 @@ fn a_successor_starts_with_only_stdio_and_its_link() {
     let gated = subject.wait_for(|e| e.is("gated", 1)).unwrap();
     assert_eq!(gated.fields["fds"], "0,1,2,3", "{gated:?}");
 
-    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    gate.open().unwrap();
     subject.wait_for(|e| e.is("parent-gone", 1)).unwrap();
     assert_served_by(&subject, 1);
     let successor = open_descriptors(&subject.control("info").unwrap());
@@ -1011,8 +1005,7 @@ fn a_closed_link_does_not_kill_a_parent_with_default_sigpipe() {
 #[test]
 fn an_upgrade_passed_on_in_the_window_survives_the_successors_death() {
     let dir = tempfile::tempdir().unwrap();
-    let gate = dir.path().join("gate");
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let gate = Gate::new(dir.path()).unwrap();
     let (faults, log) = (dir.path().join("faults"), dir.path().join("stderr"));
     std::fs::write(&faults, "1=crash-at-gate").unwrap();
     let mut args = config().args;
@@ -1020,10 +1013,7 @@ fn an_upgrade_passed_on_in_the_window_survives_the_successors_death() {
     let mut subject = Subject::start(&SubjectConfig {
         args,
         faults_file: Some(faults.clone()),
-        env: vec![
-            ("SUBJECT_GATE".into(), gate.display().to_string()),
-            ("SUBJECT_LOG".into(), "handover=info".into()),
-        ],
+        env: vec![gate.env(), ("SUBJECT_LOG".into(), "handover=info".into())],
         stderr: Some(log.clone()),
         ..config()
     })
@@ -1046,7 +1036,7 @@ fn an_upgrade_passed_on_in_the_window_survives_the_successors_death() {
     );
     // The next generation 1 is a good one; this one dies now.
     std::fs::write(&faults, "").unwrap();
-    drop(std::fs::OpenOptions::new().write(true).open(&gate).unwrap());
+    gate.open().unwrap();
     // Generation 0 rolls back and starts the request's upgrade at once: a
     // new generation 1. (Its `rolled-back` line may never come: the
     // subject can find the next window open before it looks at the
