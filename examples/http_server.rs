@@ -149,25 +149,32 @@ async fn serve(upgrader: Upgrader, args: Args) -> Result<(), Box<dyn std::error:
         // 5. Accept nothing new, finish what is in flight: responses now say
         //    `Connection: close`, and idle keep-alive connections are closed
         //    only after a quiet period, so no client loses a request.
+        drain.start();
         match &reason {
             ExitReason::Upgraded(successor) => {
                 tracing::info!(generation, successor = successor.pid, "draining")
             }
             _ => tracing::info!(generation, "stopping"),
         }
-        draining.spawn(async move { drain.wait().await });
 
-        // 6. Leave, or (with a rollback window, if the successor died in
-        //    it) serve again on the same listener: the connections the
+        // 6. Leave once drained, or (with a rollback window, if the
+        //    successor died in it) serve again on the same listener while
+        //    this drain finishes in the background: the connections the
         //    kernel queued meanwhile are accepted now.
         match upgrader.verdict().await {
-            Verdict::Exit(_) => break reason,
+            Verdict::Exit(_) => {
+                drop(listener);
+                let outcome = drain.wait().await;
+                tracing::info!(generation, ?outcome, "drained");
+                break reason;
+            }
             Verdict::RolledBack(why) => {
                 tracing::error!(generation, %why, "rolled back: serving again");
+                draining.spawn(async move { drain.wait().await });
             }
         }
     };
-    drop(listener);
+    // The drains of serving periods that ended in a rollback.
     while let Some(outcome) = draining.join_next().await {
         tracing::info!(generation, ?outcome, "drained");
     }

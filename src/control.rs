@@ -96,14 +96,20 @@ impl Upgrader {
     /// duplicated.
     pub fn control_socket(&self, path: impl AsRef<Path>) -> Result<ControlSocket> {
         let path = path.as_ref();
+        // An inherited socket keeps the mode it has (0600 from the
+        // generation that made it, or a socket unit's `SocketMode=`): no
+        // path lookup on the successor's way to `ready()`.
+        let inherited = self.holds(CONTROL_NAME);
         let listener = self.unix_listener(CONTROL_NAME, path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| Error::Bind {
-                name: CONTROL_NAME.into(),
-                addr: path.display().to_string(),
-                source,
-            },
-        )?;
+        if !inherited {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |source| Error::Bind {
+                    name: CONTROL_NAME.into(),
+                    addr: path.display().to_string(),
+                    source,
+                },
+            )?;
+        }
         Ok(ControlSocket {
             listener,
             path: path.to_path_buf(),

@@ -58,7 +58,10 @@ fn write_inner(
     }
     check_directory(directory_of(path))?;
     let (temporary, mut file) = create_exclusive(temporary_names)?;
-    let result = writeln!(file, "{pid}").and_then(|()| replace(&temporary, path));
+    // One write(2): the pid and its newline.
+    let result = file
+        .write_all(format!("{pid}\n").as_bytes())
+        .and_then(|()| replace(&temporary, path));
     if result.is_err() {
         let _ = fs::remove_file(&temporary);
     }

@@ -163,6 +163,12 @@ impl Registry {
         self.entries.len()
     }
 
+    /// Whether a descriptor named `name` is here (inherited, or taken
+    /// already).
+    pub(crate) fn holds(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
     /// Closes what the parent handed over but this generation never asked
     /// for (a listener its new configuration no longer has), and says so:
     /// a socket systemd passed that nobody claimed at WARN, with the fix,

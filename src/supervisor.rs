@@ -735,10 +735,13 @@ impl Supervisor {
     /// An upgrade signal from a sibling (systemd's `ExecReload=` command)
     /// must have been handled by the manager before the PID file changes.
     fn note_signal_sender(&self) {
-        if self.config.pid_file.is_none() {
+        let sender = sys::take_upgrade_signal_sender();
+        // Without a manager to read the file, it is never named at exit
+        // (see `succeed`): no `/proc` read on the way to the spawn.
+        if self.config.pid_file.is_none() || self.config.unsupervised {
             return;
         }
-        if let Some(sibling) = sys::take_upgrade_signal_sender().and_then(sys::sibling) {
+        if let Some(sibling) = sender.and_then(sys::sibling) {
             tracing::debug!(
                 generation = self.config.generation,
                 sender = sibling.pid,

@@ -627,6 +627,11 @@ impl Upgrader {
             .into())
     }
 
+    /// Whether a descriptor named `name` was inherited or taken already.
+    pub(crate) fn holds(&self, name: &str) -> bool {
+        lock(&self.registry).holds(name)
+    }
+
     /// The Unix datagram socket named `name`, inherited or newly bound to
     /// `path`. Non-blocking.
     ///
