@@ -163,6 +163,12 @@ impl Registry {
         self.entries.len()
     }
 
+    /// Closes every descriptor held for the next generations: this one
+    /// will hand nothing on any more.
+    pub(crate) fn release_all(&mut self) {
+        self.entries.clear();
+    }
+
     /// Whether a descriptor named `name` is here (inherited, or taken
     /// already).
     pub(crate) fn holds(&self, name: &str) -> bool {

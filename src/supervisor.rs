@@ -482,6 +482,14 @@ impl Supervisor {
                 self.detached = true;
                 // Nobody would serve again: the successor is on its own.
                 self.commit("the Upgrader was dropped");
+                if self.machine.phase() == Phase::Exiting {
+                    // It holds every socket now (its own copies), and this
+                    // generation hands nothing on: the library's copies go,
+                    // rather than stay open until the process exits (an
+                    // embedding process with many generations, such as the
+                    // bench, ran out of descriptors).
+                    lock(&self.registry).release_all();
+                }
             }
         }
         true

@@ -368,3 +368,58 @@ fn a_failing_socket_hook_is_a_bind_error() {
             .any(|(name, _)| name == "refused")
     );
 }
+
+/// How many descriptors in this process's table are `socket` (by device
+/// and inode: a number may be reused by another test meanwhile).
+fn copies_of(socket: &impl AsRawFd) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let table = if cfg!(target_os = "linux") {
+        "/proc/self/fd"
+    } else {
+        "/dev/fd"
+    };
+    let identity = |fd: i32| {
+        // A number closed since the listing fails, or names another file.
+        std::fs::metadata(format!("{table}/{fd}"))
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    };
+    let target = identity(socket.as_raw_fd()).unwrap();
+    std::fs::read_dir(table)
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&fd| identity(fd) == Some(target))
+        .count()
+}
+
+/// A generation whose successor is ready and whose `Upgrader` is dropped
+/// keeps none of the sockets it handed on: its supervisor stays until the
+/// process exits (to pass a late upgrade signal on), but the library's
+/// copies go at once. (They stayed open until the process exited: the
+/// bench, which makes thousands of generations in one process, ran out of
+/// descriptors at `upgrade/256`.)
+#[tokio::test]
+async fn a_dropped_upgraded_generation_keeps_none_of_its_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let upgrader = upgrader(successor_script(dir.path()).to_str().unwrap());
+    let listener = upgrader.tcp_listener("web", loopback()).unwrap();
+    // A copy of the same socket kept by the test, to look for the others.
+    let probe = listener.try_clone().unwrap();
+    drop(listener);
+    assert_eq!(copies_of(&probe), 2, "the library's copy and the probe");
+    upgrader.ready().unwrap();
+    let upgraded = upgrader.upgrade().await.unwrap();
+
+    drop(upgrader);
+    // The supervisor hears of the drop on its own thread: wait for the
+    // library's copy to close (or give up after 10 s: the bug).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while copies_of(&probe) > 1 && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    assert_eq!(copies_of(&probe), 1, "only the probe is left");
+    // The successor has its own (in flight on its link).
+    let successor = nix::unistd::Pid::from_raw(upgraded.pid);
+    let _ = nix::sys::signal::kill(successor, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(successor, None);
+}
