@@ -102,6 +102,9 @@ pub(crate) struct Channels {
     pub upgrade_signal: Option<UnixStream>,
     pub stop_signal: Option<UnixStream>,
     pub child_signal: UnixStream,
+    /// The SIGCHLD handler's registration: a detached supervisor whose
+    /// successor is gone removes it as it ends (see `run`).
+    pub child_signal_id: signal_hook::SigId,
     pub parent_link: Option<UnixStream>,
     pub exit: watch::Sender<Option<ExitReason>>,
     /// Set before `exit` changes, so that whoever saw `exit` resolve sees
@@ -203,6 +206,7 @@ impl Supervisor {
         let mut panics_in_a_row = 0;
         let failure = loop {
             match panic::catch_unwind(AssertUnwindSafe(|| self.turn())) {
+                Ok(Ok(true)) if self.done_detached() => break None,
                 Ok(Ok(true)) => panics_in_a_row = 0,
                 Ok(Ok(false)) => break None,
                 // Only poll(2) itself can fail here; retrying at once
@@ -249,6 +253,34 @@ impl Supervisor {
                 Command::Stop | Command::Shutdown | Command::Detach => {}
             }
         }
+        if self.detached {
+            // Nobody joins this thread, and the `Upgrader` forgot the
+            // handlers (a late signal must not take a default action).
+            // SIGCHLD's default is to be ignored: its handler goes, or every
+            // later child's end would still wake a pipe nobody reads. The
+            // upgrade and stop handlers stay, and so do their pipes' read
+            // ends, so that a late signal finds an open pipe (no EPIPE, no
+            // SIGPIPE) until the process exits.
+            signal_hook::low_level::unregister(self.channels.child_signal_id);
+            for kept in [
+                self.channels.upgrade_signal.take(),
+                self.channels.stop_signal.take(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let _ = kept.into_raw_fd();
+            }
+        }
+    }
+
+    /// A dropped generation's supervisor whose successor is gone has
+    /// nothing left to pass an upgrade signal on to: it ends, and releases
+    /// its thread and descriptors (a process that makes many generations,
+    /// such as the bench, would otherwise keep one of each per generation,
+    /// every one woken by each SIGCHLD).
+    fn done_detached(&self) -> bool {
+        self.detached && self.successor.is_none() && self.inflight.is_none()
     }
 
     /// After a panic in a turn, leaves no upgrade half-done.
@@ -1072,16 +1104,27 @@ impl Supervisor {
     fn on_child_signal(&mut self) {
         if let Some(successor) = &self.successor {
             let pid = successor.process.pid;
-            if let Ok(Some(status)) = successor.process.try_reap() {
-                pidfile::forget_at_exit(pid.as_raw());
-                // Its link is closed by the kernel; ours may go now.
-                self.successor = None;
-                forward_unsent(false);
-                if self.window.is_some() {
-                    self.roll_back(pid, status);
-                } else {
-                    tracing::error!(generation = self.config.generation, pid = pid.as_raw(), %status, "successor exited after it was ready");
+            match successor.process.try_reap() {
+                Ok(Some(status)) => {
+                    pidfile::forget_at_exit(pid.as_raw());
+                    // Its link is closed by the kernel; ours may go now.
+                    self.successor = None;
+                    forward_unsent(false);
+                    if self.window.is_some() {
+                        self.roll_back(pid, status);
+                    } else {
+                        tracing::error!(generation = self.config.generation, pid = pid.as_raw(), %status, "successor exited after it was ready");
+                    }
                 }
+                // Reaped by someone else (an embedding program waiting for
+                // its children): gone all the same, for a dropped
+                // generation that hands nothing on any more.
+                Err(_) if self.detached => {
+                    pidfile::forget_at_exit(pid.as_raw());
+                    self.successor = None;
+                    forward_unsent(false);
+                }
+                Ok(None) | Err(_) => {}
             }
         }
         let Some(inflight) = &self.inflight else {

@@ -402,6 +402,7 @@ impl Upgrader {
         };
         let (child_signal, child_signal_write) = self_pipe()?;
         register(Signal::SIGCHLD, child_signal_write, &mut signal_ids)?;
+        let child_signal_id = signal_ids[0];
         let upgrade_signal = match options.upgrade_signal {
             Some(signal) => {
                 let (read, write) = self_pipe()?;
@@ -474,6 +475,7 @@ impl Upgrader {
             upgrade_signal,
             stop_signal,
             child_signal,
+            child_signal_id,
             parent_link,
             exit: exit_tx,
             verdict: verdict_tx,
