@@ -258,29 +258,30 @@ impl Supervisor {
             // handlers (a late signal must not take a default action).
             // SIGCHLD's default is to be ignored: its handler goes, or every
             // later child's end would still wake a pipe nobody reads. The
-            // upgrade and stop handlers stay, and so do their pipes' read
-            // ends, so that a late signal finds an open pipe (no EPIPE, no
-            // SIGPIPE) until the process exits.
+            // stop signals' handler stays (SIGTERM's default would end the
+            // process while it drains), and so does its pipe's read end, so
+            // that a late one finds an open pipe (no EPIPE, no SIGPIPE)
+            // until the process exits.
             signal_hook::low_level::unregister(self.channels.child_signal_id);
-            for kept in [
-                self.channels.upgrade_signal.take(),
-                self.channels.stop_signal.take(),
-            ]
-            .into_iter()
-            .flatten()
-            {
+            if let Some(kept) = self.channels.stop_signal.take() {
                 let _ = kept.into_raw_fd();
             }
         }
     }
 
-    /// A dropped generation's supervisor whose successor is gone has
-    /// nothing left to pass an upgrade signal on to: it ends, and releases
-    /// its thread and descriptors (a process that makes many generations,
-    /// such as the bench, would otherwise keep one of each per generation,
-    /// every one woken by each SIGCHLD).
+    /// A dropped generation's supervisor without an upgrade signal, whose
+    /// successor is gone, has nothing left to do: it ends, and releases its
+    /// thread and descriptors (a process that makes many generations, such
+    /// as the bench, would otherwise keep one of each per generation, every
+    /// one woken by each SIGCHLD). With an upgrade signal it stays until the
+    /// process exits: the exit hook waits until every upgrade signal that
+    /// came has been handled, and a late one would find nobody to handle
+    /// it (a second's wait at exit).
     fn done_detached(&self) -> bool {
-        self.detached && self.successor.is_none() && self.inflight.is_none()
+        self.detached
+            && self.successor.is_none()
+            && self.inflight.is_none()
+            && self.channels.upgrade_signal.is_none()
     }
 
     /// After a panic in a turn, leaves no upgrade half-done.
