@@ -370,14 +370,12 @@ fn a_failing_socket_hook_is_a_bind_error() {
 }
 
 /// How many descriptors in this process's table are `socket` (by device
-/// and inode: a number may be reused by another test meanwhile).
+/// and inode: a number may be reused by another test meanwhile). Linux:
+/// `/proc/self/fd`.
+#[cfg(target_os = "linux")]
 fn copies_of(socket: &impl AsRawFd) -> usize {
     use std::os::unix::fs::MetadataExt;
-    let table = if cfg!(target_os = "linux") {
-        "/proc/self/fd"
-    } else {
-        "/dev/fd"
-    };
+    let table = "/proc/self/fd";
     let identity = |fd: i32| {
         // A number closed since the listing fails, or names another file.
         std::fs::metadata(format!("{table}/{fd}"))
@@ -398,6 +396,7 @@ fn copies_of(socket: &impl AsRawFd) -> usize {
 /// copies go at once. (They stayed open until the process exited: the
 /// bench, which makes thousands of generations in one process, ran out of
 /// descriptors at `upgrade/256`.)
+#[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_dropped_upgraded_generation_keeps_none_of_its_sockets() {
     let dir = tempfile::tempdir().unwrap();
