@@ -1430,7 +1430,8 @@ impl io::Write for LinkWriter<'_> {
 }
 
 /// A new handshake link: a connected pair of Unix stream sockets, both ends
-/// close-on-exec (and, on macOS, SO_NOSIGPIPE: see [`LinkWriter`]).
+/// close-on-exec (and, on macOS, SO_NOSIGPIPE: see [`LinkWriter`]). Also
+/// the supervisor's self-pipes, for the same reason.
 pub(crate) fn link_pair() -> io::Result<(UnixStream, UnixStream)> {
     let (ours, theirs) = UnixStream::pair()?;
     #[cfg(target_vendor = "apple")]

@@ -383,9 +383,11 @@ impl Upgrader {
             Some(path) => path,
             None => current_executable()?,
         };
+        // As the handshake link: a write after the reading end is gone
+        // (a detached supervisor that has ended) is an error, never SIGPIPE.
         let self_pipe = || -> Result<(UnixStream, UnixStream)> {
             let (read, write) =
-                UnixStream::pair().map_err(|e| Error::io("creating a self-pipe", e))?;
+                sys::link_pair().map_err(|e| Error::io("creating a self-pipe", e))?;
             read.set_nonblocking(true)
                 .map_err(|e| Error::io("creating a self-pipe", e))?;
             write
@@ -938,8 +940,9 @@ impl SupervisorHandle {
 
     fn send(&self, command: Command) -> Result<()> {
         self.commands.send(command).map_err(|_| Error::Exiting)?;
-        // A full pipe already wakes the supervisor.
-        let _ = (&*self.wake).write(&[1]);
+        // A full pipe already wakes the supervisor. A detached supervisor
+        // may end between the two lines: the byte then fails quietly.
+        let _ = sys::LinkWriter(self.wake.as_fd()).write(&[1]);
         Ok(())
     }
 
