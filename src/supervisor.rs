@@ -1105,27 +1105,27 @@ impl Supervisor {
     fn on_child_signal(&mut self) {
         if let Some(successor) = &self.successor {
             let pid = successor.process.pid;
-            match successor.process.try_reap() {
-                Ok(Some(status)) => {
-                    pidfile::forget_at_exit(pid.as_raw());
-                    // Its link is closed by the kernel; ours may go now.
-                    self.successor = None;
-                    forward_unsent(false);
-                    if self.window.is_some() {
-                        self.roll_back(pid, status);
-                    } else {
+            // `Some(status)` once it is gone; `Some(None)` when someone else
+            // (an embedding program waiting for its children) reaped it:
+            // gone all the same, for a dropped generation that hands
+            // nothing on any more.
+            let gone = match successor.process.try_reap() {
+                Ok(Some(status)) => Some(Some(status)),
+                Err(_) if self.detached => Some(None),
+                Ok(None) | Err(_) => None,
+            };
+            if let Some(status) = gone {
+                pidfile::forget_at_exit(pid.as_raw());
+                // Its link is closed by the kernel; ours may go now.
+                self.successor = None;
+                forward_unsent(false);
+                match status {
+                    Some(status) if self.window.is_some() => self.roll_back(pid, status),
+                    Some(status) => {
                         tracing::error!(generation = self.config.generation, pid = pid.as_raw(), %status, "successor exited after it was ready");
                     }
+                    None => {}
                 }
-                // Reaped by someone else (an embedding program waiting for
-                // its children): gone all the same, for a dropped
-                // generation that hands nothing on any more.
-                Err(_) if self.detached => {
-                    pidfile::forget_at_exit(pid.as_raw());
-                    self.successor = None;
-                    forward_unsent(false);
-                }
-                Ok(None) | Err(_) => {}
             }
         }
         let Some(inflight) = &self.inflight else {
