@@ -513,6 +513,11 @@ impl Supervisor {
                     "upgrader dropped: passing upgrade signals on until this process exits"
                 );
                 self.detached = true;
+                // A successor this program reaped before dropping us (its
+                // SIGCHLD handled while we were not detached: ECHILD, kept)
+                // is gone for a dropped generation: look again, or this
+                // thread would wait for some other child's end.
+                self.on_child_signal();
                 // Nobody would serve again: the successor is on its own.
                 self.commit("the Upgrader was dropped");
                 if self.machine.phase() == Phase::Exiting {
