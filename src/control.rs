@@ -98,10 +98,10 @@ impl Upgrader {
         let path = path.as_ref();
         // An inherited socket keeps the mode it has (0600 from the
         // generation that made it, or a socket unit's `SocketMode=`): no
-        // path lookup on the successor's way to `ready()`.
-        let inherited = self.holds(CONTROL_NAME);
-        let listener = self.unix_listener(CONTROL_NAME, path)?;
-        if !inherited {
+        // path lookup on the successor's way to `ready()`. One bound here
+        // (also in place of an inherited one at another path) is made 0600.
+        let (listener, bound) = self.unix_listener_bound(CONTROL_NAME, path)?;
+        if bound {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
                 |source| Error::Bind {
                     name: CONTROL_NAME.into(),
@@ -151,10 +151,12 @@ impl ControlSocket {
         let mut verdict = self.verdict;
         let mut answering = tokio::task::JoinSet::new();
         loop {
-            let must_exit = tokio::select! {
+            // `exit`'s sender gone: the supervisor has ended (the `Upgrader`
+            // was dropped), so nobody could take back over.
+            let (must_exit, supervisor_gone) = tokio::select! {
                 // Exit first: once it is due, accept nothing more.
                 biased;
-                _ = exit.wait_for(Option::is_some) => true,
+                due = exit.wait_for(Option::is_some) => (true, due.is_err()),
                 accepted = listener.accept() => {
                     if let Ok((stream, _)) = accepted {
                         answering.spawn(answer(
@@ -165,10 +167,10 @@ impl ControlSocket {
                             self.generation,
                         ));
                     }
-                    false
+                    (false, false)
                 }
                 // Reap finished answers as they end.
-                Some(_) = answering.join_next(), if !answering.is_empty() => false,
+                Some(_) = answering.join_next(), if !answering.is_empty() => (false, false),
             };
             if !must_exit {
                 continue;
@@ -188,7 +190,9 @@ impl ControlSocket {
                     Some(_) = answering.join_next(), if !answering.is_empty() => {}
                 }
             };
-            if !rolled_back {
+            // (A rolled-back generation whose supervisor is gone once
+            // looped here for ever: `exit` closed, the verdict standing.)
+            if !rolled_back || supervisor_gone {
                 break;
             }
         }

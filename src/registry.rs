@@ -169,12 +169,6 @@ impl Registry {
         self.entries.clear();
     }
 
-    /// Whether a descriptor named `name` is here (inherited, or taken
-    /// already).
-    pub(crate) fn holds(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
-    }
-
     /// Closes what the parent handed over but this generation never asked
     /// for (a listener its new configuration no longer has), and says so:
     /// a socket systemd passed that nobody claimed at WARN, with the fix,
@@ -409,6 +403,17 @@ impl Registry {
     }
 
     pub(crate) fn unix_socket(&mut self, name: &str, kind: Kind, path: &Path) -> Result<OwnedFd> {
+        self.unix_socket_bound(name, kind, path).map(|(fd, _)| fd)
+    }
+
+    /// [`unix_socket`](Self::unix_socket), and whether it bound a new
+    /// socket (rather than handing out one inherited or taken before).
+    pub(crate) fn unix_socket_bound(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        path: &Path,
+    ) -> Result<(OwnedFd, bool)> {
         let same_path = |e: &Entry| {
             e.unix_path.as_deref() == Some(path)
                 || (e.activated
@@ -417,7 +422,7 @@ impl Registry {
                         .is_some_and(|addr| addr.as_pathname() == Some(path)))
         };
         if let Some(fd) = self.claim(name, kind, same_path)? {
-            return Ok(fd);
+            return Ok((fd, false));
         }
         let bind_err = |source| Error::Bind {
             name: name.into(),
@@ -446,6 +451,7 @@ impl Registry {
         }
         socket.set_nonblocking(true).map_err(bind_err)?;
         self.insert(name, kind, socket.into(), Some(path.to_path_buf()))
+            .map(|fd| (fd, true))
     }
 
     pub(crate) fn add_fd(&mut self, name: &str, fd: &impl AsFd) -> Result<()> {

@@ -13,6 +13,7 @@ use std::os::fd::{AsFd, BorrowedFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -113,6 +114,9 @@ pub(crate) struct Channels {
     pub parent_gone: watch::Sender<bool>,
     /// The state the parent hands over, filled as it arrives.
     pub state: Arc<state::Slot>,
+    /// Set as the thread ends (not by a panic that kills it): a request
+    /// whose answer is dropped from then on was not lost to a failure.
+    pub ended: Arc<AtomicBool>,
 }
 
 /// The successor that became ready. Its link stays open until this process
@@ -135,8 +139,12 @@ struct Window {
 /// Panics in consecutive turns after which the supervisor gives up.
 const PANICS_IN_A_ROW: u32 = 3;
 
-/// A panic on the supervisor thread that lost a request's answer with it.
-pub(crate) fn request_dropped() -> Error {
+/// A request whose answer was dropped unsent: the thread ended as it was
+/// sent (`Exiting`), or a panic lost the answer with it.
+pub(crate) fn request_dropped(ended: &AtomicBool) -> Error {
+    if ended.load(Ordering::Acquire) {
+        return Error::Exiting;
+    }
     Error::SupervisorFailed {
         problem: "it panicked while it handled this request (see its ERROR log)".to_owned(),
     }
@@ -170,6 +178,8 @@ pub(crate) struct Supervisor {
     parent_messages: bool,
     /// See [`Command::Detach`].
     detached: bool,
+    /// Every handle that could send a command is gone.
+    wake_closed: bool,
 }
 
 impl Supervisor {
@@ -188,6 +198,7 @@ impl Supervisor {
             inbox,
             parent_messages: false,
             detached: false,
+            wake_closed: false,
         }
     }
 
@@ -233,6 +244,9 @@ impl Supervisor {
         if let Some(problem) = failure {
             self.serve_failed(&problem);
         }
+        // A request sent from here on may find its answer dropped with the
+        // channel: it is told `Exiting`, not that the thread failed.
+        self.channels.ended.store(true, Ordering::Release);
         if let Some(inflight) = self.inflight.take() {
             let _ = inflight.process.kill_and_reap();
             if let Some(waiter) = inflight.waiter {
@@ -264,6 +278,11 @@ impl Supervisor {
             // until the process exits.
             signal_hook::low_level::unregister(self.channels.child_signal_id);
             if let Some(kept) = self.channels.stop_signal.take() {
+                let _ = kept.into_raw_fd();
+            }
+            // Ended with an upgrade signal only if it failed: its handler
+            // stays too, and writes into this pipe rather than a closed one.
+            if let Some(kept) = self.channels.upgrade_signal.take() {
                 let _ = kept.into_raw_fd();
             }
         }
@@ -370,7 +389,12 @@ impl Supervisor {
                     Command::Upgrade(reply) => drop(reply.send(Err(failed()))),
                     Command::Ready(reply) => drop(reply.send(Err(failed()))),
                     Command::Stop => self.stop_even_if_it_panics(),
-                    Command::Shutdown | Command::Detach => return,
+                    Command::Shutdown => return,
+                    // Its handlers stay: `run` leaves them safe to call.
+                    Command::Detach => {
+                        self.detached = true;
+                        return;
+                    }
                 }
                 next = self.channels.commands.try_recv().ok();
             }
@@ -419,9 +443,10 @@ impl Supervisor {
         if let Some(successor) = self.successor.as_ref().filter(|s| s.outbox.pending()) {
             watched.push((Source::ReadySuccessor, (successor.link.as_fd(), true)));
         }
-        // Detached, nobody sends commands (and the pipe's other end may be
-        // closed, which would wake poll(2) for ever).
-        if !self.detached {
+        // Until every handle is gone (the pipe's other end closed, which
+        // would wake poll(2) for ever): a detached generation's handles (a
+        // control socket's task, an upgrade future) are still answered.
+        if !self.wake_closed {
             watched.push((Source::Wake, (self.channels.wake.as_fd(), false)));
         }
         let deadline = [
@@ -458,7 +483,7 @@ impl Supervisor {
                     self.stop();
                 }
                 Source::Wake => {
-                    drain(&self.channels.wake);
+                    self.wake_closed = drain(&self.channels.wake);
                     while let Ok(command) = self.channels.commands.try_recv() {
                         if !self.on_command(command) {
                             return Ok(false);
@@ -487,6 +512,17 @@ impl Supervisor {
     }
 
     fn on_command(&mut self, command: Command) -> bool {
+        if self.detached {
+            // The generation was dropped: it starts nothing any more (not
+            // even after a rollback at the drop), and nobody stops it.
+            match command {
+                Command::Upgrade(reply) => drop(reply.send(Err(Error::Exiting))),
+                Command::Ready(reply) => drop(reply.send(Err(Error::Exiting))),
+                Command::Stop | Command::Detach => {}
+                Command::Shutdown => return false,
+            }
+            return true;
+        }
         match command {
             Command::Upgrade(reply) => match self.machine.request_upgrade(Origin::Call) {
                 Decision::Start => self.start_upgrade(Some(reply)),
@@ -520,6 +556,14 @@ impl Supervisor {
                 self.on_child_signal();
                 // Nobody would serve again: the successor is on its own.
                 self.commit("the Upgrader was dropped");
+                if !matches!(self.machine.phase(), Phase::Exiting | Phase::Stopping) {
+                    // Its successor died as it was dropped in the window
+                    // (rolled back above): nobody serves any more, and this
+                    // generation cannot take back over. A final stop, so
+                    // that `exit()` resolves for whoever still watches it
+                    // (a control socket's task), rather than never.
+                    self.stop();
+                }
                 if self.machine.phase() == Phase::Exiting {
                     // It holds every socket now (its own copies), and this
                     // generation hands nothing on: the library's copies go,
@@ -1433,10 +1477,17 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Empties a non-blocking self-pipe.
-fn drain(mut stream: &UnixStream) {
+/// Empties a non-blocking self-pipe; `true` if its other end is closed.
+fn drain(mut stream: &UnixStream) -> bool {
     let mut buffer = [0u8; 64];
-    while matches!(stream.read(&mut buffer), Ok(n) if n > 0) {}
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
 }
 
 /// Upgrade signals handled by the supervisor (see `on_upgrade_signals`).

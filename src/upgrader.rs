@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, JoinHandle, Thread};
@@ -441,6 +442,7 @@ impl Upgrader {
         };
 
         let (wake_read, wake) = self_pipe()?;
+        let ended = Arc::new(AtomicBool::new(false));
         let (commands, commands_rx) = mpsc::channel();
         let (exit_tx, exit) = watch::channel(None);
         let (verdict_tx, verdict) = watch::channel(None);
@@ -483,6 +485,7 @@ impl Upgrader {
             verdict: verdict_tx,
             parent_gone: parent_gone_tx,
             state: Arc::clone(&state),
+            ended: Arc::clone(&ended),
         };
         let supervisor = Supervisor::new(config, channels, Arc::clone(&registry));
         let supervisor = thread::Builder::new()
@@ -511,6 +514,7 @@ impl Upgrader {
                 commands,
                 wake: Arc::new(wake),
                 rollback_window,
+                ended,
             },
             exit,
             verdict,
@@ -631,9 +635,15 @@ impl Upgrader {
             .into())
     }
 
-    /// Whether a descriptor named `name` was inherited or taken already.
-    pub(crate) fn holds(&self, name: &str) -> bool {
-        lock(&self.registry).holds(name)
+    /// [`unix_listener`](Self::unix_listener), and whether it bound a new
+    /// socket (rather than one inherited or taken before).
+    pub(crate) fn unix_listener_bound(
+        &self,
+        name: &str,
+        path: &Path,
+    ) -> Result<(UnixListener, bool)> {
+        let (fd, bound) = lock(&self.registry).unix_socket_bound(name, Kind::UnixListener, path)?;
+        Ok((fd.into(), bound))
     }
 
     /// The Unix datagram socket named `name`, inherited or newly bound to
@@ -764,7 +774,7 @@ impl Upgrader {
     pub fn ready(&self) -> Result<()> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Ready(reply))?;
-        block_on(answer).unwrap_or_else(|_| Err(supervisor::request_dropped()))
+        block_on(answer).unwrap_or_else(|_| Err(self.supervisor_handle.dropped()))
     }
 
     /// Starts a successor and resolves when it is ready (this generation must
@@ -931,11 +941,18 @@ pub(crate) struct SupervisorHandle {
     commands: mpsc::Sender<Command>,
     wake: Arc<UnixStream>,
     rollback_window: Duration,
+    /// See `supervisor::Channels::ended`.
+    ended: Arc<AtomicBool>,
 }
 
 impl SupervisorHandle {
     pub(crate) fn rollback_window(&self) -> Duration {
         self.rollback_window
+    }
+
+    /// The error for a request whose answer was dropped unsent.
+    fn dropped(&self) -> Error {
+        supervisor::request_dropped(&self.ended)
     }
 
     fn send(&self, command: Command) -> Result<()> {
@@ -953,9 +970,7 @@ impl SupervisorHandle {
         async move {
             let (reply, answer) = oneshot::channel();
             handle.send(Command::Upgrade(reply))?;
-            answer
-                .await
-                .unwrap_or_else(|_| Err(supervisor::request_dropped()))
+            answer.await.unwrap_or_else(|_| Err(handle.dropped()))
         }
     }
 }

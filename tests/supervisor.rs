@@ -403,3 +403,65 @@ async fn a_stop_in_the_window_just_after_the_successor_died_still_stops() {
     assert_eq!(reason, Ok(ExitReason::Stopped));
     assert_eq!(upgrader.verdict().await, Verdict::Exit(ExitReason::Stopped));
 }
+
+/// The successor dies just as the `Upgrader` of a generation in its
+/// rollback window is dropped (here: killed, and a zombie, while the
+/// supervisor handles the drop, held by its log writer): nobody serves any
+/// more, so the drop is a final stop, and the control socket's task (which
+/// the service awaits before it leaves `main`) returns. (It rolled back
+/// instead, and with an upgrade signal the dropped generation's supervisor
+/// stays: `exit()` never resolved again, and the task accepted on for ever.)
+#[cfg(target_os = "linux")]
+#[test]
+fn a_successor_dying_as_the_upgrader_is_dropped_in_the_window_is_a_final_stop() {
+    use handover::Signal;
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let dir = tempfile::tempdir().unwrap();
+    let successor = Arc::new(Mutex::new(None::<i32>));
+    let turn = Turn::take({
+        let successor = Arc::clone(&successor);
+        move |seen| {
+            let pid = *lock(&successor);
+            if let Some(pid) = pid.filter(|_| seen.message.starts_with("upgrader dropped")) {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+                waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT).unwrap();
+            }
+        }
+    });
+    let upgrader = Upgrader::new(
+        Options::default()
+            .executable(successor_script(dir.path()))
+            // The dropped generation's supervisor stays for it.
+            .upgrade_signal(Some(Signal::SIGUSR1))
+            .rollback_window(Duration::from_secs(60))
+            .upgrade_timeout(Duration::from_secs(10)),
+    )
+    .unwrap();
+    let control = upgrader
+        .control_socket(dir.path().join("control.sock"))
+        .unwrap();
+    upgrader.ready().unwrap();
+    let (returned, serve_returned) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(control.serve());
+        let _ = returned.send(());
+    });
+    let upgraded = upgrader.upgrade_blocking().unwrap();
+    *lock(&successor) = Some(upgraded.pid);
+
+    drop(upgrader);
+    assert_eq!(
+        serve_returned.recv_timeout(Duration::from_secs(10)),
+        Ok(()),
+        "the control socket's task still runs 10 s after the Upgrader was dropped"
+    );
+    assert!(
+        turn.seen().iter().any(|seen| seen.message == "stopping"),
+        "the drop was a final stop"
+    );
+}

@@ -422,3 +422,110 @@ async fn a_dropped_upgraded_generation_keeps_none_of_its_sockets() {
     let _ = nix::sys::signal::kill(successor, nix::sys::signal::Signal::SIGKILL);
     let _ = nix::sys::wait::waitpid(successor, None);
 }
+
+/// An upgrade future made before the `Upgrader` of a generation that has
+/// upgraded is dropped, and polled after: refused as exiting. (The dropped
+/// generation's supervisor stays while its successor lives, and once read
+/// no request at all: the future waited as long as the successor lived.)
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn an_upgrade_asked_of_a_dropped_upgraded_generation_is_refused_as_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let upgrader = upgrader(successor_script(dir.path()).to_str().unwrap());
+    let listener = upgrader.tcp_listener("web", loopback()).unwrap();
+    let probe = listener.try_clone().unwrap();
+    drop(listener);
+    upgrader.ready().unwrap();
+    let upgraded = upgrader.upgrade().await.unwrap();
+    // Not polled yet: it asks nothing until then.
+    let late = upgrader.upgrade();
+
+    drop(upgrader);
+    // The supervisor has heard of the drop once the library's copy of the
+    // listener is closed (see the test above).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while copies_of(&probe) > 1 && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    assert_eq!(copies_of(&probe), 1, "the drop was not handled");
+    let outcome = tokio::time::timeout(Duration::from_secs(10), late).await;
+    assert!(
+        matches!(outcome, Ok(Err(Error::Exiting))),
+        "expected Exiting within 10 s, got {outcome:?}"
+    );
+    let successor = nix::unistd::Pid::from_raw(upgraded.pid);
+    let _ = nix::sys::signal::kill(successor, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(successor, None);
+}
+
+/// A generation that took back over after a rollback, then dropped its
+/// `Upgrader` (its supervisor ends) before its control socket's task
+/// ended: the task returns. (It once looped for ever without yielding,
+/// taking the closed `exit` for "must exit" and the standing `RolledBack`
+/// for "serve again".)
+#[test]
+fn the_control_socket_task_returns_once_a_rolled_back_generation_drops_its_upgrader() {
+    let dir = tempfile::tempdir().unwrap();
+    let upgrader = Upgrader::new(
+        Options::default()
+            .executable(successor_script(dir.path()))
+            .upgrade_signal(None)
+            .rollback_window(Duration::from_secs(60))
+            .upgrade_timeout(Duration::from_secs(10)),
+    )
+    .unwrap();
+    let control = upgrader
+        .control_socket(dir.path().join("control.sock"))
+        .unwrap();
+    upgrader.ready().unwrap();
+    // On a thread of its own: were it to spin, it would spin there, and
+    // this thread would still see that it never returned.
+    let (returned, serve_returned) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(control.serve());
+        let _ = returned.send(());
+    });
+    let upgraded = upgrader.upgrade_blocking().unwrap();
+    // Dead within the window, and reaped by the supervisor: rolled back.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(upgraded.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        matches!(
+            upgrader.verdict_blocking(),
+            handover::Verdict::RolledBack(_)
+        ),
+        "the successor's death in the window rolls back"
+    );
+    drop(upgrader);
+    assert_eq!(
+        serve_returned.recv_timeout(Duration::from_secs(10)),
+        Ok(()),
+        "the control socket's task still runs 10 s after the Upgrader was dropped"
+    );
+}
+
+/// A control socket bound anew (here: asked for again at another path,
+/// as a successor whose configuration moved it does) is made 0600 like the
+/// first. (Only a socket inherited at the same path keeps its mode; one
+/// replacing it at another path once kept the umask's.)
+#[test]
+fn a_control_socket_bound_at_a_new_path_is_made_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let upgrader = upgrader("/bin/true");
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let first = dir.path().join("first.sock");
+    let _first = upgrader.control_socket(&first).unwrap();
+    assert_eq!(mode(&first), 0o600);
+    let moved = dir.path().join("moved.sock");
+    let _moved = upgrader.control_socket(&moved).unwrap();
+    assert_eq!(mode(&moved), 0o600, "the socket bound at the new path");
+}
