@@ -132,7 +132,8 @@ impl ControlSocket {
     /// (which holds the same socket) answers them. Returns once the requests
     /// this generation accepted are answered (at most a second after it must
     /// exit, or after the verdict with a rollback window; after a rollback
-    /// it answers again): spawn it after [`ready`](Upgrader::ready), and
+    /// it answers again, until it must exit or its `Upgrader` is dropped):
+    /// spawn it after [`ready`](Upgrader::ready), and
     /// await its task before returning from `main`, so that no client is
     /// left without an answer.
     ///
