@@ -37,7 +37,13 @@
 //! ```text
 //! < rolled_back pid=4250 generation=3 served_ms=130 message=successor pid 4250 (generation 3) exited with code 101 130 ms after it was ready
 //! ```
-//! after which the old generation serves again and closes the connection.
+//! after which the old generation serves again and closes the connection;
+//! or, when the successor died in the window and the service was stopped
+//! (or the old generation dropped its `Upgrader`) as it did, so that nobody
+//! serves:
+//! ```text
+//! < stopped pid=4250 generation=3 message=...
+//! ```
 //!
 //! Every accepted request is answered. A generation that must exit stops
 //! accepting (its successor, holding the same socket, accepts from then
@@ -70,6 +76,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Once this generation must exit, requests it already accepted have this
 /// long to arrive and be answered; a client slower than that is cut off.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the socket is left unaccepted after an accept failed (out of
+/// descriptors): long enough not to spin, short against a client's wait.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// A control socket, ready to [`serve`](ControlSocket::serve).
 #[derive(Debug)]
@@ -151,31 +161,54 @@ impl ControlSocket {
         let mut exit = self.exit;
         let mut verdict = self.verdict;
         let mut answering = tokio::task::JoinSet::new();
+        // Set after a failed accept: see `Event::AcceptFailed`.
+        let mut paused: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
-            // `exit`'s sender gone: the supervisor has ended (the `Upgrader`
-            // was dropped), so nobody could take back over.
-            let (must_exit, supervisor_gone) = tokio::select! {
+            let event = tokio::select! {
                 // Exit first: once it is due, accept nothing more.
                 biased;
-                due = exit.wait_for(Option::is_some) => (true, due.is_err()),
-                accepted = listener.accept() => {
-                    if let Ok((stream, _)) = accepted {
-                        answering.spawn(answer(
-                            stream,
-                            self.supervisor.clone(),
-                            self.parent_gone.clone(),
-                            verdict.clone(),
-                            self.generation,
-                        ));
-                    }
-                    (false, false)
-                }
+                due = exit.wait_for(Option::is_some) => Event::MustExit {
+                    // `exit`'s sender gone: the supervisor has ended (the
+                    // `Upgrader` was dropped), so nobody could take back over.
+                    supervisor_gone: due.is_err(),
+                },
+                accepted = listener.accept(), if paused.is_none() => match accepted {
+                    Ok((stream, _)) => Event::Accepted(stream),
+                    Err(error) => Event::AcceptFailed(error),
+                },
+                () = resumed(&mut paused), if paused.is_some() => Event::Resumed,
                 // Reap finished answers as they end.
-                Some(_) = answering.join_next(), if !answering.is_empty() => (false, false),
+                Some(_) = answering.join_next(), if !answering.is_empty() => Event::Answered,
             };
-            if !must_exit {
-                continue;
-            }
+            let supervisor_gone = match event {
+                Event::MustExit { supervisor_gone } => supervisor_gone,
+                Event::Accepted(stream) => {
+                    answering.spawn(answer(
+                        stream,
+                        self.supervisor.clone(),
+                        Watches {
+                            parent_gone: self.parent_gone.clone(),
+                            exit: exit.clone(),
+                            verdict: verdict.clone(),
+                        },
+                        self.generation,
+                    ));
+                    continue;
+                }
+                // Out of descriptors (EMFILE, ENFILE, ENOBUFS): the
+                // connection stays queued and would fail again at once, in
+                // a loop. Accept again a little later.
+                Event::AcceptFailed(error) => {
+                    tracing::warn!(generation = self.generation, %error, "control socket: cannot accept; pausing");
+                    paused = Some(Box::pin(tokio::time::sleep(ACCEPT_PAUSE)));
+                    continue;
+                }
+                Event::Resumed => {
+                    paused = None;
+                    continue;
+                }
+                Event::Answered => continue,
+            };
             // Not accepting from here on; the socket stays open in case this
             // generation takes back over (a rollback window).
             let settled = async {
@@ -208,13 +241,42 @@ impl ControlSocket {
     }
 }
 
+/// What an answer watches: whether the parent is gone (a request waits
+/// for that), whether this generation must exit, and the verdict.
+struct Watches {
+    parent_gone: watch::Receiver<bool>,
+    exit: watch::Receiver<Option<ExitReason>>,
+    verdict: watch::Receiver<Option<Verdict>>,
+}
+
+/// What ended a wait of [`ControlSocket::serve`].
+enum Event {
+    MustExit { supervisor_gone: bool },
+    Accepted(UnixStream),
+    AcceptFailed(std::io::Error),
+    Resumed,
+    Answered,
+}
+
+/// Resolves when the pause after a failed accept is over (never without one).
+async fn resumed(paused: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match paused {
+        Some(pause) => pause.await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn answer(
     stream: UnixStream,
     supervisor: SupervisorHandle,
-    mut parent_gone: watch::Receiver<bool>,
-    mut verdict: watch::Receiver<Option<Verdict>>,
+    watches: Watches,
     generation: u64,
 ) {
+    let Watches {
+        mut parent_gone,
+        mut exit,
+        mut verdict,
+    } = watches;
     let allowed = match stream.peer_cred() {
         Ok(peer) => peer.uid() == nix::unistd::geteuid().as_raw() || peer.uid() == 0,
         Err(_) => false,
@@ -231,8 +293,9 @@ async fn answer(
     let request = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
     // Whether this connection must stay open until this process exits.
     let mut until_exit = false;
-    // Whether a verdict line follows (a rollback window is open).
-    let mut verdict_follows = false;
+    // The successor (pid, generation) whose verdict line follows, when a
+    // rollback window is open.
+    let mut verdict_for = None;
     let reply = match request {
         Err(_) => "error reason=bad_request message=no request within 10 s".to_owned(),
         Ok(Err(error)) => format!("error reason=bad_request message={error}"),
@@ -242,37 +305,41 @@ async fn answer(
             )
         }
         Ok(Ok(_)) => match std::str::from_utf8(&line).map(str::trim) {
-            Ok("upgrade") => match upgrade_when_parent_gone(&supervisor, &mut parent_gone).await {
-                Ok(upgraded) => {
-                    until_exit = true;
-                    // The verdict was cleared before the upgrade's answer
-                    // came: the next one set is this upgrade's.
-                    let window = supervisor.rollback_window();
-                    verdict_follows = !window.is_zero();
-                    let window = if verdict_follows {
-                        format!(" window_ms={}", window.as_millis())
-                    } else {
-                        String::new()
-                    };
-                    format!(
-                        "ok pid={} generation={} duration_us={} old_pid={}{window}",
-                        upgraded.pid,
-                        upgraded.generation,
-                        upgraded.duration.as_micros(),
-                        std::process::id()
-                    )
+            Ok("upgrade") => {
+                match upgrade_when_parent_gone(&supervisor, &mut parent_gone, &mut exit, generation)
+                    .await
+                {
+                    Ok(upgraded) => {
+                        until_exit = true;
+                        // The verdict was cleared before the upgrade's answer
+                        // came: the next one set is this upgrade's.
+                        let window = supervisor.rollback_window();
+                        let window = if window.is_zero() {
+                            String::new()
+                        } else {
+                            verdict_for = Some((upgraded.pid, upgraded.generation));
+                            format!(" window_ms={}", window.as_millis())
+                        };
+                        format!(
+                            "ok pid={} generation={} duration_us={} old_pid={}{window}",
+                            upgraded.pid,
+                            upgraded.generation,
+                            upgraded.duration.as_micros(),
+                            std::process::id()
+                        )
+                    }
+                    Err(error) => {
+                        until_exit = matches!(error, Error::Exiting);
+                        error_line(&error)
+                    }
                 }
-                Err(error) => {
-                    until_exit = matches!(error, Error::Exiting);
-                    error_line(&error)
-                }
-            },
+            }
             Ok("status") => format!("ok pid={} generation={generation}", std::process::id()),
             _ => "error reason=bad_request message=unknown request (upgrade, status)".to_owned(),
         },
     };
     let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
-    if verdict_follows {
+    if let Some((pid, successor_generation)) = verdict_for {
         let line = match verdict.wait_for(Option::is_some).await.map(|v| v.clone()) {
             Ok(Some(Verdict::RolledBack(rolled_back))) => {
                 // This generation serves again: nothing to wait for.
@@ -288,8 +355,13 @@ async fn answer(
                 "committed pid={} generation={}",
                 upgraded.pid, upgraded.generation
             ),
-            // Stopped, or the supervisor is gone: this process exits.
-            _ => "committed".to_owned(),
+            // The window closed with a stop (or the `Upgrader` dropped)
+            // just as the successor died in it: rolled back, then stopped.
+            Ok(Some(Verdict::Exit(ExitReason::Stopped))) => format!(
+                "stopped pid={pid} generation={successor_generation} message=the new generation died within the rollback window as this service was stopped: nobody serves"
+            ),
+            // The supervisor ended without a verdict (it failed).
+            _ => "unknown message=the old generation ended without a verdict".to_owned(),
         };
         let _ = write.write_all(format!("{line}\n").as_bytes()).await;
     }
@@ -306,15 +378,27 @@ async fn answer(
 }
 
 /// Runs an upgrade; one asked while the parent generation still drains
-/// runs once it is gone, instead of being refused.
+/// runs once it is gone, instead of being refused, unless this generation
+/// must exit first (stopped meanwhile): then it is answered `exiting`.
 async fn upgrade_when_parent_gone(
     supervisor: &SupervisorHandle,
     parent_gone: &mut watch::Receiver<bool>,
+    exit: &mut watch::Receiver<Option<ExitReason>>,
+    generation: u64,
 ) -> Result<crate::Upgraded> {
     loop {
         match supervisor.upgrade().await {
-            Err(Error::ParentAlive { .. }) => {
-                if parent_gone.wait_for(|gone| *gone).await.is_err() {
+            Err(Error::ParentAlive { parent }) => {
+                tracing::info!(
+                    generation,
+                    parent,
+                    "control request: the upgrade waits until the parent generation is gone"
+                );
+                let gone = tokio::select! {
+                    gone = parent_gone.wait_for(|gone| *gone) => gone.is_ok(),
+                    _ = exit.wait_for(Option::is_some) => false,
+                };
+                if !gone {
                     return Err(Error::Exiting);
                 }
             }

@@ -180,6 +180,9 @@ pub(crate) struct Supervisor {
     detached: bool,
     /// Every handle that could send a command is gone.
     wake_closed: bool,
+    /// `stop()` is closing the rollback window: a successor found dead
+    /// then is not rolled back to (see `lost_in_window`).
+    closing_to_stop: bool,
 }
 
 impl Supervisor {
@@ -199,6 +202,7 @@ impl Supervisor {
             parent_messages: false,
             detached: false,
             wake_closed: false,
+            closing_to_stop: false,
         }
     }
 
@@ -638,19 +642,25 @@ impl Supervisor {
     }
 
     fn stop(&mut self) {
-        let generation = self.config.generation;
         if self.machine.phase() == Phase::Window {
             // The successor serves; a service manager that stops the whole
             // service stops it too, and that must not bring us back.
+            self.closing_to_stop = true;
             self.commit("stop() closed the rollback window");
-            if self.machine.phase() == Phase::Exiting {
+            self.closing_to_stop = false;
+            // Committed; or the successor had died a moment before (its
+            // end not handled yet), and `commit`, finding it gone, stopped
+            // this generation without taking back over (`lost_in_window`).
+            if matches!(self.machine.phase(), Phase::Exiting | Phase::Stopping) {
                 return;
             }
-            // The successor had died a moment before (`commit` found it
-            // gone and rolled back): this generation serves again (or has
-            // started the upgrade passed on to that successor), and the
-            // stop is for it.
         }
+        self.stop_serving();
+    }
+
+    /// The rest of a stop, once no rollback window is open.
+    fn stop_serving(&mut self) {
+        let generation = self.config.generation;
         if matches!(self.machine.phase(), Phase::Exiting | Phase::Stopping) {
             // Leaving already; its successor (if any) serves.
             tracing::info!(generation, "stop asked while exiting: nothing to do");
@@ -773,6 +783,28 @@ impl Supervisor {
             );
             self.start_upgrade(None);
         }
+    }
+
+    /// The successor died within the rollback window (`status`; `None`: the
+    /// program reaped it) as the window closed for a stop, or after this
+    /// generation's `Upgrader` was dropped. This generation does not take
+    /// back over (it is asked to stop, or cannot serve any more), and
+    /// nobody else serves: a final stop, rather than a rollback followed by
+    /// one (whose `RolledBack` would tell watchers for a moment to serve
+    /// again, and whose passed-on upgrade would start a successor only to
+    /// kill it).
+    fn lost_in_window(&mut self, pid: Pid, status: Option<ExitStatus>) {
+        if self.window.take().is_none() || self.machine.successor_lost().is_none() {
+            return;
+        }
+        tracing::error!(
+            generation = self.config.generation,
+            successor = pid.as_raw(),
+            status = %status.map_or_else(|| "reaped by this program".to_owned(), |s| s.to_string()),
+            "successor exited within the rollback window as this generation was leaving: nobody serves"
+        );
+        self.restore_pid_file();
+        self.stop_serving();
     }
 
     /// The upgrade signal, or a request the parent passed on (`from` says
@@ -1169,6 +1201,9 @@ impl Supervisor {
                 self.successor = None;
                 forward_unsent(false);
                 match status {
+                    _ if self.window.is_some() && (self.detached || self.closing_to_stop) => {
+                        self.lost_in_window(pid, status);
+                    }
                     Some(status) if self.window.is_some() => self.roll_back(pid, status),
                     Some(status) => {
                         tracing::error!(generation = self.config.generation, pid = pid.as_raw(), %status, "successor exited after it was ready");

@@ -359,9 +359,12 @@ async fn a_stop_that_panics_still_stops() {
 /// A stop in the rollback window closes the window. If the successor died
 /// just before (its end seen only as the stop closes the window: here the
 /// supervisor is held, by its log writer, until the successor is a zombie),
-/// this generation rolls back, and the stop is still for it: `exit()`
-/// resolves `Stopped`. (`systemctl stop` signals both generations; the old
-/// one must not come back and serve on until the manager's SIGKILL.)
+/// the stop is still for this generation: `exit()` resolves `Stopped`.
+/// (`systemctl stop` signals both generations; the old one must not come
+/// back and serve on until the manager's SIGKILL.) The deploy script that
+/// asked for the upgrade is told `stopped`: nobody serves (it was told
+/// `committed`, or for a moment `rolled_back`, the rollback published and
+/// overwritten by the stop in the same turn).
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_stop_in_the_window_just_after_the_successor_died_still_stops() {
@@ -389,33 +392,77 @@ async fn a_stop_in_the_window_just_after_the_successor_died_still_stops() {
             .upgrade_timeout(Duration::from_secs(10)),
     )
     .unwrap();
+    let path = dir.path().join("control.sock");
+    let control = upgrader.control_socket(&path).unwrap();
     upgrader.ready().unwrap();
-    let upgraded = upgrader.upgrade().await.unwrap();
-    *lock(&successor) = Some(upgraded.pid);
+    tokio::spawn(control.serve());
+    // A deploy script's request, on a thread: its reads block.
+    let client = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader, Write};
+        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        client.write_all(b"upgrade\n").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut client = BufReader::new(client);
+        let (mut ok, mut verdict) = (String::new(), String::new());
+        client.read_line(&mut ok).unwrap();
+        client.read_line(&mut verdict).unwrap();
+        (ok, verdict)
+    });
+    // Its `ok` is written once `exit()` says who the successor is.
+    let reason = tokio::time::timeout(Duration::from_secs(20), upgrader.exit()).await;
+    let Ok(ExitReason::Upgraded(upgraded)) = reason else {
+        panic!("the upgrade asked on the control socket: {reason:?}");
+    };
+    let upgraded = upgraded.pid;
+    *lock(&successor) = Some(upgraded);
 
     nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGUSR2).unwrap();
-    // The stop rolls back (the successor is dead) and then stops: it says
-    // "stopping". (Lost, it said nothing more, and this generation served
-    // on with the verdict `RolledBack`.)
+    // The stop finds the successor dead and stops: it says "stopping".
+    // (Lost, it said nothing more, and this generation served on with the
+    // verdict `RolledBack`.)
     turn.wait_for(|seen| seen.message == "stopping");
-    // The rollback reset `exit`; the stop sets it.
-    let reason = tokio::time::timeout(Duration::from_secs(20), upgrader.exit()).await;
-    assert_eq!(reason, Ok(ExitReason::Stopped));
-    assert_eq!(upgrader.verdict().await, Verdict::Exit(ExitReason::Stopped));
+    // The verdict was cleared when the window opened: the next is the stop's.
+    let verdict = tokio::time::timeout(Duration::from_secs(20), upgrader.verdict()).await;
+    assert_eq!(verdict, Ok(Verdict::Exit(ExitReason::Stopped)));
+    // `exit` goes from `Upgraded` to `Stopped` just after the verdict.
+    let stopped = async {
+        while upgrader.exit().await != ExitReason::Stopped {
+            tokio::task::yield_now().await;
+        }
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(20), stopped)
+            .await
+            .is_ok(),
+        "exit() never said Stopped"
+    );
+    let (ok, verdict) = tokio::task::spawn_blocking(move || client.join().unwrap())
+        .await
+        .unwrap();
+    assert!(ok.starts_with("ok ") && ok.contains("window_ms="), "{ok}");
+    assert!(
+        verdict.starts_with(&format!("stopped pid={upgraded} ")),
+        "the verdict line: {verdict}"
+    );
 }
 
 /// The successor dies just as the `Upgrader` of a generation in its
 /// rollback window is dropped (here: killed, and a zombie, while the
 /// supervisor handles the drop, held by its log writer): nobody serves any
-/// more, so the drop is a final stop, and the control socket's task (which
-/// the service awaits before it leaves `main`) returns. (It rolled back
-/// instead, and with an upgrade signal the dropped generation's supervisor
-/// stays: `exit()` never resolved again, and the task accepted on for ever.)
+/// more, so the drop is a final stop. The deploy script that asked for the
+/// upgrade is told `stopped` (not `committed`, nor `rolled_back`: nobody
+/// serves again), and the control socket's task (which the service awaits
+/// before it leaves `main`) returns. (It rolled back instead; with an
+/// upgrade signal the dropped generation's supervisor stays, so `exit()`
+/// never resolved again and the task accepted on for ever.)
 #[cfg(target_os = "linux")]
 #[test]
 fn a_successor_dying_as_the_upgrader_is_dropped_in_the_window_is_a_final_stop() {
     use handover::Signal;
     use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    use std::io::{BufRead, BufReader, Write};
     let dir = tempfile::tempdir().unwrap();
     let successor = Arc::new(Mutex::new(None::<i32>));
     let turn = Turn::take({
@@ -438,9 +485,8 @@ fn a_successor_dying_as_the_upgrader_is_dropped_in_the_window_is_a_final_stop() 
             .upgrade_timeout(Duration::from_secs(10)),
     )
     .unwrap();
-    let control = upgrader
-        .control_socket(dir.path().join("control.sock"))
-        .unwrap();
+    let path = dir.path().join("control.sock");
+    let control = upgrader.control_socket(&path).unwrap();
     upgrader.ready().unwrap();
     let (returned, serve_returned) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -451,10 +497,31 @@ fn a_successor_dying_as_the_upgrader_is_dropped_in_the_window_is_a_final_stop() 
             .block_on(control.serve());
         let _ = returned.send(());
     });
-    let upgraded = upgrader.upgrade_blocking().unwrap();
-    *lock(&successor) = Some(upgraded.pid);
+    // A deploy script's request.
+    let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    client.write_all(b"upgrade\n").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut client = BufReader::new(client);
+    let mut ok = String::new();
+    client.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("ok ") && ok.contains("window_ms="), "{ok}");
+    let pid = ok
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("pid="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    *lock(&successor) = Some(pid);
 
     drop(upgrader);
+    let mut verdict = String::new();
+    client.read_line(&mut verdict).unwrap();
+    assert!(
+        verdict.starts_with(&format!("stopped pid={pid} ")),
+        "the verdict line: {verdict}"
+    );
     assert_eq!(
         serve_returned.recv_timeout(Duration::from_secs(10)),
         Ok(()),

@@ -529,3 +529,126 @@ fn a_control_socket_bound_at_a_new_path_is_made_0600() {
     let _moved = upgrader.control_socket(&moved).unwrap();
     assert_eq!(mode(&moved), 0o600, "the socket bound at the new path");
 }
+
+/// A control request that reached a generation whose parent still drains
+/// waits for the parent to go; if this generation is stopped meanwhile, it
+/// is answered `exiting` (nothing done: ask again). It used to wait for the
+/// parent only, and the stop's second of grace cut it off unanswered.
+///
+/// The generation is this test binary again, started by the test with a
+/// parent of its own making: `HANDOVER` names this process as its parent
+/// and descriptor 3 as the handshake link, whose other end the test keeps
+/// open (the parent lives) until the child has said how it went.
+#[test]
+fn a_request_waiting_for_the_parent_is_answered_exiting_when_the_generation_stops() {
+    const NAME: &str =
+        "a_request_waiting_for_the_parent_is_answered_exiting_when_the_generation_stops";
+    if std::env::var_os("HANDOVER").is_some() {
+        return waiting_request_in_a_child();
+    }
+    let (parent_end, child_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    // The link goes in as stdin, and `sh` moves it to descriptor 3.
+    let child = std::process::Command::new("sh")
+        .args(["-c", "exec \"$@\" 3<&0 </dev/null", "sh"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(
+            "HANDOVER",
+            format!("v1;gen=1;parent={};link=3", std::process::id()),
+        )
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            child_end,
+        )))
+        .output()
+        .unwrap();
+    drop(parent_end);
+    assert!(
+        child.status.success(),
+        "the generation said:\n{}{}",
+        String::from_utf8_lossy(&child.stdout),
+        String::from_utf8_lossy(&child.stderr)
+    );
+}
+
+/// The child of the test above: generation 1, its parent alive.
+fn waiting_request_in_a_child() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::{Arc, Condvar, Mutex};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// Notes the library's line saying a request waits for the parent.
+    struct Waiting(Arc<(Mutex<bool>, Condvar)>);
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Waiting {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            if message
+                .0
+                .contains("waits until the parent generation is gone")
+            {
+                *self.0.0.lock().unwrap() = true;
+                self.0.1.notify_all();
+            }
+        }
+    }
+    let waiting = Arc::new((Mutex::new(false), Condvar::new()));
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::registry().with(Waiting(Arc::clone(&waiting))),
+    )
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let upgrader = upgrader("/bin/true");
+    assert_eq!(upgrader.generation(), 1);
+    let path = dir.path().join("control.sock");
+    let control = upgrader.control_socket(&path).unwrap();
+    upgrader.ready().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let serving = runtime.spawn(control.serve());
+
+    let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    client.write_all(b"upgrade\n").unwrap();
+    let (noted, arrived) = &*waiting;
+    let (noted, timed_out) = arrived
+        .wait_timeout_while(noted.lock().unwrap(), Duration::from_secs(20), |noted| {
+            !*noted
+        })
+        .unwrap();
+    assert!(
+        !timed_out.timed_out(),
+        "the request never waited for the parent"
+    );
+    drop(noted);
+
+    upgrader.stop();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut answer = String::new();
+    BufReader::new(&client).read_line(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("error reason=exiting "),
+        "the waiting request was answered {answer:?}"
+    );
+    runtime.block_on(serving).unwrap();
+}

@@ -1,8 +1,8 @@
 //! `handover`: ask a running service to upgrade, and say whether it worked.
 //!
 //! ```text
-//! handover upgrade --socket /run/api/control.sock [--timeout 60s] [--no-wait]
-//! handover status  --socket /run/api/control.sock [--timeout 60s]
+//! handover upgrade --socket /run/api/control.sock [--timeout 90s] [--no-wait]
+//! handover status  --socket /run/api/control.sock [--timeout 90s]
 //! ```
 //!
 //! `upgrade` returns once the new generation serves and the old one has
@@ -16,7 +16,8 @@
 //! the generation that answered still serves, and the reason is printed),
 //! 2 for a mistake on the command line, 3 when the service could not be
 //! asked or did not answer in time, 4 when the new generation died within
-//! the rollback window and the old one serves again. An answer `exiting` comes from a
+//! the rollback window (the old one serves again, or, stopped meanwhile,
+//! nobody does). An answer `exiting` comes from a
 //! generation on its way out; once it has exited, the request is sent
 //! again, and the generation serving then answers it. Fit for
 //! `ExecReload=` and deploy scripts.
@@ -36,7 +37,10 @@ Asks the service listening on the control socket PATH to upgrade itself
 
 options:
   --socket PATH        the service's control socket
-  --timeout DURATION   how long to wait in all, e.g. 60s, 1m30s, 500ms (default 60s)
+  --timeout DURATION   how long to wait in all, e.g. 60s, 1m30s, 500ms (default
+                       90s, longer than the library's 60 s for a successor's
+                       init); with a rollback window, at least until the
+                       window's verdict is due (the window and 10 s)
   --no-wait            return once the new generation serves, without waiting
                        for the old one to finish its requests and exit (nor
                        for the end of its rollback window)
@@ -46,10 +50,16 @@ options:
 exit status: 0 upgraded (or status answered), 1 the upgrade did not happen
 (the reason is printed; the service serves on), 2 a usage mistake,
 3 the service could not be asked or did not answer in time, 4 rolled back:
-the new generation died within the rollback window, the old one serves again";
+the new generation died within the rollback window, the old one serves again
+(or, stopped meanwhile, nobody serves: said on stdout)";
 
 /// Exit status when the new generation died within the rollback window.
 const ROLLED_BACK: u8 = 4;
+
+/// `--timeout`'s default: longer than the library's default grace period
+/// for a successor's init (60 s), so that a successor that hangs is the
+/// service's `timeout` (exit 1), not this command's (exit 3).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How many times a request answered `exiting` is sent again.
 const RETRIES_WHEN_EXITING: usize = 3;
@@ -90,7 +100,7 @@ fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args
     let mut parser = lexopt::Parser::from_args(args);
     let mut request = None;
     let mut socket = None;
-    let mut timeout = Duration::from_secs(60);
+    let mut timeout = DEFAULT_TIMEOUT;
     let mut wait_for_exit = true;
     while let Some(arg) = parser.next().map_err(|e| usage(e.to_string()))? {
         match arg {
@@ -189,18 +199,26 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         .checked_add(args.timeout)
         .ok_or("--timeout is too long")?;
     let socket = args.socket.display().to_string();
-    let mut exchange = ask(&socket, args.request.line(), deadline)?;
+    let mut exchange =
+        ask(&socket, args.request.line(), deadline).map_err(Unasked::into_message)?;
     // A generation on its way out did nothing: once it has exited, its
     // successor (which serves the same socket) answers.
     for _ in 0..RETRIES_WHEN_EXITING {
         if !exchange.answer.contains("reason=exiting") {
             break;
         }
-        wait_for_close(&mut exchange.stream, deadline);
+        // Still there at the deadline: nothing more is sent (a request
+        // sent then would run, unreported). Its answer is the outcome.
+        if !wait_for_close(&mut exchange.stream, deadline) {
+            break;
+        }
         match ask(&socket, args.request.line(), deadline) {
             Ok(next) => exchange = next,
-            // No successor: a final stop. Report the exiting answer.
-            Err(_) => break,
+            // Nobody took the request (no successor: a final stop; or no
+            // time left to send it): the exiting answer is the outcome.
+            Err(Unasked::NotSent(_)) => break,
+            // Sent, and not answered: it may be running.
+            Err(Unasked::NotAnswered(problem)) => return Err(problem),
         }
     }
     let answer = exchange.answer.as_str();
@@ -260,10 +278,28 @@ fn run(args: &Args) -> Result<ExitCode, String> {
                         window.as_millis()
                     )
                 })?;
-                if verdict.starts_with("rolled_back") {
-                    let message = verdict.split_once("message=").map_or("", |(_, m)| m);
-                    println!("rolled back: {message}; the old generation (pid {old}) serves again");
-                    return Ok(ExitCode::from(ROLLED_BACK));
+                let message = verdict.split_once("message=").map_or("", |(_, m)| m);
+                match verdict.split_whitespace().next() {
+                    Some("committed") => {}
+                    Some("rolled_back") => {
+                        println!(
+                            "rolled back: {message}; the old generation (pid {old}) serves again"
+                        );
+                        return Ok(ExitCode::from(ROLLED_BACK));
+                    }
+                    Some("stopped") => {
+                        println!(
+                            "rolled back, then stopped: generation {} (pid {}) died within the rollback window while the service stopped; nobody serves",
+                            field("generation"),
+                            field("pid")
+                        );
+                        return Ok(ExitCode::from(ROLLED_BACK));
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{serving}, but no verdict on its rollback window came (the service said {verdict:?})"
+                        ));
+                    }
                 }
                 serving.push_str(&format!(
                     "; committed after its {} ms rollback window",
@@ -308,38 +344,64 @@ fn read_line(stream: &mut BufReader<UnixStream>, deadline: Instant) -> Option<St
     }
 }
 
-/// Sends one request and reads its one-line answer.
-fn ask(socket: &str, request: &str, deadline: Instant) -> Result<Exchange, String> {
-    let mut stream =
-        UnixStream::connect(socket).map_err(|e| format!("cannot reach {socket}: {e}"))?;
+/// Why [`ask`] has no answer.
+enum Unasked {
+    /// The request did not reach the service: nothing was done.
+    NotSent(String),
+    /// It was sent, and no answer came: it may be running.
+    NotAnswered(String),
+}
+
+impl Unasked {
+    fn into_message(self) -> String {
+        match self {
+            Unasked::NotSent(problem) | Unasked::NotAnswered(problem) => problem,
+        }
+    }
+}
+
+/// Sends one request and reads its one-line answer. Nothing is sent once
+/// the deadline has passed.
+fn ask(socket: &str, request: &str, deadline: Instant) -> Result<Exchange, Unasked> {
+    let Some(timeout) = remaining(deadline) else {
+        return Err(Unasked::NotSent(format!(
+            "no time left to ask {socket} (--timeout)"
+        )));
+    };
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|e| Unasked::NotSent(format!("cannot reach {socket}: {e}")))?;
     // A service that refuses at once answers and closes before reading: the
     // write then fails, but its answer is there to read.
     let sent = stream.write_all(format!("{request}\n").as_bytes());
     let mut stream = BufReader::new(stream);
     let mut answer = String::new();
-    let timeout = remaining(deadline).ok_or_else(|| {
-        format!("no answer from {socket} in time (the upgrade may still be running)")
-    })?;
+    let unanswered = |problem: String| match &sent {
+        Ok(()) => Unasked::NotAnswered(problem),
+        Err(e) => Unasked::NotSent(format!("cannot ask {socket}: {e}")),
+    };
     stream
         .get_ref()
         .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| unanswered(e.to_string()))?;
     stream.read_line(&mut answer).map_err(|e| {
-        if matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ) {
-            format!("no answer from {socket} within {timeout:?} (the upgrade may still be running)")
-        } else {
-            format!("no answer from {socket}: {e}")
-        }
+        unanswered(
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                format!(
+                    "no answer from {socket} within {timeout:?} (the upgrade may still be running)"
+                )
+            } else {
+                format!("no answer from {socket}: {e}")
+            },
+        )
     })?;
     let answer = answer.trim().to_owned();
     if answer.is_empty() {
-        return Err(match sent {
-            Err(e) => format!("cannot ask {socket}: {e}"),
-            Ok(()) => format!("{socket} closed the connection without an answer"),
-        });
+        return Err(unanswered(format!(
+            "{socket} closed the connection without an answer"
+        )));
     }
     Ok(Exchange { answer, stream })
 }
@@ -422,6 +484,125 @@ mod tests {
             Early::Print(text) => format!("print: {text}"),
             Early::Usage(problem) => format!("usage: {problem}"),
         })
+    }
+
+    /// A service played by this test on a Unix socket in a temp dir: for
+    /// each connection in turn, `script` gets the request line it read and
+    /// the stream, and returns whether to keep the stream open (until the
+    /// fake service ends). It ends at the request `end`; returns the
+    /// requests it read, `end` left out.
+    fn fake_service(
+        dir: &std::path::Path,
+        mut script: impl FnMut(usize, &str, &mut UnixStream) -> bool + Send + 'static,
+    ) -> (PathBuf, std::thread::JoinHandle<Vec<String>>) {
+        let path = dir.join("control.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let service = std::thread::spawn(move || {
+            let (mut requests, mut kept) = (Vec::new(), Vec::new());
+            for (n, stream) in listener.incoming().enumerate() {
+                let mut stream = stream.unwrap();
+                let mut line = String::new();
+                BufReader::new(&stream).read_line(&mut line).unwrap();
+                let line = line.trim().to_owned();
+                if line == "end" {
+                    break;
+                }
+                if script(n, &line, &mut stream) {
+                    kept.push(stream);
+                }
+                requests.push(line);
+            }
+            requests
+        });
+        (path, service)
+    }
+
+    /// Ends a fake service: its connections are taken in order, so every
+    /// request made before this one has been read.
+    fn end(path: &std::path::Path, service: std::thread::JoinHandle<Vec<String>>) -> Vec<String> {
+        UnixStream::connect(path)
+            .unwrap()
+            .write_all(b"end\n")
+            .unwrap();
+        service.join().unwrap()
+    }
+
+    fn upgrade(socket: &std::path::Path, timeout: Duration) -> Args {
+        Args {
+            request: Request::Upgrade,
+            socket: socket.to_path_buf(),
+            timeout,
+            wait_for_exit: true,
+        }
+    }
+
+    /// An `exiting` answer from a generation still there when --timeout
+    /// runs out: reported as it is (exit 1), and nothing more is sent. (The
+    /// request was sent again after the deadline, and ran unreported.)
+    #[test]
+    fn nothing_is_sent_again_once_the_timeout_has_run_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, service) = fake_service(dir.path(), |_, _, stream| {
+            stream
+                .write_all(b"error reason=exiting message=this generation is exiting\n")
+                .unwrap();
+            true // and it stays, past the client's deadline
+        });
+        let code = run(&upgrade(&path, Duration::from_millis(300))).unwrap();
+        assert_eq!(code, ExitCode::FAILURE);
+        assert_eq!(end(&path, service), ["upgrade"]);
+    }
+
+    /// The request sent again once the exiting generation is gone, and not
+    /// answered in time: it may be running, so the outcome is unknown
+    /// (exit 3), not the exiting answer's "did not happen" (exit 1).
+    #[test]
+    fn a_request_sent_again_and_not_answered_in_time_is_not_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, service) = fake_service(dir.path(), |n, _, stream| {
+            if n == 0 {
+                stream
+                    .write_all(b"error reason=exiting message=this generation is exiting\n")
+                    .unwrap();
+                return false; // it exits: the connection closes
+            }
+            true // its successor: the upgrade runs, no answer yet
+        });
+        let outcome = run(&upgrade(&path, Duration::from_millis(500)));
+        assert!(outcome.is_err(), "{outcome:?}");
+        assert_eq!(end(&path, service), ["upgrade", "upgrade"]);
+    }
+
+    /// The verdict on a rollback window: `stopped` (the new generation died
+    /// in it while the service stopped: nobody serves) is a rollback for
+    /// the exit status, and a line this command does not know is no
+    /// verdict (exit 3), not `committed`.
+    #[test]
+    fn window_verdicts_other_than_committed_are_not_success() {
+        for (verdict, expected) in [
+            (
+                "stopped pid=7 generation=2 message=nobody serves",
+                Ok(ExitCode::from(ROLLED_BACK)),
+            ),
+            (
+                "rolled_back pid=7 generation=2 served_ms=5 message=died",
+                Ok(ExitCode::from(ROLLED_BACK)),
+            ),
+            ("unknown message=no verdict", Err(())),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, service) = fake_service(dir.path(), move |_, _, stream| {
+                let answer = format!(
+                    "ok pid=7 generation=2 duration_us=5 old_pid={} window_ms=10\n{verdict}\n",
+                    std::process::id()
+                );
+                stream.write_all(answer.as_bytes()).unwrap();
+                false
+            });
+            let outcome = run(&upgrade(&path, Duration::from_secs(20))).map_err(drop);
+            assert_eq!(outcome, expected, "{verdict}");
+            end(&path, service);
+        }
     }
 
     #[test]
