@@ -356,6 +356,27 @@ async fn a_stop_that_panics_still_stops() {
     assert_eq!(reason, Ok(ExitReason::Stopped));
 }
 
+/// A hook that, at the supervisor's line starting with `line`, kills the
+/// successor named in `successor` (once it is set) and waits until it is a
+/// zombie, without reaping it: the supervisor, held meanwhile, then finds
+/// its end and its SIGCHLD waiting together.
+#[cfg(target_os = "linux")]
+fn kill_the_successor_at(
+    successor: &Arc<Mutex<Option<i32>>>,
+    line: &'static str,
+) -> impl Fn(&Seen) + Send + Sync + 'static {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let successor = Arc::clone(successor);
+    move |seen| {
+        let pid = *lock(&successor);
+        if let Some(pid) = pid.filter(|_| seen.message.starts_with(line)) {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+            waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT).unwrap();
+        }
+    }
+}
+
 /// A stop in the rollback window closes the window. If the successor died
 /// just before (its end seen only as the stop closes the window: here the
 /// supervisor is held, by its log writer, until the successor is a zombie),
@@ -369,20 +390,9 @@ async fn a_stop_that_panics_still_stops() {
 #[tokio::test]
 async fn a_stop_in_the_window_just_after_the_successor_died_still_stops() {
     use handover::{Signal, Verdict};
-    use nix::sys::wait::{Id, WaitPidFlag, waitid};
     let dir = tempfile::tempdir().unwrap();
     let successor = Arc::new(Mutex::new(None::<i32>));
-    let turn = Turn::take({
-        let successor = Arc::clone(&successor);
-        move |seen| {
-            let pid = *lock(&successor);
-            if let (Some(pid), "stop signal") = (pid, seen.message.as_str()) {
-                let pid = nix::unistd::Pid::from_raw(pid);
-                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-                waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT).unwrap();
-            }
-        }
-    });
+    let turn = Turn::take(kill_the_successor_at(&successor, "stop signal"));
     let upgrader = Upgrader::new(
         Options::default()
             .executable(successor_script(dir.path()))
@@ -461,21 +471,10 @@ async fn a_stop_in_the_window_just_after_the_successor_died_still_stops() {
 #[test]
 fn a_successor_dying_as_the_upgrader_is_dropped_in_the_window_is_a_final_stop() {
     use handover::Signal;
-    use nix::sys::wait::{Id, WaitPidFlag, waitid};
     use std::io::{BufRead, BufReader, Write};
     let dir = tempfile::tempdir().unwrap();
     let successor = Arc::new(Mutex::new(None::<i32>));
-    let turn = Turn::take({
-        let successor = Arc::clone(&successor);
-        move |seen| {
-            let pid = *lock(&successor);
-            if let Some(pid) = pid.filter(|_| seen.message.starts_with("upgrader dropped")) {
-                let pid = nix::unistd::Pid::from_raw(pid);
-                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-                waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT).unwrap();
-            }
-        }
-    });
+    let turn = Turn::take(kill_the_successor_at(&successor, "upgrader dropped"));
     let upgrader = Upgrader::new(
         Options::default()
             .executable(successor_script(dir.path()))
@@ -488,15 +487,7 @@ fn a_successor_dying_as_the_upgrader_is_dropped_in_the_window_is_a_final_stop() 
     let path = dir.path().join("control.sock");
     let control = upgrader.control_socket(&path).unwrap();
     upgrader.ready().unwrap();
-    let (returned, serve_returned) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(control.serve());
-        let _ = returned.send(());
-    });
+    let serve_returned = common::serve_on_its_own_thread(control);
     // A deploy script's request.
     let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
     client.write_all(b"upgrade\n").unwrap();

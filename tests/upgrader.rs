@@ -478,17 +478,7 @@ fn the_control_socket_task_returns_once_a_rolled_back_generation_drops_its_upgra
         .control_socket(dir.path().join("control.sock"))
         .unwrap();
     upgrader.ready().unwrap();
-    // On a thread of its own: were it to spin, it would spin there, and
-    // this thread would still see that it never returned.
-    let (returned, serve_returned) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(control.serve());
-        let _ = returned.send(());
-    });
+    let serve_returned = common::serve_on_its_own_thread(control);
     let upgraded = upgrader.upgrade_blocking().unwrap();
     // Dead within the window, and reaped by the supervisor: rolled back.
     nix::sys::signal::kill(

@@ -84,3 +84,20 @@ pub fn write_executable(path: &std::path::Path, text: &str) {
         path.display()
     );
 }
+
+/// Serves `control` on a thread of its own (a current-thread runtime), and
+/// says on the returned channel when `serve` has returned. Were it to spin,
+/// it would spin there, and the test would still see that it never
+/// returned.
+pub fn serve_on_its_own_thread(control: handover::ControlSocket) -> std::sync::mpsc::Receiver<()> {
+    let (returned, serve_returned) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(control.serve());
+        let _ = returned.send(());
+    });
+    serve_returned
+}
