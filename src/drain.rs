@@ -57,8 +57,11 @@ pub use websocket::{WebSocket, WebSocketRejection, WebSocketUpgrade};
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub struct DrainOptions {
-    /// A keep-alive connection with no request for this long is closed by
-    /// the server once draining. Default: 1 s. `Duration::MAX`: never.
+    /// A keep-alive connection with no request in flight for this long is
+    /// closed by the server once draining: counted from the drain's start
+    /// at the earliest (a request sent as the drain starts, on a connection
+    /// idle since long before, is served), and from the end of the last
+    /// response's body. Default: 1 s. `Duration::MAX`: never.
     pub quiet_period: Duration,
     /// Connections still open this long after the drain started are cut.
     /// Default: 30 s. `Duration::MAX`: never.
@@ -273,6 +276,13 @@ impl Activity {
         self.changed.notify_waiters();
     }
 
+    /// A request arrived; it is in flight until what this returns is
+    /// dropped (with its response's body, once sent).
+    fn request(self: &Arc<Self>) -> InFlight {
+        self.begin();
+        InFlight(Arc::clone(self))
+    }
+
     /// Resolves once no request has been in flight for `period`.
     async fn quiet(&self, period: Duration) {
         loop {
@@ -295,6 +305,19 @@ impl Activity {
     }
 }
 
+/// One request of a connection in flight: from its arrival until its
+/// response has been sent (the body wrapped in [`http::UntilSent`]
+/// holds it), so that the quiet period counts from the end of the last
+/// response, not from its head: a connection is not closed under a client
+/// still reading a long body, who would send its next request on it.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
 #[cfg(feature = "hyper")]
 mod http {
     use std::error::Error as StdError;
@@ -302,14 +325,62 @@ mod http {
     use std::pin::Pin;
     use std::sync::Arc;
 
-    use hyper::body::{Body, Incoming};
+    use std::task::{Context, Poll};
+
+    use hyper::body::{Body, Frame, Incoming, SizeHint};
     use hyper::header::{CONNECTION, HeaderValue};
     use hyper::service::Service;
     use hyper::{Request, Response};
     use hyper_util::rt::TokioIo;
     use tokio::io::{AsyncRead, AsyncWrite};
 
-    use super::{Activity, Drain};
+    use super::{Activity, Drain, InFlight};
+
+    pin_project_lite::pin_project! {
+        /// A response body that keeps its request in flight until it has
+        /// been sent to its end (or dropped: the connection failed).
+        pub(super) struct UntilSent<B> {
+            #[pin]
+            inner: B,
+            in_flight: Option<InFlight>,
+        }
+    }
+
+    impl<B> UntilSent<B> {
+        pub(super) fn new(inner: B, in_flight: InFlight) -> UntilSent<B> {
+            UntilSent {
+                inner,
+                in_flight: Some(in_flight),
+            }
+        }
+    }
+
+    impl<B: Body> Body for UntilSent<B> {
+        type Data = B::Data;
+        type Error = B::Error;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+            let this = self.project();
+            let frame = this.inner.poll_frame(cx);
+            if matches!(frame, Poll::Ready(None)) {
+                // Sent: hyper may keep the body until the connection's next
+                // request, so the request ends here rather than at the drop.
+                this.in_flight.take();
+            }
+            frame
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.inner.is_end_stream()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            self.inner.size_hint()
+        }
+    }
 
     type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -318,7 +389,9 @@ mod http {
         /// without losing a request: once the drain starts, each response
         /// says `Connection: close`, and the connection is closed by the
         /// server only after [`quiet_period`](super::DrainOptions::quiet_period)
-        /// without a request, or at the deadline.
+        /// without a request in flight (counted from the drain's start at
+        /// the earliest, and from the end of the last response's body), or
+        /// at the deadline.
         ///
         /// The connection counts as open from this call, not from the first
         /// poll of the returned future: call it in the accept loop and spawn
@@ -372,11 +445,20 @@ mod http {
                 let connection = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(io), service);
                 tokio::pin!(connection);
+                // The connection first in each wait: a request it can read
+                // now is read (and counted) before the quiet period is
+                // looked at.
                 let deadline = tokio::select! {
+                    biased;
                     result = connection.as_mut() => return result,
                     deadline = drain.draining() => deadline,
                 };
+                // Idle since long before the drain or not, the connection
+                // gets the quiet period from now: a client that sends its
+                // next request as the drain starts is answered.
+                activity.changed_now();
                 tokio::select! {
+                    biased;
                     result = connection.as_mut() => return result,
                     _ = activity.quiet(drain.quiet_period()) => connection.as_mut().graceful_shutdown(),
                     // Dropping the connection closes it.
@@ -403,26 +485,23 @@ mod http {
         S: Service<Request<Incoming>, Response = Response<B>>,
         S::Future: Send + 'static,
     {
-        type Response = Response<B>;
+        type Response = Response<UntilSent<B>>;
         type Error = S::Error;
-        type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
+        type Future =
+            Pin<Box<dyn Future<Output = Result<Response<UntilSent<B>>, S::Error>> + Send>>;
 
         fn call(&self, request: Request<Incoming>) -> Self::Future {
-            self.activity.begin();
+            let in_flight = self.activity.request();
             let response = self.inner.call(request);
             let drain = self.drain.clone();
-            let activity = Arc::clone(&self.activity);
             Box::pin(async move {
-                let result = response.await;
-                activity.end();
-                result.map(|mut response| {
-                    if drain.is_draining() {
-                        response
-                            .headers_mut()
-                            .insert(CONNECTION, HeaderValue::from_static("close"));
-                    }
+                let mut response = response.await?;
+                if drain.is_draining() {
                     response
-                })
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok(response.map(|body| UntilSent::new(body, in_flight)))
             })
         }
     }

@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+use super::http::UntilSent;
 use super::{Activity, ConnectionGuard, Drain};
 
 pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -34,6 +35,11 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long a connection the server ends waits for the client's own close.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long the accept loop leaves its listener after an accept failed
+/// for want of descriptors or memory: long enough not to spin, short
+/// against a client's connect timeout.
+const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Why a connection served by [`Drain::serve_http`] (or
 /// [`Drain::serve_https`](crate::drain::Drain::serve_https)) ended in error.
@@ -178,19 +184,34 @@ impl Drain {
     {
         tokio::pin!(exit);
         let output = loop {
-            tokio::select! {
+            let accepted = tokio::select! {
                 // Exit first: once the successor is ready, accept nothing.
                 biased;
                 output = &mut exit => break output,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, remote)) => {
-                        // Small responses are not held back by Nagle.
-                        let _ = stream.set_nodelay(true);
-                        spawn(self.clone(), self.track(), stream, remote);
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, remote)) => {
+                    // Small responses are not held back by Nagle.
+                    let _ = stream.set_nodelay(true);
+                    spawn(self.clone(), self.track(), stream, remote);
+                }
+                // ECONNABORTED: that connection's, not the listener's.
+                Err(error) if error.kind() == io::ErrorKind::ConnectionAborted => {
+                    tracing::debug!(%error, "accept failed");
+                }
+                // Out of descriptors (EMFILE, ENFILE) or memory: the
+                // connection stays queued and would fail again at once, in
+                // a busy loop. Accept again a little later (exit still
+                // watched meanwhile).
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed; pausing");
+                    tokio::select! {
+                        biased;
+                        output = &mut exit => break output,
+                        () = tokio::time::sleep(ACCEPT_PAUSE) => {}
                     }
-                    // EMFILE, ECONNABORTED: the listener is still good.
-                    Err(error) => tracing::debug!(%error, "accept failed"),
-                },
+                }
             }
         };
         drop(listener);
@@ -221,7 +242,12 @@ impl Drain {
         let (io, protocol) = match protocol {
             Some(protocol) => (Rewind::new(io, Vec::new()), protocol),
             None => match self.detect(io, &activity).await? {
-                Some(detected) => detected,
+                // Its first bytes are activity: the quiet period counts
+                // from them (not from the accept, which may be long past).
+                Some(detected) => {
+                    activity.changed_now();
+                    detected
+                }
                 // Closed before its first byte, or idle through the drain.
                 None => return Ok(()),
             },
@@ -297,20 +323,25 @@ impl Drain {
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
-        let _ = io.shutdown().await;
         let mut until = Instant::now() + LINGER;
         if self.is_draining() {
             until = until.min(self.draining().await);
         }
+        // Bounded too: over TLS it flushes close_notify, which a client
+        // that reads nothing more would hold up for ever.
+        let _ = tokio::time::timeout_at(until, io.shutdown()).await;
         let mut sink = [0u8; 4096];
         let drained = async { while let Ok(1..) = io.read(&mut sink).await {} };
         let _ = tokio::time::timeout_at(until, drained).await;
     }
 
     /// Resolves once draining and `activity` has been quiet for the quiet
-    /// period, or at the deadline.
+    /// period since (at the earliest) the drain started, or at the deadline.
     async fn idle(&self, activity: &Activity) {
         let deadline = self.draining().await;
+        // A connection silent since long before the drain gets the quiet
+        // period too: a request it sends as the drain starts is served.
+        activity.changed_now();
         tokio::select! {
             () = activity.quiet(self.quiet_period()) => {}
             () = tokio::time::sleep_until(deadline) => {}
@@ -336,11 +367,19 @@ impl Drain {
             .serve_connection(io, service)
             .with_upgrades();
         tokio::pin!(connection);
+        // The connection first in each wait: a request it can read now is
+        // read (and counted) before the quiet period is looked at.
         let deadline = tokio::select! {
+            biased;
             result = connection.as_mut() => return Ok(result?),
             deadline = self.draining() => deadline,
         };
+        // Idle since long before the drain or not, a keep-alive connection
+        // gets the quiet period from now: a client that sends its next
+        // request as the drain starts is answered, not closed on.
+        activity.changed_now();
         tokio::select! {
+            biased;
             result = connection.as_mut() => return Ok(result?),
             () = activity.quiet(self.quiet_period()) => connection.as_mut().graceful_shutdown(),
             // Dropping the connection closes it.
@@ -411,9 +450,9 @@ where
     S: Service<Request<Incoming>, Response = Response<B>>,
     S::Future: Send + 'static,
 {
-    type Response = Response<B>;
+    type Response = Response<UntilSent<B>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<UntilSent<B>>, S::Error>> + Send>>;
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         let http1 = request.version() < Version::HTTP_2;
@@ -424,24 +463,19 @@ where
                 .extensions_mut()
                 .insert(axum::extract::ConnectInfo(remote));
         }
-        self.activity.begin();
+        let in_flight = self.activity.request();
         let response = self.inner.call(request);
         let drain = self.drain.clone();
-        let activity = Arc::clone(&self.activity);
         Box::pin(async move {
-            let result = response.await;
-            activity.end();
-            result.map(|mut response| {
-                if http1
-                    && drain.is_draining()
-                    && response.status() != StatusCode::SWITCHING_PROTOCOLS
-                {
-                    response
-                        .headers_mut()
-                        .insert(CONNECTION, HeaderValue::from_static("close"));
-                }
+            let mut response = response.await?;
+            if http1 && drain.is_draining() && response.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
                 response
-            })
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            // In flight until the body is sent: see `InFlight`.
+            Ok(response.map(|body| UntilSent::new(body, in_flight)))
         })
     }
 }
