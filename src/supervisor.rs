@@ -45,8 +45,10 @@ pub(crate) enum Command {
     Shutdown,
     /// The `Upgrader` of a generation whose successor is ready was dropped:
     /// the thread serves on, unwatched, until the process exits, so that an
-    /// upgrade signal in its last moments is still passed on.
-    Detach,
+    /// upgrade signal in its last moments is still passed on. The sender is
+    /// dropped once the drop is handled (the rollback window closed, the
+    /// successor named): the `Upgrader`'s drop waits for that.
+    Detach(std::sync::mpsc::SyncSender<()>),
 }
 
 /// What the supervisor needs, fixed at startup.
@@ -268,7 +270,7 @@ impl Supervisor {
             match command {
                 Command::Upgrade(reply) => drop(reply.send(Err(Error::Exiting))),
                 Command::Ready(reply) => drop(reply.send(Err(Error::Exiting))),
-                Command::Stop | Command::Shutdown | Command::Detach => {}
+                Command::Stop | Command::Shutdown | Command::Detach(_) => {}
             }
         }
         if self.detached {
@@ -395,7 +397,7 @@ impl Supervisor {
                     Command::Stop => self.stop_even_if_it_panics(),
                     Command::Shutdown => return,
                     // Its handlers stay: `run` leaves them safe to call.
-                    Command::Detach => {
+                    Command::Detach(_) => {
                         self.detached = true;
                         return;
                     }
@@ -418,15 +420,21 @@ impl Supervisor {
     fn turn(&mut self) -> io::Result<bool> {
         // Signals before commands: one that came with the last command
         // (dropping the `Upgrader`) is handled all the same.
-        let mut watched: Vec<(Source, (BorrowedFd<'_>, bool))> = vec![(
-            Source::ChildSignal,
-            (self.channels.child_signal.as_fd(), false),
-        )];
-        if let Some(signal) = &self.channels.upgrade_signal {
-            watched.push((Source::UpgradeSignal, (signal.as_fd(), false)));
-        }
+        // A stop first of all: a successor's end seen in the same turn is
+        // then found by the stop as it closes a rollback window (a final
+        // stop at once, see `lost_in_window`), rather than rolled back to
+        // first; and an upgrade signal of the same turn is refused rather
+        // than started and killed.
+        let mut watched: Vec<(Source, (BorrowedFd<'_>, bool))> = Vec::new();
         if let Some(signal) = &self.channels.stop_signal {
             watched.push((Source::StopSignal, (signal.as_fd(), false)));
+        }
+        watched.push((
+            Source::ChildSignal,
+            (self.channels.child_signal.as_fd(), false),
+        ));
+        if let Some(signal) = &self.channels.upgrade_signal {
+            watched.push((Source::UpgradeSignal, (signal.as_fd(), false)));
         }
         if let Some(link) = &self.channels.parent_link {
             watched.push((Source::Parent, (link.as_fd(), false)));
@@ -522,7 +530,7 @@ impl Supervisor {
             match command {
                 Command::Upgrade(reply) => drop(reply.send(Err(Error::Exiting))),
                 Command::Ready(reply) => drop(reply.send(Err(Error::Exiting))),
-                Command::Stop | Command::Detach => {}
+                Command::Stop | Command::Detach(_) => {}
                 Command::Shutdown => return false,
             }
             return true;
@@ -547,7 +555,8 @@ impl Supervisor {
             }
             Command::Stop => self.stop(),
             Command::Shutdown => return false,
-            Command::Detach => {
+            // Handled when `_handled` goes, at the end of this arm.
+            Command::Detach(_handled) => {
                 tracing::debug!(
                     generation = self.config.generation,
                     "upgrader dropped: passing upgrade signals on until this process exits"

@@ -975,15 +975,27 @@ impl SupervisorHandle {
     }
 }
 
+/// How long dropping the `Upgrader` in a rollback window waits for the
+/// supervisor to close the window, at most.
+const DETACH_WAIT: Duration = Duration::from_secs(1);
+
 impl Drop for Upgrader {
     fn drop(&mut self) {
         // A generation whose successor is ready is on its way out: until the
         // process exits, an upgrade signal must neither kill it (the default
         // action of SIGHUP) nor be lost, so the supervisor stays to pass it
         // on, with its handlers.
+        let (handled, detached) = std::sync::mpsc::sync_channel(0);
         if matches!(*self.exit.borrow(), Some(ExitReason::Upgraded(_)))
-            && self.send(Command::Detach).is_ok()
+            && self.send(Command::Detach(handled)).is_ok()
         {
+            // In the rollback window, the drop closes it: the successor is
+            // named in the PID file (and to systemd) then, which must come
+            // before this process exits, or the manager would find the file
+            // naming a process gone. Without a window it was named already.
+            if self.verdict.borrow().is_none() {
+                let _ = detached.recv_timeout(DETACH_WAIT);
+            }
             self.supervisor.take();
             self.signal_ids.clear();
             return;

@@ -642,3 +642,61 @@ fn waiting_request_in_a_child() {
     );
     runtime.block_on(serving).unwrap();
 }
+
+/// Dropping the `Upgrader` in the rollback window closes the window (the
+/// successor serves for good); with no service manager to read the PID
+/// file while this process lives, the file names the successor by the time
+/// the drop returns, so that a process leaving right after cannot exit
+/// first. (The drop returned at once, and the supervisor named the
+/// successor some time later: a process that exited in between left the
+/// file naming itself, gone.) Run in a child with no manager's variables
+/// (`INVOCATION_ID`, `NOTIFY_SOCKET`), which would make this process name
+/// its successor at its exit instead.
+#[test]
+fn dropping_the_upgrader_in_the_window_names_the_successor_before_it_returns() {
+    const NAME: &str = "dropping_the_upgrader_in_the_window_names_the_successor_before_it_returns";
+    if std::env::var_os("HANDOVER_TEST_CHILD").is_none() {
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env("HANDOVER_TEST_CHILD", "1")
+            .env_remove("INVOCATION_ID")
+            .env_remove("NOTIFY_SOCKET")
+            .output()
+            .unwrap();
+        assert!(
+            child.status.success(),
+            "the child said:\n{}{}",
+            String::from_utf8_lossy(&child.stdout),
+            String::from_utf8_lossy(&child.stderr)
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("service.pid");
+    let named = || {
+        std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse::<i32>()
+            .unwrap()
+    };
+    let upgrader = Upgrader::new(
+        Options::default()
+            .executable(successor_script(dir.path()))
+            .upgrade_signal(None)
+            .pid_file(&pid_file)
+            .rollback_window(Duration::from_secs(60))
+            .upgrade_timeout(Duration::from_secs(10)),
+    )
+    .unwrap();
+    upgrader.ready().unwrap();
+    let me = std::process::id() as i32;
+    assert_eq!(named(), me);
+    let upgraded = upgrader.upgrade_blocking().unwrap();
+    assert_eq!(named(), me, "in the window, this generation is named still");
+    drop(upgrader);
+    assert_eq!(named(), upgraded.pid, "the PID file as the drop returned");
+    let successor = nix::unistd::Pid::from_raw(upgraded.pid);
+    let _ = nix::sys::signal::kill(successor, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(successor, None);
+}
