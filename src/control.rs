@@ -77,9 +77,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// long to arrive and be answered; a client slower than that is cut off.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
 
-/// How long the socket is left unaccepted after an accept failed (out of
-/// descriptors): long enough not to spin, short against a client's wait.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// How long a listener is left unaccepted after an accept failed for want
+/// of descriptors or memory (here and in the drain's accept loop): long
+/// enough not to spin, short against a client's connect timeout.
+pub(crate) const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// A control socket, ready to [`serve`](ControlSocket::serve).
 #[derive(Debug)]
@@ -161,8 +162,6 @@ impl ControlSocket {
         let mut exit = self.exit;
         let mut verdict = self.verdict;
         let mut answering = tokio::task::JoinSet::new();
-        // Set after a failed accept: see `Event::AcceptFailed`.
-        let mut paused: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             let event = tokio::select! {
                 // Exit first: once it is due, accept nothing more.
@@ -172,11 +171,10 @@ impl ControlSocket {
                     // `Upgrader` was dropped), so nobody could take back over.
                     supervisor_gone: due.is_err(),
                 },
-                accepted = listener.accept(), if paused.is_none() => match accepted {
+                accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => Event::Accepted(stream),
                     Err(error) => Event::AcceptFailed(error),
                 },
-                () = resumed(&mut paused), if paused.is_some() => Event::Resumed,
                 // Reap finished answers as they end.
                 Some(_) = answering.join_next(), if !answering.is_empty() => Event::Answered,
             };
@@ -197,14 +195,15 @@ impl ControlSocket {
                 }
                 // Out of descriptors (EMFILE, ENFILE, ENOBUFS): the
                 // connection stays queued and would fail again at once, in
-                // a loop. Accept again a little later.
+                // a loop. Accept again a little later (an exit due meanwhile
+                // is seen at once, first in the next wait).
                 Event::AcceptFailed(error) => {
                     tracing::warn!(generation = self.generation, %error, "control socket: cannot accept; pausing");
-                    paused = Some(Box::pin(tokio::time::sleep(ACCEPT_PAUSE)));
-                    continue;
-                }
-                Event::Resumed => {
-                    paused = None;
+                    tokio::select! {
+                        biased;
+                        _ = exit.wait_for(Option::is_some) => {}
+                        () = tokio::time::sleep(ACCEPT_PAUSE) => {}
+                    }
                     continue;
                 }
                 Event::Answered => continue,
@@ -254,16 +253,7 @@ enum Event {
     MustExit { supervisor_gone: bool },
     Accepted(UnixStream),
     AcceptFailed(std::io::Error),
-    Resumed,
     Answered,
-}
-
-/// Resolves when the pause after a failed accept is over (never without one).
-async fn resumed(paused: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
-    match paused {
-        Some(pause) => pause.await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn answer(

@@ -428,8 +428,9 @@ fn streaming_service(
 /// request on it is answered (`Connection: close`), not met by a closed
 /// connection. (The quiet period counted from the response's head, so
 /// hyper was told to close in the middle of the body, and closed right
-/// after it, under a client that had been told nothing.) Time is paused
-/// while the body waits, so the quiet period passes without a real wait.
+/// after it, under a client that had been told nothing.) The clock is
+/// moved on while the body waits: the quiet period passes without a real
+/// wait.
 async fn a_long_body_outlasting_the_quiet_period_keeps_its_connection(serve_http1: bool) {
     let drain = Drain::new(
         DrainOptions::default()
@@ -471,8 +472,11 @@ async fn a_long_body_outlasting_the_quiet_period_keeps_its_connection(serve_http
 
     drain.start();
     // Twice the quiet period while the body is still being sent.
+    // Let the connection's task see the drain, then move the clock on by
+    // twice the quiet period (no real wait) while the body is being sent.
+    tokio::task::yield_now().await;
     tokio::time::pause();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::advance(Duration::from_millis(400)).await;
     tokio::time::resume();
     chunk
         .send(Ok(hyper::body::Frame::data(Bytes::from("last"))))
@@ -511,8 +515,8 @@ async fn a_long_body_outlasting_the_quiet_period_keeps_its_connection_serve_http
 /// period), whose request arrives just as the drain starts: it is answered.
 /// (The quiet period counted from the accept, so it was over already, and
 /// the connection could be closed under the request it had just read: a
-/// race, lost now and then; 40 rounds here.) Time is paused while the
-/// connection ages.
+/// race, lost now and then; 40 rounds here.) The connection ages on the
+/// paused clock.
 #[tokio::test]
 async fn a_request_arriving_as_the_drain_starts_on_an_old_silent_connection_is_answered() {
     for round in 0..40 {
@@ -523,6 +527,9 @@ async fn a_request_arriving_as_the_drain_starts_on_an_old_silent_connection_is_a
         );
         let (mut client, accepted) = pair().await;
         let serving = tokio::spawn(drain.serve_http(accepted, service(Arc::new(Notify::new()))));
+        // The connection ages past the quiet period on the paused clock,
+        // which jumps from timer to timer with every task run in between
+        // (no real wait).
         tokio::time::pause();
         tokio::time::sleep(Duration::from_millis(400)).await;
         tokio::time::resume();

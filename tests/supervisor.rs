@@ -377,6 +377,25 @@ fn kill_the_successor_at(
     }
 }
 
+/// A deploy script's `upgrade` on the control socket at `path`; its answer
+/// lines are read with [`read_line`] (20 s at most each).
+fn ask_to_upgrade(path: &std::path::Path) -> std::io::BufReader<std::os::unix::net::UnixStream> {
+    use std::io::Write;
+    let mut client = std::os::unix::net::UnixStream::connect(path).unwrap();
+    client.write_all(b"upgrade\n").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    std::io::BufReader::new(client)
+}
+
+/// The next answer line.
+fn read_line(client: &mut std::io::BufReader<std::os::unix::net::UnixStream>) -> String {
+    let mut line = String::new();
+    std::io::BufRead::read_line(client, &mut line).unwrap();
+    line
+}
+
 /// A stop in the rollback window closes the window. If the successor died
 /// just before (its end seen only as the stop closes the window: here the
 /// supervisor is held, by its log writer, until the successor is a zombie),
@@ -408,17 +427,8 @@ async fn a_stop_in_the_window_just_after_the_successor_died_still_stops() {
     tokio::spawn(control.serve());
     // A deploy script's request, on a thread: its reads block.
     let client = std::thread::spawn(move || {
-        use std::io::{BufRead, BufReader, Write};
-        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
-        client.write_all(b"upgrade\n").unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let mut client = BufReader::new(client);
-        let (mut ok, mut verdict) = (String::new(), String::new());
-        client.read_line(&mut ok).unwrap();
-        client.read_line(&mut verdict).unwrap();
-        (ok, verdict)
+        let mut client = ask_to_upgrade(&path);
+        (read_line(&mut client), read_line(&mut client))
     });
     // Its `ok` is written once `exit()` says who the successor is.
     let reason = tokio::time::timeout(Duration::from_secs(20), upgrader.exit()).await;
@@ -471,7 +481,6 @@ async fn a_stop_in_the_window_just_after_the_successor_died_still_stops() {
 #[test]
 fn a_successor_dying_as_the_upgrader_is_dropped_in_the_window_is_a_final_stop() {
     use handover::Signal;
-    use std::io::{BufRead, BufReader, Write};
     let dir = tempfile::tempdir().unwrap();
     let successor = Arc::new(Mutex::new(None::<i32>));
     let turn = Turn::take(kill_the_successor_at(&successor, "upgrader dropped"));
@@ -489,14 +498,8 @@ fn a_successor_dying_as_the_upgrader_is_dropped_in_the_window_is_a_final_stop() 
     upgrader.ready().unwrap();
     let serve_returned = common::serve_on_its_own_thread(control);
     // A deploy script's request.
-    let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
-    client.write_all(b"upgrade\n").unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut client = BufReader::new(client);
-    let mut ok = String::new();
-    client.read_line(&mut ok).unwrap();
+    let mut client = ask_to_upgrade(&path);
+    let ok = read_line(&mut client);
     assert!(ok.starts_with("ok ") && ok.contains("window_ms="), "{ok}");
     let pid = ok
         .split_whitespace()
@@ -507,8 +510,7 @@ fn a_successor_dying_as_the_upgrader_is_dropped_in_the_window_is_a_final_stop() 
     *lock(&successor) = Some(pid);
 
     drop(upgrader);
-    let mut verdict = String::new();
-    client.read_line(&mut verdict).unwrap();
+    let verdict = read_line(&mut client);
     assert!(
         verdict.starts_with(&format!("stopped pid={pid} ")),
         "the verdict line: {verdict}"

@@ -538,25 +538,34 @@ fn a_request_waiting_for_the_parent_is_answered_exiting_when_the_generation_stop
     }
     let (parent_end, child_end) = std::os::unix::net::UnixStream::pair().unwrap();
     // The link goes in as stdin, and `sh` moves it to descriptor 3.
-    let child = std::process::Command::new("sh")
+    let mut child = std::process::Command::new("sh");
+    child
         .args(["-c", "exec \"$@\" 3<&0 </dev/null", "sh"])
         .arg(std::env::current_exe().unwrap())
-        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
         .env(
             "HANDOVER",
             format!("v1;gen=1;parent={};link=3", std::process::id()),
         )
         .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
             child_end,
-        )))
+        )));
+    passes_in_a_child(NAME, child);
+    drop(parent_end);
+}
+
+/// Runs the test `name` alone in `child` (this test binary, or a command
+/// that execs it, given as its last argument before these) and checks that
+/// it passed, showing what it said if not.
+fn passes_in_a_child(name: &str, mut child: std::process::Command) {
+    let output = child
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .output()
         .unwrap();
-    drop(parent_end);
     assert!(
-        child.status.success(),
-        "the generation said:\n{}{}",
-        String::from_utf8_lossy(&child.stdout),
-        String::from_utf8_lossy(&child.stderr)
+        output.status.success(),
+        "the child said:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
     );
 }
 
@@ -656,20 +665,12 @@ fn waiting_request_in_a_child() {
 fn dropping_the_upgrader_in_the_window_names_the_successor_before_it_returns() {
     const NAME: &str = "dropping_the_upgrader_in_the_window_names_the_successor_before_it_returns";
     if std::env::var_os("HANDOVER_TEST_CHILD").is_none() {
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child
             .env("HANDOVER_TEST_CHILD", "1")
             .env_remove("INVOCATION_ID")
-            .env_remove("NOTIFY_SOCKET")
-            .output()
-            .unwrap();
-        assert!(
-            child.status.success(),
-            "the child said:\n{}{}",
-            String::from_utf8_lossy(&child.stdout),
-            String::from_utf8_lossy(&child.stderr)
-        );
-        return;
+            .env_remove("NOTIFY_SOCKET");
+        return passes_in_a_child(NAME, child);
     }
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("service.pid");

@@ -98,9 +98,14 @@ int main(int argc, char **argv) {
             perror(bins[k]);
             return 1;
         }
-        while (read_pid(pid_file[k]) != server) usleep(1000);
+        // Ready once its PID file names it (inotify says when it changes).
+        while (read_pid(pid_file[k]) != server) {
+            struct pollfd changed = {inotify[k], POLLIN, 0};
+            poll(&changed, 1, 5000);
+            drain(inotify[k]);
+        }
     }
-    usleep(300000);
+    usleep(300000); // a quiet moment before the first round, as between rounds
 
     double *floor = calloc(count * rounds, sizeof *floor);
     double *named = calloc(count * rounds, sizeof *named);
@@ -139,8 +144,10 @@ int main(int argc, char **argv) {
         double g = median(gone + k * rounds, rounds);
         printf("%-50s floor %.3f ms  PID file %.3f ms (%.3fx)  old gone %.3f ms (%.3fx)\n",
                bins[k], f, p, p / f, g, g / f);
-        kill(read_pid(pid_file[k]), SIGTERM);
+        pid_t serving = read_pid(pid_file[k]);
+        kill(serving, SIGTERM);
+        int status;
+        waitpid(serving, &status, 0);
     }
-    sleep(1);
     return 0;
 }

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use super::http::UntilSent;
 use super::{Activity, ConnectionGuard, Drain};
+use crate::control::ACCEPT_PAUSE;
 
 pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -35,11 +36,6 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long a connection the server ends waits for the client's own close.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// How long the accept loop leaves its listener after an accept failed
-/// for want of descriptors or memory: long enough not to spin, short
-/// against a client's connect timeout.
-const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Why a connection served by [`Drain::serve_http`] (or
 /// [`Drain::serve_https`](crate::drain::Drain::serve_https)) ended in error.
