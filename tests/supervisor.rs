@@ -379,6 +379,7 @@ fn kill_the_successor_at(
 
 /// A deploy script's `upgrade` on the control socket at `path`; its answer
 /// lines are read with [`read_line`] (20 s at most each).
+#[cfg(target_os = "linux")]
 fn ask_to_upgrade(path: &std::path::Path) -> std::io::BufReader<std::os::unix::net::UnixStream> {
     use std::io::Write;
     let mut client = std::os::unix::net::UnixStream::connect(path).unwrap();
@@ -390,6 +391,7 @@ fn ask_to_upgrade(path: &std::path::Path) -> std::io::BufReader<std::os::unix::n
 }
 
 /// The next answer line.
+#[cfg(target_os = "linux")]
 fn read_line(client: &mut std::io::BufReader<std::os::unix::net::UnixStream>) -> String {
     let mut line = String::new();
     std::io::BufRead::read_line(client, &mut line).unwrap();
